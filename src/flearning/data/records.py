@@ -1,0 +1,33 @@
+"""The one record type every dataset is mapped to."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PromptAnswer(BaseModel):
+    """A prompt with the answer expected after it (locality and portability probes)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str
+    answer: str
+
+
+class KnowledgeRecord(BaseModel):
+    """One fact to update: ``prompt`` used to be completed by ``target_old``, now by ``target_new``.
+
+    The text fed to the model is always ``prompt + " " + target`` (EasyEdit convention); targets are
+    stored without leading/trailing white space.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str
+    prompt: str
+    target_old: str
+    target_new: str
+    subject: str | None = None
+    rephrase_prompts: list[str] = Field(default_factory=list)
+    locality: list[PromptAnswer] = Field(default_factory=list)
+    portability: list[PromptAnswer] = Field(default_factory=list)

