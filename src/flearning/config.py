@@ -1,0 +1,177 @@
+"""Run configuration: YAML files plus ``key=value`` overrides, validated by pydantic.
+
+Every problem in a config is reported at once, as ``source:field: what is wrong``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from flearning.errors import ConfigError, FlearnError, Problem
+from flearning.models import DEFAULT_MODEL
+from flearning.recipes.methods import METHODS
+from flearning.training.config import LoraSettings, TrainConfig
+
+# Defaults for the embedded SmolLM2-135M. Full-FT stages keep the paper's lr 5e-5 × 3 epochs.
+# LoRA stages need a much larger step to move at all on a 135M model (DESIGN.md §3 measured LoRA at
+# 5e-4 × 3 epochs underfitting badly); see the README's "Defaults" section for the measurement.
+FULL_STAGE = {"lr": 5e-5, "epochs": 3.0, "batch_size": 8}
+LORA_STAGE = {"lr": 1e-3, "epochs": 5.0, "batch_size": 8}
+
+
+def default_stage(kind: str, lora: LoraSettings, seed: int, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A stage's TrainConfig: the defaults of its kind, then the user's overrides."""
+    base = dict(FULL_STAGE if kind == "full" else LORA_STAGE)
+    base["seed"] = seed
+    base.update(overrides or {})
+    if kind == "lora":
+        base["lora"] = lora
+    return TrainConfig(**base)
+
+
+class StageOverrides(BaseModel):
+    """Optional per-stage settings; anything left out takes the default of the stage's kind."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float | None = Field(None, gt=0, allow_inf_nan=False)
+    epochs: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    grad_accum: int | None = Field(None, ge=1)
+    scheduler: str | None = None
+    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    weight_decay: float | None = Field(None, ge=0)
+    max_grad_norm: float | None = Field(None, gt=0)
+    add_eos: bool | None = None
+    freeze_embeddings: bool | None = None
+
+    def given(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class UpdateConfig(BaseModel):
+    """Everything ``flearn update`` needs. ``old``/``new`` may be one file holding both targets."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    model: str = DEFAULT_MODEL
+    data: Path | None = None
+    old: Path | None = None
+    new: Path | None = None
+    format: str | None = None
+    limit: int | None = Field(None, ge=1)
+    method: str = "flearning-ft"
+    lam: float = Field(0.7, alias="lambda", allow_inf_nan=False)
+    forget: StageOverrides = Field(default_factory=StageOverrides)
+    learn: StageOverrides = Field(default_factory=StageOverrides)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    linf_bound: float = Field(5e-4, gt=0, allow_inf_nan=False)
+    seed: int = 0
+    evaluate: bool = True
+    eval_batch_size: int = Field(16, ge=1)
+    generation: bool = True
+    out: Path | None = None
+    overwrite: bool = False
+    trust_remote_code: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"unknown method '{value}'; choose one of: {', '.join(METHODS)}")
+        return value
+
+    def data_files(self) -> tuple[Path, Path]:
+        """(file of old facts, file of new facts)."""
+        if self.data is not None:
+            if self.old is not None or self.new is not None:
+                raise FlearnError("give either data (one file with old and new targets) or old and new, not both")
+            return self.data, self.data
+        if self.old is None or self.new is None:
+            raise FlearnError("no facts given: pass --data FILE, or --old FILE and --new FILE")
+        return self.old, self.new
+
+
+def parse_overrides(pairs: list[str], source: str = "command line") -> tuple[dict[str, Any], list[Problem]]:
+    """``a.b=value`` strings into a nested dict; values are parsed as YAML scalars (so ``5e-5``,
+    ``true`` and ``[q_proj, v_proj]`` have their natural types)."""
+    tree: dict[str, Any] = {}
+    problems: list[Problem] = []
+    for item in pairs:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            problems.append(Problem(source, None, item, "expected key=value"))
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as ex:
+            problems.append(Problem(source, None, key, f"cannot parse value {raw!r}: {ex}"))
+            continue
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(Problem(source, None, key, f"'{part}' is not a section"))
+                break
+        else:
+            node[parts[-1]] = value
+    return tree, problems
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = Path(path).read_text()
+    except OSError as ex:
+        raise FlearnError(f"{path}: cannot read config: {ex.strerror or ex}") from ex
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as ex:
+        raise ConfigError([Problem(str(path), None, None, f"not valid YAML: {ex}")]) from ex
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError([Problem(str(path), None, None, f"expected a mapping at the top, got {type(loaded).__name__}")])
+    return loaded
+
+
+def validation_problems(ex: ValidationError, source: str) -> list[Problem]:
+    return [
+        Problem(source, None, ".".join(str(p) for p in err["loc"]) or None, err["msg"])
+        for err in ex.errors()
+    ]
+
+
+def load_config(model: type[BaseModel], path: Path | None, overrides: list[str], cli: dict[str, Any] | None = None):
+    """Build ``model`` from (YAML file) < (explicit CLI options) < (key=value overrides).
+
+    Relative paths inside a YAML file are taken relative to the current directory, like CLI paths.
+    """
+    source = str(path) if path else "command line"
+    data = read_yaml(path) if path else {}
+    data = _merge(data, {k: v for k, v in (cli or {}).items() if v is not None})
+    extra, problems = parse_overrides(overrides)
+    data = _merge(data, extra)
+    try:
+        config = model.model_validate(data)
+    except ValidationError as ex:
+        problems += validation_problems(ex, source)
+        config = None
+    if problems:
+        raise ConfigError(problems)
+    return config

@@ -1,0 +1,77 @@
+"""Atomic output directories: a result appears complete or not at all.
+
+Everything is written into a hidden temporary directory beside the target and renamed into place at
+the end. An existing target (with ``overwrite``) is first moved aside and removed only after the new
+one is in place, so a failure at any point leaves the previous good output untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from flearning.errors import FlearnError
+
+
+def check_output_dir(out: Path, *, overwrite: bool, protected: list[Path] | None = None) -> Path:
+    """Refuse outputs that would destroy something: a file, a protected input, a non-empty directory
+    (unless ``overwrite``), or a parent we cannot write to."""
+    out = Path(out).expanduser().resolve()
+    for path in protected or []:
+        try:
+            p = Path(path).expanduser().resolve()
+        except OSError:
+            continue
+        if out == p or p.is_relative_to(out):
+            raise FlearnError(f"{out}: refusing to write into the input model's directory ({p})")
+    if out.exists() and not out.is_dir():
+        raise FlearnError(f"{out}: output path exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FlearnError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
+    parent = out.parent
+    parent_existing = parent
+    while not parent_existing.exists():
+        parent_existing = parent_existing.parent
+    if not parent_existing.is_dir() or not os.access(parent_existing, os.W_OK | os.X_OK):
+        raise FlearnError(f"{out}: cannot write here ({parent_existing} is not a writable directory)")
+    return out
+
+
+@contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``out``, on any error it vanishes."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, aside / "previous")
+            os.replace(tmp, out)
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a file via a temporary sibling and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,48 @@
+"""``flearn update``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def update_command(
+    overrides: list[str] = typer.Argument(None, help="Config overrides as key=value (e.g. learn.lr=1e-4)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run configuration."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model directory, hub id, or smollm2-135m."),
+    data: Path | None = typer.Option(None, "--data", help="One file with old and new targets per fact."),
+    old: Path | None = typer.Option(None, "--old", help="File of the old facts (prompt → target_old)."),
+    new: Path | None = typer.Option(None, "--new", help="File of the new facts (prompt → target_new)."),
+    fmt: str | None = typer.Option(None, "--format", help="Data format (default: detected)."),
+    method: str | None = typer.Option(None, "--method", help="ft, lora, ft-c, flearning-ft, flearning-lora, flearning-lora-ft."),
+    lam: float | None = typer.Option(None, "--lambda", help="λ: how much of Δ_old to subtract (F-Learning methods)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (written atomically)."),
+    overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace a non-empty output directory."),
+    seed: int | None = typer.Option(None, "--seed"),
+    limit: int | None = typer.Option(None, "--limit", help="Use the first N facts only."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
+    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+) -> None:
+    """Forget the old facts, learn the new ones, write the updated model, its vectors and a report.
+
+    Example: flearn update --data data/samples/facts.jsonl --method flearning-ft --lambda 0.7 --out runs/x
+    """
+    from rich.console import Console
+
+    from flearning.config import UpdateConfig, load_config
+    from flearning.recipes.update import update
+    from flearning.reporting import update_table
+
+    cli = {
+        "model": model, "data": data, "old": old, "new": new, "format": fmt, "method": method,
+        "lambda": lam, "out": out, "overwrite": overwrite, "seed": seed, "limit": limit,
+        "evaluate": False if no_eval else None,
+    }
+    cfg = load_config(UpdateConfig, config, overrides or [], cli)
+    if cfg.out is None:
+        raise typer.BadParameter("an output directory is required (--out DIR or out=DIR)")
+    result = update(cfg, progress=not no_progress)
+    console = Console()
+    console.print(update_table(result.summary))
+    console.print(f"updated model written to [bold]{result.out}[/bold]")

@@ -1,0 +1,92 @@
+"""Prime: teach a base model the OLD facts until it demonstrably holds them.
+
+The benchmark protocol (DESIGN.md §1) starts every method from the same θ that knows K_old. "3 epochs"
+is not enough on a small model (SmolLM2-135M reached 0.52 old-fact accuracy after 3 epochs at 5e-5 on
+50 facts), so we train until teacher-forced accuracy on K_old reaches a threshold, checking after
+every epoch, up to a maximum number of epochs, and report what was reached.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from flearning.data.records import KnowledgeRecord
+from flearning.training import TrainConfig, train
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+PRIME_STAGE = {"lr": 1e-4, "epochs": 15.0, "batch_size": 8}
+
+
+@dataclass
+class PrimeResult:
+    model: PreTrainedModel
+    accuracy_before: float  # teacher-forced accuracy of target_old, 0..1
+    accuracy: float
+    epochs: int
+    seconds: float
+    history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, accuracy)
+    losses: list[float] = field(default_factory=list)
+
+
+def old_fact_accuracy(model, tokenizer, records: Sequence[KnowledgeRecord], batch_size: int = 32) -> float:
+    """Mean teacher-forced token accuracy of ``target_old`` after ``prompt`` (0..1)."""
+    from flearning.evaluation import teacher_forced_accuracy
+
+    scores = teacher_forced_accuracy(
+        model, tokenizer, [(r.prompt, r.target_old) for r in records], batch_size=batch_size
+    )
+    return float(sum(scores) / len(scores))
+
+
+def prime(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[KnowledgeRecord],
+    cfg: TrainConfig | None = None,
+    *,
+    threshold: float = 0.9,
+    progress: bool = True,
+) -> PrimeResult:
+    """Fine-tune ``model`` in place on (prompt, target_old) until old-fact accuracy ≥ ``threshold``
+    or ``cfg.epochs`` epochs have run.
+
+    Args:
+        model: the base model θ₀ (fp32).
+        tokenizer: its tokenizer.
+        records: the facts; their ``target_old`` is taught.
+        cfg: stage settings; ``epochs`` is the maximum (default: lr 1e-4, up to 15 epochs, batch 8).
+        threshold: stop as soon as accuracy reaches this (0..1).
+        progress: progress bars.
+    Returns:
+        ``PrimeResult`` with θ, accuracy before/after and per-epoch history.
+    """
+    cfg = cfg or TrainConfig(**PRIME_STAGE)
+    start = time.perf_counter()
+    before = old_fact_accuracy(model, tokenizer, records)
+    history: list[tuple[int, float]] = []
+
+    def check(epoch: int, trained) -> bool:
+        acc = old_fact_accuracy(trained, tokenizer, records)
+        history.append((epoch, acc))
+        log.info("prime: epoch %d, old-fact accuracy %.3f", epoch, acc)
+        return acc >= threshold
+
+    pairs = [(r.prompt, r.target_old) for r in records]
+    result = train(model, tokenizer, pairs, cfg, description="prime: teach old facts", progress=progress,
+                   on_epoch_end=check)
+    final_epoch = int(round(result.epochs))
+    if not history or history[-1][0] != final_epoch:
+        history.append((final_epoch, old_fact_accuracy(result.model, tokenizer, records)))
+    acc = history[-1][1]
+    if acc < threshold:
+        log.warning("prime: old-fact accuracy %.3f after %d epochs is below the threshold %.2f",
+                    acc, final_epoch, threshold)
+    return PrimeResult(result.model, before, acc, final_epoch, time.perf_counter() - start, history, result.losses)

@@ -1,0 +1,39 @@
+"""Integration tests on the embedded SmolLM2-135M (converted once per test session)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from flearning.models import cache_root, ensure_embedded, load_from_gguf, load_model
+
+pytestmark = pytest.mark.slow
+
+
+def test_conversion_runs_once_and_matches_gguf_logits(monkeypatch):
+    path = ensure_embedded()
+    assert path == cache_root() / "models" / "smollm2-135m"
+    assert (path / "model.safetensors").is_file() and (path / ".flearn-complete").is_file()
+
+    # A second call must not convert again.
+    import flearning.models as models
+
+    monkeypatch.setattr(models, "load_from_gguf", lambda name: pytest.fail("converted twice"))
+    assert ensure_embedded() == path
+
+    start = time.perf_counter()
+    converted, tok = load_model()
+    second_load = time.perf_counter() - start
+    assert second_load < 5.0  # the issue's target is < 2 s; leave room for a loaded CI machine
+
+    reference, ref_tok = load_from_gguf("smollm2-135m")
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    assert ids.tolist() == ref_tok("The capital of France is", return_tensors="pt")["input_ids"].tolist()
+    with torch.inference_mode():
+        a = converted(ids).logits
+        b = reference(ids).logits
+    assert torch.equal(a, b)
+    assert tok.decode(a[0, -1].argmax()).strip() == "Paris"
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token == "<|im_end|>"
