@@ -20,17 +20,22 @@ class FlearnError(Exception):
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong with an input: where (file, record, field) and what."""
+    """One thing wrong with an input: where (file, record, field) and what.
+
+    ``kind`` names what ``record`` counts: ``"record"`` (0-based index in a JSON list) or ``"line"``
+    (1-based line number in a JSON Lines file), so the message points where an editor would.
+    """
 
     source: str
     record: int | None
     field: str | None
     message: str
+    kind: str = "record"
 
     def __str__(self) -> str:
         parts = [self.source]
         if self.record is not None:
-            parts.append(f"record {self.record}")
+            parts.append(f"{self.kind} {self.record}")
         if self.field:
             parts.append(self.field)
         return ":".join(parts) + f": {self.message}"

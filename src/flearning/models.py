@@ -118,6 +118,7 @@ def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
         log.info("converting the embedded model %s from GGUF once (about 30 s) into %s", name, target)
         model, tokenizer = load_from_gguf(name)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is readable like any download cache
         try:
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
@@ -185,6 +186,7 @@ def load_model(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model(spec)
+    _quiet_loading()
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as ex:
@@ -205,6 +207,15 @@ def load_model(
     prepare_tokenizer(tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def _quiet_loading() -> None:
+    """transformers draws a "Loading weights" bar per load; in a run with several stages they drown
+    the progress that matters. ``flearn -v`` keeps them."""
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger("flearning").getEffectiveLevel() > logging.DEBUG:
+        hf_logging.disable_progress_bar()
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -1,0 +1,153 @@
+"""``flearn data``: validate and summarise knowledge datasets.
+
+Heavy libraries (transformers, rich rendering) are imported inside the command so ``flearn --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from flearning.data.formats import FORMATS
+from flearning.data.summary import LengthFn
+
+data_app = typer.Typer(
+    help="Validate and summarise knowledge datasets.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+NO_MODEL = "none"
+_BAR_WIDTH = 40
+
+
+@data_app.callback()
+def _data() -> None:
+    """Validate and summarise knowledge datasets."""
+    # A callback keeps ``data`` a command group even while it has a single command, so the command
+    # line is ``flearn data check FILE`` in every context (including tests that call data_app).
+
+
+def length_function(model: str | None) -> tuple[LengthFn, str, str | None]:
+    """How sequence lengths are measured for ``--model``.
+
+    Args:
+        model: ``none`` (word counts), None (the embedded default model), a local directory or a hub id.
+    Returns:
+        ``(length function, unit, model label)``. Only the tokenizer is loaded, never the weights.
+    Raises:
+        FlearnError: the model cannot be found or its tokenizer cannot be loaded.
+    """
+    from flearning.data.summary import word_count
+
+    if model is not None and model.strip().lower() == NO_MODEL:
+        return word_count, "words", None
+
+    from transformers import AutoTokenizer
+
+    from flearning.data.encoding import encode_pair
+    from flearning.errors import FlearnError
+    from flearning.models import DEFAULT_MODEL, resolve_model
+
+    source = resolve_model(model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError) as ex:
+        raise FlearnError(f"cannot load the tokenizer of '{model or DEFAULT_MODEL}': {ex}") from ex
+
+    def n_tokens(prompt: str, target: str) -> int:
+        # encode_pair is what training and scoring use, so these are the lengths they will see.
+        return len(encode_pair(tokenizer, prompt, target).input_ids)
+
+    return n_tokens, "tokens", model or DEFAULT_MODEL
+
+
+def _percent(n: int, total: int) -> str:
+    return f"{n}/{total} ({100 * n / total:.0f}%)" if total else "0/0"
+
+
+def render_summary(summary: dict[str, Any], model_label: str | None) -> None:
+    """Print a summary produced by ``flearning.data.summary.summarize`` as rich tables."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flearning.data.loading import DROP_REASONS
+
+    console = Console()
+    kept, raw = summary["n_kept"], summary["n_raw"]
+    facts = Table(title=f"Dataset {summary['path']}", show_header=False, title_justify="left")
+    facts.add_column(style="bold")
+    facts.add_column(overflow="fold")  # the full sha256 matters more than a tidy column
+    facts.add_row("format", summary["format"])
+    facts.add_row("sha256", summary["sha256"])
+    facts.add_row("records", f"{raw} in the file, {kept} kept")
+    for reason, n in summary["dropped"].items():
+        facts.add_row("dropped", f"{n} ({reason}: {DROP_REASONS[reason]})")
+    cov, totals = summary["coverage"], summary["totals"]
+    facts.add_row("with subject", _percent(cov["subject"], kept))
+    facts.add_row("with rephrase", f"{_percent(cov['rephrase'], kept)}, {totals['rephrase_prompts']} prompts")
+    facts.add_row("with locality", f"{_percent(cov['locality'], kept)}, {totals['locality']} probes")
+    facts.add_row("with portability", f"{_percent(cov['portability'], kept)}, {totals['portability']} probes")
+    console.print(facts)
+
+    lengths = summary["lengths"]
+    unit = lengths["unit"]
+    how = f"{model_label} tokenizer" if model_label else "whitespace word count"
+    stats = Table(title=f"Lengths ({unit}, {how})", title_justify="left")
+    for col in ("sequence", "min", "median", "mean", "p95", "max"):
+        stats.add_column(col, justify="left" if col == "sequence" else "right")
+    for key in ("prompt+target_new", "prompt+target_old"):
+        s = lengths[key]
+        stats.add_row(key, *(str(s[k]) for k in ("min", "median", "mean", "p95", "max")))
+    console.print(stats)
+
+    hist = Table(title=f"Histogram of prompt + target_new lengths ({unit})", title_justify="left")
+    hist.add_column(unit, justify="right")
+    hist.add_column("records", justify="right")
+    hist.add_column("")
+    peak = max(b["count"] for b in lengths["histogram"])
+    for b in lengths["histogram"]:
+        span = str(b["low"]) if b["low"] == b["high"] else f"{b['low']}-{b['high']}"
+        bar = "█" * max(1 if b["count"] else 0, round(_BAR_WIDTH * b["count"] / peak))
+        hist.add_row(span, str(b["count"]), bar)
+    console.print(hist)
+    if kept and not cov["rephrase"]:
+        console.print("[yellow]note[/]: no rephrase prompts: Generality cannot be measured on this file")
+    if kept and not cov["locality"]:
+        console.print("[yellow]note[/]: no locality probes: Locality cannot be measured on this file")
+
+
+@data_app.command("check")
+def check_command(
+    file: Path = typer.Argument(..., help="Dataset file: a JSON list or a .jsonl file.", show_default=False),
+    fmt: str | None = typer.Option(
+        None, "--format", "-f", help=f"One of: {', '.join(FORMATS)}. Detected from the content when omitted."
+    ),
+    strict: bool = typer.Option(False, "--strict", help="Report records that would be dropped as errors."),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Tokenizer for the length statistics: an embedded model name, a local model directory or a "
+        "hub id (default: the embedded model); 'none' counts whitespace words instead.",
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    """Validate a dataset and summarise it: format, counts, drops, field coverage, lengths."""
+    from flearning.data.loading import load_dataset
+    from flearning.data.summary import summarize
+
+    # Load first: a bad file is reported before any tokenizer is loaded.
+    dataset = load_dataset(file, fmt, strict=strict)
+    length_fn, unit, model_label = length_function(model)
+    summary = summarize(dataset, length_fn, unit)
+    summary["lengths"]["model"] = model_label
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        render_summary(summary, model_label)

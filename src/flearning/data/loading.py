@@ -1,0 +1,405 @@
+"""Load a knowledge dataset file into ``KnowledgeRecord``s, or report everything wrong with it at once.
+
+Formats (``FORMATS``):
+
+``zsre``
+    MEND/EasyEdit JSON list: ``src`` → old ``answers[0]`` / new ``alt``; ``rephrase``, ``loc``/``loc_ans``,
+    ``subject``, optional ``portability``.
+``counterfact``
+    EasyEdit JSON list: ``prompt`` → old ``ground_truth`` / new ``target_new``; ``rephrase_prompt``,
+    ``locality_prompt``/``locality_ground_truth``, ``subject``, ``case_id``.
+``counterfact-rome``
+    ROME JSON list: ``requested_rewrite{prompt ("{}" template), subject, target_true{str},
+    target_new{str}}``, ``paraphrase_prompts``, ``neighborhood_prompts`` (answered by the true target).
+``jsonl``
+    The project's own format: JSON Lines, one object per line, blank lines allowed::
+
+        {"id": "uk-pm", "prompt": "The Prime Minister of the United Kingdom is",
+         "target_old": "Rishi Sunak", "target_new": "Keir Starmer", "subject": "United Kingdom",
+         "rephrase_prompts": ["The head of the UK government is"],
+         "locality": [{"prompt": "The capital of Australia is", "answer": "Canberra"}],
+         "portability": [{"prompt": "The party of the UK Prime Minister is the", "answer": "Labour Party"}]}
+
+    (shown wrapped; in the file each object is on one line). ``prompt``, ``target_old`` and
+    ``target_new`` are required strings; ``id`` (string or integer), ``subject`` (string),
+    ``rephrase_prompts`` (list of strings), ``locality`` and ``portability`` (lists of
+    ``{"prompt", "answer"}`` objects) are optional. Any other field is an error.
+
+The format is detected from the content when not given: a ``.jsonl``/``.ndjson`` suffix or a first
+line that is a complete object with ``target_old`` means ``jsonl``; a JSON list is classified by the
+fields of its first object (``requested_rewrite`` → counterfact-rome; ``src``, ``alt``, ``answers``
+or ``loc_ans`` → zsre; ``ground_truth``, ``target_new``, ``locality_ground_truth`` or
+``rephrase_prompt`` → counterfact).
+
+Drop rules (every format): a record whose old or new target is empty, or whose new target equals the
+old one (after stripping white space, case-sensitive), cannot be updated and is dropped with a count
+per reason (``DROP_REASONS``); with ``strict=True`` such records are errors instead.
+
+Errors: every problem is collected and raised together as one ``InputError``; each line reads
+``FILE:record N:FIELD: what is wrong`` where N is the 0-based index of the record in the JSON list,
+or ``FILE:line N:FIELD: ...`` with the 1-based line number for JSON Lines files. Problems with the
+file as a whole (unreadable, empty, malformed JSON, not a list) read ``FILE: what is wrong``. Loading
+either returns every record or raises: nothing is half-loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flearning.data.formats import (
+    FORMATS,
+    PARSERS,
+    Candidate,
+    RecordContext,
+    detect_record_format,
+    json_type,
+)
+from flearning.data.records import KnowledgeRecord
+from flearning.errors import FlearnError, InputError, Problem
+
+log = logging.getLogger(__name__)
+
+# reason key -> human wording; the keys appear in ``LoadedDataset.dropped`` and in reports.
+DROP_REASONS: dict[str, str] = {
+    "empty_target_old": "the old target is empty",
+    "empty_target_new": "the new target is empty",
+    "target_new_equals_old": "the new target equals the old one",
+}
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+@dataclass(frozen=True)
+class LoadedDataset:
+    """The records of one file and how they were obtained.
+
+    Attributes:
+        records: kept records, in file order (at most ``limit`` of them).
+        format: the format used (given or detected).
+        path: the file.
+        n_raw: number of records in the file (JSON list entries, or non-blank JSONL lines).
+        dropped: reason → count for records removed by the drop rules, over the whole file
+            (only reasons that occurred).
+        sha256: hex digest of the file's bytes.
+    """
+
+    records: list[KnowledgeRecord]
+    format: str
+    path: Path
+    n_raw: int
+    dropped: dict[str, int]
+    sha256: str
+
+    @property
+    def n_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+
+def normalize_format(fmt: str, source: str) -> str:
+    """Accept ``CounterFact_ROME``-style spellings of a format name; reject unknown names."""
+    name = fmt.strip().lower().replace("_", "-")
+    if name not in FORMATS:
+        raise _file_error(source, f"unknown format '{fmt}' (known: {', '.join(FORMATS)})")
+    return name
+
+
+def _file_error(source: str, message: str) -> InputError:
+    return InputError([Problem(source, None, None, message)], what="dataset")
+
+
+def _read_text(path: Path, source: str) -> tuple[str, str]:
+    """The file's text (UTF-8, an optional BOM removed) and the sha256 of its bytes."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise _file_error(source, "no such file") from None
+    except IsADirectoryError:
+        raise _file_error(source, "is a directory, not a file") from None
+    except PermissionError:
+        raise _file_error(source, "permission denied") from None
+    except OSError as ex:
+        raise _file_error(source, f"cannot read the file: {ex.strerror or ex}") from None
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as ex:
+        raise _file_error(source, f"not UTF-8 text (invalid byte at offset {ex.start})") from None
+    if not text.strip():
+        raise _file_error(source, "file is empty")
+    return text, digest
+
+
+def _lines(text: str) -> Iterator[tuple[int, str]]:
+    """Non-blank lines with 1-based numbers. Only ``\\n`` ends a line: JSON strings may legally hold
+    U+2028 and friends, which ``str.splitlines`` would split on."""
+    for number, line in enumerate(text.split("\n"), start=1):
+        if line.strip():
+            yield number, line
+
+
+def _first_line_object(text: str) -> dict[str, Any] | None:
+    """The first non-blank line decoded as a JSON object, or None if it is not one on its own."""
+    for _, line in _lines(text):
+        try:
+            value = json.loads(line)
+        except (ValueError, RecursionError):
+            return None
+        return value if isinstance(value, dict) else None
+    return None
+
+
+def _decode_json(text: str, source: str) -> Any:
+    """The whole file as one JSON document; a syntax error names its line and column."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as ex:
+        hint = ""
+        if ex.msg == "Extra data" and _first_line_object(text) is not None:
+            hint = (
+                " (the file holds one JSON object per line: the project's own records belong in a .jsonl "
+                "file; other formats need the records wrapped in one JSON list)"
+            )
+        raise _file_error(
+            source, f"malformed JSON at line {ex.lineno}, column {ex.colno}: {ex.msg}{hint}"
+        ) from None
+    except RecursionError:
+        raise _file_error(source, "malformed JSON: nested too deeply") from None
+    except ValueError as ex:  # e.g. an integer literal beyond Python's digit limit
+        raise _file_error(source, f"malformed JSON: {ex}") from None
+
+
+def _decode_jsonl(text: str, source: str) -> tuple[list[tuple[int, Any]], list[Problem]]:
+    """Every non-blank line decoded on its own.
+
+    Returns:
+        ``([(line number, value), ...], [problem per malformed line])``: the well-formed lines are
+        still validated, so one report lists every problem in the file.
+    """
+    problems: list[Problem] = []
+    values: list[tuple[int, Any]] = []
+    for number, line in _lines(text):
+        try:
+            values.append((number, json.loads(line)))
+        except json.JSONDecodeError as ex:
+            problems.append(
+                Problem(source, number, None, f"malformed JSON at column {ex.colno}: {ex.msg}", "line")
+            )
+        except RecursionError:
+            problems.append(Problem(source, number, None, "malformed JSON: nested too deeply", "line"))
+        except ValueError as ex:
+            problems.append(Problem(source, number, None, f"malformed JSON: {ex}", "line"))
+    return values, problems
+
+
+def _looks_like_jsonl(path: Path, text: str) -> bool:
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return True
+    if text.lstrip().startswith("{"):
+        first = _first_line_object(text)
+        return first is not None and "target_old" in first
+    return False
+
+
+def _detect_list_format(items: list[Any], source: str) -> str:
+    """The format of a JSON list, judged from its first object's fields."""
+    first = next((item for item in items if isinstance(item, dict)), None)
+    if first is None:
+        raise _file_error(source, "cannot detect the format: no record is a JSON object")
+    fmt = detect_record_format(first)
+    if fmt is None:
+        index = items.index(first)
+        fields = ", ".join(sorted(first)[:8]) or "none"
+        hint = ""
+        if "target_old" in first:
+            hint = "; records with prompt/target_old/target_new go one per line in a .jsonl file"
+        raise _file_error(
+            source,
+            f"cannot detect the format from the fields of record {index} ({fields}): expected zsre "
+            "(src, answers, alt), counterfact (prompt, ground_truth, target_new) or counterfact-rome "
+            f"(requested_rewrite){hint}",
+        )
+    return fmt
+
+
+def _raw_items(
+    path: Path, text: str, fmt: str | None, source: str
+) -> tuple[str, str, list[tuple[int, Any]], list[Problem]]:
+    """Decode the file and settle its format.
+
+    Returns:
+        ``(format, kind, [(index, raw value), ...], problems)`` where ``kind`` is ``"record"`` (index =
+        0-based position in a JSON list) or ``"line"`` (index = 1-based line number), and ``problems``
+        lists malformed JSON Lines lines (the other lines are still checked).
+    """
+    if fmt == "jsonl" or (fmt is None and _looks_like_jsonl(path, text)):
+        if text.lstrip().startswith("["):
+            raise _file_error(
+                source,
+                "expected JSON Lines (one object per line) but the file is a JSON list; "
+                f"use one of the formats {', '.join(f for f in FORMATS if f != 'jsonl')}",
+            )
+        values, problems = _decode_jsonl(text, source)
+        return "jsonl", "line", values, problems
+    document = _decode_json(text, source)
+    if not isinstance(document, list):
+        raise _file_error(
+            source, f"expected a JSON list of records at the top level, got {json_type(document)}"
+        )
+    if not document:
+        raise _file_error(source, "the JSON list holds no records")
+    if fmt is None:
+        fmt = _detect_list_format(document, source)
+    return fmt, "record", list(enumerate(document)), []
+
+
+def _drop_reason(candidate: Candidate) -> tuple[str, str] | None:
+    """``(reason, source field)`` if the record cannot be used as an update, else None."""
+    if not candidate.target_old:
+        return "empty_target_old", candidate.old_field
+    if not candidate.target_new:
+        return "empty_target_new", candidate.new_field
+    if candidate.target_old == candidate.target_new:
+        return "target_new_equals_old", candidate.new_field
+    return None
+
+
+def _to_record(candidate: Candidate, record_id: str) -> KnowledgeRecord:
+    return KnowledgeRecord(
+        id=record_id,
+        prompt=candidate.prompt,
+        target_old=candidate.target_old,
+        target_new=candidate.target_new,
+        subject=candidate.subject,
+        rephrase_prompts=list(candidate.rephrase_prompts),
+        locality=list(candidate.locality),
+        portability=list(candidate.portability),
+    )
+
+
+def _convert(
+    items: list[tuple[int, Any]], fmt: str, kind: str, source: str, *, strict: bool
+) -> tuple[list[KnowledgeRecord], dict[str, int], list[Problem]]:
+    """Parse every raw record, apply the id and drop rules, and collect the problems.
+
+    Args:
+        items: ``(index, raw value)`` pairs from ``_raw_items``.
+        fmt: the format whose parser reads each record.
+        kind: ``"record"`` or ``"line"`` (what ``index`` counts).
+        source: the file name used in messages.
+        strict: report droppable records as problems.
+    Returns:
+        ``(kept records, reason -> dropped count, problems)``.
+    """
+    parse = PARSERS[fmt]
+    problems: list[Problem] = []
+    kept: list[KnowledgeRecord] = []
+    dropped: dict[str, int] = {}
+    seen_ids: dict[str, int] = {}
+    for position, (index, raw) in enumerate(items):
+        ctx = RecordContext(source, index, kind)
+        if not isinstance(raw, dict):
+            ctx.add(None, f"expected an object, got {json_type(raw)}")
+            problems += ctx.problems
+            continue
+        candidate = parse(ctx, raw)
+        problems += ctx.problems
+        if candidate is None:
+            continue
+        # Ids key per-record results downstream, so a clash would silently merge two records.
+        record_id = candidate.id if candidate.id is not None else str(position)
+        if record_id in seen_ids:
+            first = seen_ids[record_id]
+            problems.append(
+                Problem(
+                    source,
+                    index,
+                    candidate.id_field,
+                    f"duplicate id '{record_id}' (first used by {kind} {first})",
+                    kind,
+                )
+            )
+            continue
+        seen_ids[record_id] = index
+        reason = _drop_reason(candidate)
+        if reason is not None:
+            key, field_name = reason
+            if strict:
+                problems.append(
+                    Problem(source, index, field_name, f"{DROP_REASONS[key]} (strict mode rejects it)", kind)
+                )
+            dropped[key] = dropped.get(key, 0) + 1
+            continue
+        kept.append(_to_record(candidate, record_id))
+    return kept, dropped, problems
+
+
+def load_dataset(
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    strict: bool = False,
+    limit: int | None = None,
+) -> LoadedDataset:
+    """Read, validate and convert a dataset file.
+
+    Args:
+        path: the file (.json list or .jsonl).
+        fmt: one of ``FORMATS``; detected from the content when None.
+        strict: report records that the drop rules would remove as errors instead of dropping them.
+        limit: keep at most this many records (the first ones kept, in file order). The whole file is
+            still validated and ``dropped`` counts the whole file.
+    Returns:
+        A ``LoadedDataset`` with at least one record.
+    Raises:
+        InputError: listing every problem (``FILE:record N:FIELD: message``; ``line N`` for JSONL).
+    """
+    path = Path(path)
+    source = str(path)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise FlearnError(f"limit must be a positive integer, got {limit!r}")
+    if fmt is not None:
+        fmt = normalize_format(fmt, source)
+    text, digest = _read_text(path, source)
+    fmt, kind, items, problems = _raw_items(path, text, fmt, source)
+
+    kept, dropped, record_problems = _convert(items, fmt, kind, source, strict=strict)
+    # Malformed JSONL lines were found while decoding; merge them in file order (the sort is stable).
+    problems += record_problems
+    if problems:
+        problems.sort(key=lambda p: -1 if p.record is None else p.record)
+        raise InputError(problems, what="dataset")
+    if not kept:
+        details = ", ".join(f"{n} {key}" for key, n in sorted(dropped.items()))
+        raise _file_error(source, f"no usable records: all {len(items)} were dropped ({details})")
+
+    records = kept if limit is None else kept[:limit]
+    if dropped:
+        details = ", ".join(f"{n} {key}" for key, n in sorted(dropped.items()))
+        log.info("%s: dropped %d of %d records (%s)", source, sum(dropped.values()), len(items), details)
+    log.info("%s: loaded %d records (format %s)", source, len(records), fmt)
+    return LoadedDataset(
+        records=records,
+        format=fmt,
+        path=path,
+        n_raw=len(items),
+        dropped=dict(sorted(dropped.items())),
+        sha256=digest,
+    )
+
+
+def load_records(
+    path: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    strict: bool = False,
+    limit: int | None = None,
+) -> list[KnowledgeRecord]:
+    """The records of ``load_dataset(path, fmt, strict=strict, limit=limit)``."""
+    return load_dataset(path, fmt, strict=strict, limit=limit).records
