@@ -1,0 +1,268 @@
+"""``flearn vector``: compute, apply, scale and inspect knowledge vectors.
+
+Sign convention: ``apply`` always computes θ + L·Δ. Forgetting (F-Learning's θ − λ·Δ_old) is a
+negative L: ``flearn vector apply --model M --vector V --lambda=-0.7 --out M2``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from flearning.errors import FlearnError
+
+if TYPE_CHECKING:
+    from flearning.arithmetic.vector import KnowledgeVector
+
+log = logging.getLogger(__name__)
+
+vector_app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Compute, apply and inspect knowledge vectors (Δ = fine-tuned − base).",
+)
+
+PROVENANCE_FILE = "flearn_vector_applied.json"
+
+
+def _summary(vector: KnowledgeVector) -> str:
+    s = vector.stats()
+    return (
+        f"{vector.metadata.kind} vector: {s.num_tensors} tensors, {s.num_params:,} parameters, "
+        f"norm {s.norm:.6g}, max |Δ| {s.max_abs:.3g}"
+    )
+
+
+def _inside(path: Path, other: Path) -> bool:
+    """Whether ``path`` is ``other`` or lies below it."""
+    return path == other or other in path.parents
+
+
+@vector_app.command("compute")
+def compute_command(
+    base: str = typer.Option(
+        ..., "--base", help="Base model θ: a model directory or an embedded model name."
+    ),
+    out: Path = typer.Option(..., "--out", help="Directory to write the vector into."),
+    finetuned: Path | None = typer.Option(
+        None, "--finetuned", help="Fully fine-tuned model directory: Δ = fine-tuned − base."
+    ),
+    lora_adapter: Path | None = typer.Option(
+        None, "--lora-adapter", help="PEFT LoRA adapter directory trained on the base: Δ = B·A·scaling."
+    ),
+    method: str | None = typer.Option(None, "--method", help="Recorded in the metadata (e.g. ft, lora)."),
+    keep_zero: bool = typer.Option(False, "--keep-zero", help="Keep tensors whose delta is exactly zero."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+) -> None:
+    """Compute the knowledge vector of a fine-tuning: from a fine-tuned model or from a LoRA adapter."""
+    if (finetuned is None) == (lora_adapter is None):
+        raise FlearnError(
+            "give exactly one of --finetuned DIR (full fine-tuning) or --lora-adapter DIR (LoRA)"
+        )
+    from flearning.arithmetic.io import check_writable_target
+    from flearning.arithmetic.vector import KnowledgeVector
+    from flearning.models import load_model, model_fingerprint
+
+    check_writable_target(out, overwrite=overwrite)  # fail before minutes of loading
+    model, _ = load_model(base)
+    fingerprint = model_fingerprint(model)
+    if finetuned is not None:
+        tuned, _ = load_model(finetuned)
+        vector = KnowledgeVector.from_models(
+            model,
+            tuned,
+            base_model=str(base),
+            base_fingerprint=fingerprint,
+            method=method or "ft",
+            hyperparameters={"finetuned": str(finetuned)},
+            drop_zero=not keep_zero,
+        )
+    else:
+        peft_model = _load_lora(model, lora_adapter)
+        vector = KnowledgeVector.from_lora(
+            peft_model,
+            base_model=str(base),
+            base_fingerprint=fingerprint,
+            method=method or "lora",
+            hyperparameters={"adapter": str(lora_adapter)},
+            drop_zero=not keep_zero,
+        )
+    vector.save(out, overwrite=overwrite)
+    typer.echo(f"{_summary(vector)} -> {out}")
+
+
+def _load_lora(model, adapter_dir: Path):
+    """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (safetensors only)."""
+    from flearning.models import PICKLE_SUFFIXES
+
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise FlearnError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
+    if not (adapter_dir / "adapter_model.safetensors").is_file():
+        pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        detail = (
+            f" (found pickle files {', '.join(pickles)}, refused: unpickling can run code)" if pickles else ""
+        )
+        raise FlearnError(f"{adapter_dir}: no adapter_model.safetensors{detail}")
+    from peft import PeftModel
+
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (ValueError, KeyError, RuntimeError, OSError) as ex:
+        raise FlearnError(f"{adapter_dir}: cannot load the adapter onto the base model: {ex}") from ex
+
+
+@vector_app.command("apply")
+def apply_command(
+    model_path: str = typer.Option(
+        ..., "--model", help="Model to change: a directory or an embedded model name."
+    ),
+    vector_path: Path = typer.Option(..., "--vector", help="Knowledge-vector directory."),
+    lam: float = typer.Option(
+        ...,
+        "--lambda",
+        help="Scale L in θ + L·Δ. Forgetting is NEGATIVE: --lambda=-0.7 computes θ − 0.7·Δ.",
+    ),
+    out: Path = typer.Option(..., "--out", help="New model directory (never the input model's)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+    check_base: bool = typer.Option(
+        True, "--check-base/--no-check-base", help="Refuse a model that is not the vector's base model."
+    ),
+) -> None:
+    """Write a new model θ + L·Δ (L < 0 forgets: F-Learning's θ − λ·Δ_old is --lambda=-λ)."""
+    import json
+
+    from flearning.arithmetic.io import atomic_directory, check_writable_target
+    from flearning.arithmetic.ops import check_scalar
+    from flearning.arithmetic.vector import KnowledgeVector
+    from flearning.models import load_model, resolve_model
+
+    lam = check_scalar(lam, "--lambda")
+    out_abs = out.expanduser().resolve()
+    vector = KnowledgeVector.load(vector_path)  # cheap checks first, the model load is the slow part
+    source = Path(resolve_model(model_path))
+    if source.exists():
+        src_abs = source.resolve()
+        if _inside(out_abs, src_abs) or _inside(src_abs, out_abs):
+            raise FlearnError(
+                f"--out {out} would write into (or over) the input model {model_path}; choose another"
+            )
+    check_writable_target(out_abs, overwrite=overwrite)
+
+    model, tokenizer = load_model(source)
+    vector.apply_to(model, lam, check_base=check_base)
+    with atomic_directory(out_abs, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        provenance = {
+            "model": str(model_path),
+            "vector": str(vector_path),
+            "lambda": lam,
+            "operation": "theta + lambda * delta",
+            "vector_metadata": vector.metadata.model_dump(mode="json"),
+        }
+        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
+    typer.echo(f"applied {_summary(vector)} with lambda={lam} to {model_path} -> {out}")
+
+
+@vector_app.command("scale")
+def scale_command(
+    vector_path: Path = typer.Argument(..., help="Knowledge-vector directory."),
+    by: float = typer.Option(..., "--by", help="Factor S: the new vector is S·Δ (S=-1 negates)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the new vector."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+) -> None:
+    """Write a new vector S·Δ."""
+    from flearning.arithmetic.io import check_writable_target
+    from flearning.arithmetic.ops import check_scalar
+    from flearning.arithmetic.vector import KnowledgeVector
+
+    by = check_scalar(by, "--by")
+    check_writable_target(out.expanduser(), overwrite=overwrite)
+    scaled = KnowledgeVector.load(vector_path) * by
+    scaled.save(out, overwrite=overwrite)
+    typer.echo(f"{_summary(scaled)} -> {out}")
+
+
+def _layer_of(name: str) -> str:
+    """Group ``model.layers.3.mlp.up_proj.weight`` under ``model.layers.3``; others by their module."""
+    parts = name.split(".")
+    for i, part in enumerate(parts[:-1]):
+        if part.isdigit():
+            return ".".join(parts[: i + 1])
+    return ".".join(parts[:-1]) or name
+
+
+@vector_app.command("info")
+def info_command(
+    vector_path: Path = typer.Argument(..., help="Knowledge-vector directory."),
+    top: int = typer.Option(
+        10, "--top", min=1, help="How many tensors and layers to list, largest norm first."
+    ),
+) -> None:
+    """Show a vector's metadata, size, norm and the layers/tensors that changed most."""
+    import math
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from flearning.arithmetic.vector import KnowledgeVector
+
+    vector = KnowledgeVector.load(vector_path)
+    meta = vector.metadata
+    stats = vector.stats()
+    console = Console()
+
+    about = Table(title=f"knowledge vector {vector_path}", show_header=False)
+    about.add_column("field", style="bold")
+    about.add_column("value", overflow="fold")
+    for field, value in (
+        ("kind", meta.kind),
+        ("method", meta.method),
+        ("base model", meta.base_model),
+        ("base fingerprint", meta.base_fingerprint),
+        ("data hash", meta.data_hash),
+        ("created", meta.created),
+        ("flearning version", meta.flearning_version),
+        ("hyper-parameters", ", ".join(f"{k}={v}" for k, v in meta.hyperparameters.items()) or None),
+        ("history", "; ".join(meta.history) or None),
+        ("zero deltas left out", len(meta.dropped_zero)),
+        ("tensors", stats.num_tensors),
+        ("parameters", f"{stats.num_params:,}"),
+        ("norm (L2)", f"{stats.norm:.6g}"),
+        ("rms", f"{stats.rms:.4g}"),
+        ("max |Δ|", f"{stats.max_abs:.4g}"),
+    ):
+        about.add_row(field, "-" if value is None else str(value))
+    console.print(about)
+
+    norms = vector.tensor_norms()
+    layers: dict[str, float] = {}
+    for name, norm in norms.items():
+        group = _layer_of(name)
+        layers[group] = layers.get(group, 0.0) + norm**2
+    by_layer = Table(title=f"layers by norm (top {min(top, len(layers))} of {len(layers)})")
+    by_layer.add_column("layer")
+    by_layer.add_column("norm", justify="right")
+    by_layer.add_column("share of ‖Δ‖²", justify="right")
+    total = stats.norm**2 or 1.0
+    for group, sq in sorted(layers.items(), key=lambda kv: -kv[1])[:top]:
+        by_layer.add_row(group, f"{math.sqrt(sq):.4g}", f"{100 * sq / total:.1f}%")
+    console.print(by_layer)
+
+    by_tensor = Table(title=f"tensors by norm (top {min(top, len(norms))} of {len(norms)})")
+    for column in ("tensor", "shape", "norm", "rms", "max |Δ|"):
+        by_tensor.add_column(column, justify="left" if column in ("tensor", "shape") else "right")
+    for name, norm in sorted(norms.items(), key=lambda kv: -kv[1])[:top]:
+        t = vector[name]
+        by_tensor.add_row(
+            name,
+            "×".join(map(str, t.shape)),
+            f"{norm:.4g}",
+            f"{norm / math.sqrt(max(t.numel(), 1)):.3g}",
+            f"{float(t.abs().max()) if t.numel() else 0.0:.3g}",
+        )
+    console.print(by_tensor)

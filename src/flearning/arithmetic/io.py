@@ -1,0 +1,260 @@
+"""Knowledge vectors on disk: ``vector.safetensors`` (the tensors) + ``vector.json`` (what they are).
+
+The JSON records the metadata, every key with its shape, and the sha256 of the safetensors file; loading
+checks all three against the tensors, so a truncated, edited or mismatched pair is an error and not a
+silently different model. Loading never unpickles: a ``.bin``/``.pt`` file can run arbitrary code.
+
+Directories are written atomically: into a temporary directory beside the target, renamed into place, so
+a crash leaves either the old directory or the complete new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flearning.arithmetic.ops import VectorError, format_names
+from flearning.models import PICKLE_SUFFIXES
+
+if TYPE_CHECKING:
+    import torch
+
+TENSORS_FILE = "vector.safetensors"
+META_FILE = "vector.json"
+FORMAT = "flearning.knowledge_vector"
+FORMAT_VERSION = 1
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks.
+
+    Args:
+        path: the file.
+        chunk: bytes per read.
+
+    Returns:
+        The hex digest.
+    """
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _ordinary_permissions(root: Path) -> None:
+    """Give a finished temporary tree the modes a plain mkdir/open would have: ``mkdtemp`` creates 0700
+    and safetensors writes its files through a 0600 temporary file."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
+
+
+def check_writable_target(target: Path, *, overwrite: bool) -> None:
+    """Refuse a target that is a file, or a non-empty directory without ``overwrite``.
+
+    Args:
+        target: the directory to be written.
+        overwrite: whether a non-empty directory may be replaced.
+
+    Returns:
+        None.
+    """
+    if target.exists() and not target.is_dir():
+        raise VectorError(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise VectorError(
+            f"{target}: directory exists and is not empty (overwrite=True / --overwrite replaces it)"
+        )
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``target`` when the block ends without an error.
+
+    Args:
+        target: the final directory.
+        overwrite: replace a non-empty existing directory (else ``VectorError``).
+
+    Returns:
+        A context manager yielding the temporary directory to fill.
+    """
+    target = Path(target).expanduser().absolute()
+    check_writable_target(target, overwrite=overwrite)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _ordinary_permissions(tmp)
+        old = None
+        if target.exists():
+            check_writable_target(target, overwrite=overwrite)  # may have changed meanwhile
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            if old is not None:
+                os.replace(old, target)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_vector(
+    tensors: dict[str, torch.Tensor],
+    metadata: dict[str, Any],
+    path: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+) -> Path:
+    """Write a vector directory atomically.
+
+    Args:
+        tensors: name → fp32 CPU tensor.
+        metadata: JSON-serialisable metadata.
+        path: the directory to create.
+        overwrite: replace an existing non-empty directory.
+
+    Returns:
+        The directory path.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(path).expanduser()
+    with atomic_directory(target, overwrite=overwrite) as tmp:
+        save_file(
+            {k: t.contiguous() for k, t in tensors.items()},
+            str(tmp / TENSORS_FILE),
+            metadata={"format": FORMAT},
+        )
+        record = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "metadata": metadata,
+            "tensors": {k: {"shape": list(t.shape), "dtype": "float32"} for k, t in tensors.items()},
+            "num_params": sum(t.numel() for t in tensors.values()),
+            "safetensors_sha256": sha256_file(tmp / TENSORS_FILE),
+        }
+        (tmp / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return target
+
+
+def _refuse_pickle(path: Path) -> None:
+    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
+        raise VectorError(
+            f"{path}: refusing a pickle file; knowledge vectors are loaded from safetensors only, because "
+            "unpickling can run arbitrary code"
+        )
+    if path.is_dir() and not (path / TENSORS_FILE).is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise VectorError(
+                f"{path}: only pickle files ({', '.join(pickles)}), no {TENSORS_FILE}; knowledge vectors are "
+                "loaded from safetensors only, because unpickling can run arbitrary code"
+            )
+
+
+def read_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """Read and check ``vector.json`` of a vector directory (the tensors are not read).
+
+    Args:
+        path: the vector directory (or its ``vector.json`` / ``vector.safetensors``).
+
+    Returns:
+        (the directory, the parsed JSON record).
+    """
+    path = Path(path).expanduser()
+    _refuse_pickle(path)
+    if path.is_file() and path.name in (TENSORS_FILE, META_FILE):
+        path = path.parent
+    if not path.is_dir():
+        raise VectorError(f"{path}: no such knowledge-vector directory")
+    for name in (META_FILE, TENSORS_FILE):
+        if not (path / name).is_file():
+            raise VectorError(f"{path}: not a knowledge-vector directory (no {name})")
+    try:
+        record = json.loads((path / META_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as ex:
+        raise VectorError(f"{path / META_FILE}: not valid JSON ({ex})") from ex
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise VectorError(f"{path / META_FILE}: not a knowledge-vector description (format != {FORMAT})")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise VectorError(
+            f"{path / META_FILE}: format version {record.get('format_version')!r}; this f-learning reads "
+            f"version {FORMAT_VERSION}"
+        )
+    for field, kind in (("metadata", dict), ("tensors", dict), ("safetensors_sha256", str)):
+        if not isinstance(record.get(field), kind):
+            raise VectorError(f"{path / META_FILE}: field '{field}' missing or not a {kind.__name__}")
+    return path, record
+
+
+def load_vector(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a vector directory and verify the tensors against its JSON description.
+
+    Args:
+        path: the vector directory.
+
+    Returns:
+        (name → fp32 tensor in the recorded order, the metadata dict).
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path, record = read_record(path)
+    tensors_file = path / TENSORS_FILE
+    actual = sha256_file(tensors_file)
+    if actual != record["safetensors_sha256"]:
+        raise VectorError(
+            f"{tensors_file}: checksum mismatch (sha256 {actual[:16]}…, {META_FILE} records "
+            f"{record['safetensors_sha256'][:16]}…): the file was modified or is corrupt"
+        )
+    try:
+        with safe_open(str(tensors_file), framework="pt") as fh:
+            stored = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except (SafetensorError, OSError, ValueError) as ex:
+        raise VectorError(f"{tensors_file}: cannot read safetensors ({ex})") from ex
+
+    problems: list[str] = []
+    described = record["tensors"]
+    problems += [
+        f"{k}: described in {META_FILE}, missing from {TENSORS_FILE}" for k in described if k not in stored
+    ]
+    problems += [
+        f"{k}: in {TENSORS_FILE}, not described in {META_FILE}" for k in stored if k not in described
+    ]
+    for key, info in described.items():
+        tensor = stored.get(key)
+        if tensor is None:
+            continue
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if shape != list(tensor.shape):
+            problems.append(f"{key}: shape {list(tensor.shape)} in {TENSORS_FILE}, {shape} in {META_FILE}")
+        if str(tensor.dtype) != "torch.float32":
+            problems.append(f"{key}: dtype {tensor.dtype}, expected float32")
+    if problems:
+        raise VectorError(
+            f"{path}: the files do not match ({len(problems)} problems):" + format_names(problems)
+        )
+    return {key: stored[key] for key in described}, record["metadata"]

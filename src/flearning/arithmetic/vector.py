@@ -1,0 +1,550 @@
+"""``KnowledgeVector``: Δ = FT(θ, K) − θ as named fp32 tensors, with its provenance.
+
+Keys are parameter names as ``named_parameters()`` of the plain (non-peft) model gives them, so a tied
+embedding/lm_head appears once and is updated once. A vector may cover a subset of the parameters, but
+every key it has must exist in the model with the same shape.
+
+F-Learning's forgetting step θ' = θ − λ·Δ_old is ``vector.apply_to(model, -lam)`` or ``forget(model,
+vector, lam)``.
+
+Zero deltas: every constructor (``from_models``, ``from_state_dicts``, ``from_deltas``, ``from_lora``)
+drops tensors that are exactly zero by default (``drop_zero=True``), e.g. frozen embeddings. That is lossless (θ + λ·0 = θ bit for bit) and keeps the
+file to what changed; the dropped names are recorded in the metadata. Pass ``drop_zero=False`` to keep
+every parameter, e.g. to add two vectors whose frozen sets differ (``+`` requires equal key sets).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from flearning.arithmetic import ops
+from flearning.arithmetic.ops import VectorError, format_names
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    import torch
+
+log = logging.getLogger(__name__)
+
+Kind = Literal["full", "lora", "mixed"]
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _version() -> str:
+    from flearning import __version__
+
+    return __version__
+
+
+class VectorMetadata(BaseModel):
+    """Where a knowledge vector comes from; stored in ``vector.json``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Kind = Field(description="full: difference of two models; lora: B·A·scaling of an adapter")
+    base_model: str | None = Field(None, description="id or path of the base model θ")
+    base_fingerprint: str | None = Field(None, description="flearning.models.model_fingerprint(θ)")
+    method: str | None = Field(None, description="how the fine-tuned side was made, e.g. 'ft' or 'lora'")
+    data_hash: str | None = Field(None, description="hash of the training data (K_old)")
+    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
+    dropped_zero: list[str] = Field(default_factory=list, description="parameters left out: Δ was 0")
+    history: list[str] = Field(default_factory=list, description="algebra applied after creation")
+    created: str = Field(default_factory=_now)
+    flearning_version: str = Field(default_factory=_version)
+
+
+@dataclass(frozen=True)
+class VectorStats:
+    """Summary numbers of a vector."""
+
+    num_tensors: int
+    num_params: int
+    norm: float
+    max_abs: float
+    rms: float
+
+
+class KnowledgeVector:
+    """Named fp32 deltas with metadata, and the algebra of task vectors (``-v``, ``v + w``, ``s * v``).
+
+    Args:
+        deltas: parameter name → delta (converted to contiguous fp32 on the CPU).
+        metadata: provenance; ``base_fingerprint`` lets ``apply_to`` refuse another base model.
+    """
+
+    def __init__(self, deltas: Mapping[str, torch.Tensor], metadata: VectorMetadata) -> None:
+        import torch
+
+        if not deltas:
+            raise VectorError("a knowledge vector needs at least one tensor")
+        tensors: dict[str, torch.Tensor] = {}
+        for key, tensor in deltas.items():
+            if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+                raise VectorError(f"{key!r}: expected a str name and a tensor, got {type(tensor).__name__}")
+            if not tensor.is_floating_point():
+                raise VectorError(f"{key}: delta must be floating point, got {tensor.dtype}")
+            tensors[key] = tensor.detach().to("cpu", torch.float32).contiguous()
+        self.deltas: dict[str, torch.Tensor] = tensors
+        self.metadata = metadata
+
+    # -- constructors -------------------------------------------------------------------------------
+
+    @classmethod
+    def from_deltas(
+        cls,
+        deltas: Mapping[str, torch.Tensor],
+        *,
+        kind: Kind = "full",
+        base_model: str | None = None,
+        base_fingerprint: str | None = None,
+        method: str | None = None,
+        data_hash: str | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        drop_zero: bool = True,
+    ) -> KnowledgeVector:
+        """A vector from deltas computed elsewhere (e.g. θ* − θ kept during a recipe).
+
+        Second names of tied tensors are dropped (keeping the first), as ``named_parameters()`` does.
+
+        Args:
+            deltas: parameter name → delta.
+            kind: "full", "lora" or "mixed".
+            base_model: id or path of θ, recorded.
+            base_fingerprint: ``model_fingerprint(θ)``, recorded and checked by ``apply_to``.
+            method: recorded.
+            data_hash: recorded.
+            hyperparameters: recorded (JSON values).
+            drop_zero: leave out tensors that are exactly zero.
+
+        Returns:
+            The vector.
+        """
+        return cls._build(
+            dict(ops.dedupe_shared(deltas)),
+            drop_zero=drop_zero,
+            kind=kind,
+            base_model=base_model,
+            base_fingerprint=base_fingerprint,
+            method=method,
+            data_hash=data_hash,
+            hyperparameters=hyperparameters,
+        )
+
+    @classmethod
+    def from_state_dicts(
+        cls,
+        base: Mapping[str, torch.Tensor],
+        finetuned: Mapping[str, torch.Tensor],
+        *,
+        kind: Kind = "full",
+        base_model: str | None = None,
+        base_fingerprint: str | None = None,
+        method: str | None = None,
+        data_hash: str | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        drop_zero: bool = True,
+    ) -> KnowledgeVector:
+        """Δ = finetuned − base over two state dicts with exactly the same keys and shapes.
+
+        Second names of tied tensors (``lm_head.weight`` aliasing the embedding in a live
+        ``state_dict()``) are dropped from both, keeping the first name as ``named_parameters()`` does.
+
+        Args:
+            base: θ's tensors.
+            finetuned: FT(θ)'s tensors.
+            kind: "full" or "lora".
+            base_model: id or path of θ, recorded.
+            base_fingerprint: ``model_fingerprint(θ)``, recorded and checked by ``apply_to``.
+            method: how FT(θ) was made, recorded.
+            data_hash: hash of the fine-tuning data, recorded.
+            hyperparameters: fine-tuning settings, recorded (JSON values).
+            drop_zero: leave out tensors whose delta is exactly zero.
+
+        Returns:
+            The vector.
+        """
+        deltas = ops.difference(*_untie(base, finetuned))
+        return cls._build(
+            deltas,
+            drop_zero=drop_zero,
+            kind=kind,
+            base_model=base_model,
+            base_fingerprint=base_fingerprint,
+            method=method,
+            data_hash=data_hash,
+            hyperparameters=hyperparameters,
+        )
+
+    @classmethod
+    def from_models(
+        cls,
+        base: torch.nn.Module,
+        finetuned: torch.nn.Module,
+        *,
+        base_model: str | None = None,
+        base_fingerprint: str | None = None,
+        method: str | None = "ft",
+        data_hash: str | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        drop_zero: bool = True,
+    ) -> KnowledgeVector:
+        """Δ = finetuned − base over ``named_parameters()`` (tied weights once), in fp32.
+
+        Args:
+            base: θ, a plain (non-peft) model.
+            finetuned: FT(θ), same architecture.
+            base_model: id or path of θ; default ``base.config._name_or_path`` if set.
+            base_fingerprint: default ``model_fingerprint(base)`` (about 1 s per 135M parameters).
+            method: how FT(θ) was made.
+            data_hash: hash of the fine-tuning data.
+            hyperparameters: fine-tuning settings (JSON values).
+            drop_zero: leave out tensors whose delta is exactly zero (frozen parameters).
+
+        Returns:
+            The vector, kind "full".
+        """
+        from flearning.models import model_fingerprint
+
+        deltas = ops.difference(dict(base.named_parameters()), dict(finetuned.named_parameters()))
+        if base_fingerprint is None:
+            base_fingerprint = model_fingerprint(base)
+        return cls._build(
+            deltas,
+            drop_zero=drop_zero,
+            kind="full",
+            base_model=base_model if base_model is not None else _name_or_path(base),
+            base_fingerprint=base_fingerprint,
+            method=method,
+            data_hash=data_hash,
+            hyperparameters=hyperparameters,
+        )
+
+    @classmethod
+    def from_lora(
+        cls,
+        peft_model: torch.nn.Module,
+        adapter_name: str = "default",
+        *,
+        base_model: str | None = None,
+        base_fingerprint: str | None = None,
+        method: str | None = "lora",
+        data_hash: str | None = None,
+        hyperparameters: Mapping[str, Any] | None = None,
+        drop_zero: bool = True,
+    ) -> KnowledgeVector:
+        """Δ = B·A·scaling per adapted linear layer, keyed by the base parameter name.
+
+        Args:
+            peft_model: a ``PeftModel`` (or ``LoraModel``) with a plain LoRA adapter on linear layers.
+            adapter_name: the adapter to read.
+            base_model: id or path of θ; default the wrapped model's ``_name_or_path``.
+            base_fingerprint: default: the fingerprint of the base weights under the wrapper, which equals
+                ``model_fingerprint(θ)`` taken before wrapping.
+            method: recorded.
+            data_hash: recorded.
+            hyperparameters: recorded; the adapter's LoRA settings are added under "lora".
+            drop_zero: leave out layers whose B·A is exactly zero (an untrained adapter).
+
+        Returns:
+            The vector, kind "lora".
+        """
+        from flearning.arithmetic import lora
+
+        deltas = lora.lora_deltas(peft_model, adapter_name)
+        if base_fingerprint is None:
+            base_fingerprint = lora.base_fingerprint(peft_model)
+        params = {**lora.lora_hyperparameters(peft_model, adapter_name), **(hyperparameters or {})}
+        return cls._build(
+            deltas,
+            drop_zero=drop_zero,
+            kind="lora",
+            base_model=base_model if base_model is not None else _name_or_path(lora.unwrap_peft(peft_model)),
+            base_fingerprint=base_fingerprint,
+            method=method,
+            data_hash=data_hash,
+            hyperparameters=params,
+        )
+
+    @classmethod
+    def _build(
+        cls,
+        deltas: dict[str, torch.Tensor],
+        *,
+        drop_zero: bool,
+        hyperparameters: Mapping[str, Any] | None,
+        **fields: Any,
+    ) -> KnowledgeVector:
+        dropped: list[str] = []
+        if drop_zero:
+            deltas, dropped = ops.drop_zero(deltas)
+            if not deltas:
+                raise VectorError(
+                    "every delta is zero: the fine-tuned weights equal the base weights (same model twice, "
+                    "or a fine-tuning that changed nothing)"
+                )
+        try:
+            metadata = VectorMetadata(
+                hyperparameters=dict(hyperparameters or {}), dropped_zero=dropped, **fields
+            )
+        except ValidationError as ex:
+            raise VectorError(f"invalid vector metadata: {ex}") from ex
+        return cls(deltas, metadata)
+
+    # -- container protocol ----------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.deltas)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.deltas)
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.deltas
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.deltas[key]
+
+    def keys(self) -> list[str]:
+        return list(self.deltas)
+
+    @property
+    def num_params(self) -> int:
+        """Number of scalar entries over all tensors."""
+        return sum(t.numel() for t in self.deltas.values())
+
+    def __repr__(self) -> str:
+        m = self.metadata
+        return (
+            f"KnowledgeVector(kind={m.kind!r}, tensors={len(self)}, params={self.num_params}, "
+            f"norm={self.norm():.4g}, base={m.base_model!r})"
+        )
+
+    # -- algebra ----------------------------------------------------------------------------------------
+
+    def _derived(self, deltas: dict[str, torch.Tensor], step: str, **updates: Any) -> KnowledgeVector:
+        meta = self.metadata.model_copy(
+            update={"history": [*self.metadata.history, step], "created": _now(), **updates}
+        )
+        return KnowledgeVector(deltas, meta)
+
+    def __neg__(self) -> KnowledgeVector:
+        return self._derived({k: -t for k, t in self.deltas.items()}, "negate")
+
+    def __mul__(self, scale: object) -> KnowledgeVector:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            return NotImplemented
+        s = ops.check_scalar(scale, "scale")
+        return self._derived({k: t * s for k, t in self.deltas.items()}, f"scale {s!r}")
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: object) -> KnowledgeVector:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            return NotImplemented
+        s = ops.check_scalar(scale, "divisor")
+        if s == 0:
+            raise VectorError("cannot divide a knowledge vector by zero")
+        return self._derived({k: t / s for k, t in self.deltas.items()}, f"divide {s!r}")
+
+    def _check_compatible(self, other: KnowledgeVector) -> None:
+        a, b = self.metadata.base_fingerprint, other.metadata.base_fingerprint
+        if a != b:
+            raise VectorError(
+                f"the vectors come from different base models (fingerprints {a} and {b}; "
+                f"bases {self.metadata.base_model!r} and {other.metadata.base_model!r})"
+            )
+        ops.check_same_layout(self.deltas, other.deltas, names=("the first vector", "the second vector"))
+
+    def __add__(self, other: object) -> KnowledgeVector:
+        if not isinstance(other, KnowledgeVector):
+            return NotImplemented
+        self._check_compatible(other)
+        kind = self.metadata.kind if self.metadata.kind == other.metadata.kind else "mixed"
+        data_hash = self.metadata.data_hash if self.metadata.data_hash == other.metadata.data_hash else None
+        deltas = {k: t + other.deltas[k] for k, t in self.deltas.items()}
+        return self._derived(deltas, f"add ({_describe(other)})", kind=kind, data_hash=data_hash)
+
+    def __radd__(self, other: object) -> KnowledgeVector:
+        if isinstance(other, int) and other == 0:  # lets sum([v, w]) work
+            return self
+        return NotImplemented
+
+    def __sub__(self, other: object) -> KnowledgeVector:
+        if not isinstance(other, KnowledgeVector):
+            return NotImplemented
+        self._check_compatible(other)
+        kind = self.metadata.kind if self.metadata.kind == other.metadata.kind else "mixed"
+        data_hash = self.metadata.data_hash if self.metadata.data_hash == other.metadata.data_hash else None
+        deltas = {k: t - other.deltas[k] for k, t in self.deltas.items()}
+        return self._derived(deltas, f"subtract ({_describe(other)})", kind=kind, data_hash=data_hash)
+
+    # -- numbers ----------------------------------------------------------------------------------------
+
+    def norm(self) -> float:
+        """The L2 norm of all deltas together."""
+        return ops.global_norm(self.deltas.values())
+
+    def tensor_norms(self) -> dict[str, float]:
+        """name → L2 norm of that tensor's delta, in key order."""
+        return {k: ops.global_norm([t]) for k, t in self.deltas.items()}
+
+    def stats(self) -> VectorStats:
+        """Count, norm, largest magnitude and root mean square of the deltas."""
+        n = self.num_params
+        norm = self.norm()
+        max_abs = max(float(t.abs().max()) for t in self.deltas.values() if t.numel()) if n else 0.0
+        return VectorStats(len(self), n, norm, max_abs, norm / math.sqrt(n) if n else 0.0)
+
+    # -- applying -----------------------------------------------------------------------------------------
+
+    def check_fits(self, model: torch.nn.Module, *, check_base: bool = True) -> None:
+        """Raise ``VectorError`` unless this vector can be applied to ``model``.
+
+        Args:
+            model: a plain (non-peft) model.
+            check_base: also require the model's fingerprint to equal the vector's base fingerprint
+                (skipped if the vector has none).
+
+        Returns:
+            None.
+        """
+        if getattr(model, "peft_config", None) or any(
+            ".base_layer." in n for n, _ in model.named_parameters()
+        ):
+            # Parameter names inside a peft wrapper differ, and live adapters would sit on top anyway.
+            raise VectorError(
+                "the model carries peft adapters; apply a vector to the plain model "
+                "(merge_and_unload() or unload() the adapters first)"
+            )
+        ops.check_applicable(dict(model.named_parameters()), self.deltas, ops.parameter_aliases(model))
+        if check_base and self.metadata.base_fingerprint:
+            from flearning.models import model_fingerprint
+
+            actual = model_fingerprint(model)
+            if actual != self.metadata.base_fingerprint:
+                raise VectorError(
+                    f"the vector was computed from another base model: its base "
+                    f"{self.metadata.base_model!r} has fingerprint {self.metadata.base_fingerprint}, this "
+                    f"model has {actual}. A model already changed by a vector also differs from its base. "
+                    "Pass check_base=False (CLI: --no-check-base) to apply it anyway."
+                )
+
+    def apply_to(
+        self, model: torch.nn.Module, lam: float = 1.0, *, check_base: bool = True
+    ) -> torch.nn.Module:
+        """θ ← θ + lam·Δ in place; forgetting is a negative ``lam``.
+
+        All new tensors are computed (in fp32, cast back to each parameter's dtype) and checked to be
+        finite before any is written, so on an error the model is unchanged. Memory: one extra copy of
+        the touched parameters while applying.
+
+        Args:
+            model: a plain (non-peft) model whose parameters include every key of the vector.
+            lam: the finite scale λ.
+            check_base: refuse a model whose fingerprint differs from the vector's base fingerprint.
+
+        Returns:
+            The same model, updated.
+        """
+        import torch
+
+        lam = ops.check_scalar(lam, "lambda")
+        self.check_fits(model, check_base=check_base)
+        params = dict(model.named_parameters())
+        new_values = ops.updated_values(params, self.deltas, lam)
+        with torch.no_grad():
+            for key, value in new_values.items():
+                params[key].copy_(value)
+        log.debug("applied %s with lambda=%s to %d tensors", self, lam, len(new_values))
+        return model
+
+    # -- files ------------------------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write ``path/vector.safetensors`` and ``path/vector.json`` atomically.
+
+        Args:
+            path: the directory to create; must not exist or be empty unless ``overwrite``.
+            overwrite: replace an existing non-empty directory.
+
+        Returns:
+            The directory.
+        """
+        from flearning.arithmetic.io import save_vector
+
+        return save_vector(self.deltas, self.metadata.model_dump(mode="json"), path, overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KnowledgeVector:
+        """Read a vector directory written by ``save`` (safetensors only), verifying keys, shapes and checksum.
+
+        Args:
+            path: the directory.
+
+        Returns:
+            The vector.
+        """
+        from flearning.arithmetic.io import load_vector
+
+        deltas, meta = load_vector(path)
+        try:
+            metadata = VectorMetadata.model_validate(meta)
+        except ValidationError as ex:
+            raise VectorError(f"{path}: invalid metadata in vector.json:" + format_names([str(ex)])) from ex
+        return cls(deltas, metadata)
+
+
+def forget(
+    model: torch.nn.Module, vector: KnowledgeVector, lam: float, *, check_base: bool = True
+) -> torch.nn.Module:
+    """F-Learning's forgetting step θ' = θ − lam·Δ_old, in place.
+
+    Args:
+        model: θ, the model the vector was computed from.
+        vector: Δ_old.
+        lam: how much to forget (the paper uses 0.1–3).
+        check_base: refuse a model that is not the vector's base.
+
+    Returns:
+        The same model, updated.
+    """
+    lam = ops.check_scalar(lam, "lambda")
+    return vector.apply_to(model, -lam, check_base=check_base)
+
+
+def _name_or_path(model: torch.nn.Module) -> str | None:
+    config = getattr(model, "config", None)
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    return str(name) if name else None
+
+
+def _untie(
+    base: Mapping[str, torch.Tensor], finetuned: Mapping[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Drop second names of tied tensors from both state dicts (a saved file often omits them anyway);
+    a name tied in one and independent in the other is a real difference and an error."""
+    base_d, ft_d = ops.dedupe_shared(base), ops.dedupe_shared(finetuned)
+    tied = (set(base) - set(base_d)) | (set(finetuned) - set(ft_d))
+    mixed = sorted(k for k in tied if k in base_d or k in ft_d)
+    if mixed:
+        raise VectorError(
+            "tied in one state dict and an independent tensor in the other:" + format_names(mixed)
+        )
+    return base_d, ft_d
+
+
+def _describe(vector: KnowledgeVector) -> str:
+    m = vector.metadata
+    return f"kind={m.kind}, method={m.method}, created={m.created}"
