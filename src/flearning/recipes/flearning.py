@@ -69,9 +69,13 @@ def old_knowledge_vector(
         vector = KnowledgeVector.from_models(model, result.model, **meta)
         del tuned
     else:
+        trainable = {name: p.requires_grad for name, p in model.named_parameters()}
         result = train(model, tokenizer, old_pairs, cfg, description="forget: LoRA on old facts", progress=progress)
         vector = KnowledgeVector.from_lora(result.model, **meta)
         result.model.unload()  # removes the LoRA layers in place, base weights unchanged
+        # peft froze the base weights; a full-FT learning stage must find them trainable again
+        for name, p in model.named_parameters():
+            p.requires_grad_(trainable[name])
     return vector, result
 
 
