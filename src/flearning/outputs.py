@@ -49,6 +49,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         yield tmp
+        normalise_permissions(tmp)
         if out.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, aside / "previous")
@@ -59,6 +60,22 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def normalise_permissions(root: Path) -> None:
+    """Give a finished output the permissions of ordinary files: ``mkdtemp`` makes the directory 0700
+    and safetensors writes 0600, which would hide a shared model from its other users."""
+    mask = _umask()
+    os.chmod(root, 0o777 & ~mask)
+    for path in root.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

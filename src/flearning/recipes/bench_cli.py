@@ -1,0 +1,71 @@
+"""``flearn bench``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _parse_data(items: list[str] | None) -> dict[str, str] | None:
+    if not items:
+        return None
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise typer.BadParameter(f"--data expects NAME=PATH, got {item!r}")
+        out[name] = path
+    return out
+
+
+def bench_command(
+    overrides: list[str] = typer.Argument(None, help="Config overrides as key=value (e.g. prime.max_epochs=10)."),
+    config: Path | None = typer.Option(None, "--config", "-c", help="YAML bench configuration."),
+    profile: str | None = typer.Option(None, "--profile", help="quick (a smoke run in minutes) or paper (200 edits, 3 seeds)."),
+    model: str | None = typer.Option(None, "--model", "-m"),
+    data: list[str] | None = typer.Option(None, "--data", help="NAME=PATH, repeatable (default: ../shared/data dev files)."),
+    methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all six)."),
+    n: int | None = typer.Option(None, "--n", help="Evaluated edits per dataset."),
+    n_val: int | None = typer.Option(None, "--n-val", help="Validation edits per dataset (for --lambda auto)."),
+    seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds (0, 1, ...)."),
+    lam: str | None = typer.Option(None, "--lambda", help="λ values (comma-separated) or 'auto'."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (results and cache)."),
+    no_progress: bool = typer.Option(False, "--no-progress"),
+) -> None:
+    """Run every method from the same primed model on ZsRE and CounterFact and tabulate them.
+
+    Example: flearn bench --profile quick --out runs/bench-quick
+    """
+    from flearning.config import parse_overrides, read_yaml, validation_problems
+    from flearning.errors import ConfigError
+    from flearning.recipes.bench import BenchConfig, config_from_profile, run_bench
+
+    cli = {
+        "model": model, "data": _parse_data(data), "n": n, "n_val": n_val, "out": out,
+        "methods": methods.split(",") if methods else None,
+        "seeds": list(range(seeds)) if seeds else None,
+        "lambdas": None if lam is None else ("auto" if lam == "auto" else _floats(lam)),
+    }
+    fields = read_yaml(config) if config else {}
+    fields.update({k: v for k, v in cli.items() if v is not None})
+    extra, problems = parse_overrides(overrides or [])
+    if problems:
+        raise ConfigError(problems)
+    fields = config_from_profile(profile, {**fields, **extra})
+    from pydantic import ValidationError
+
+    try:
+        cfg = BenchConfig.model_validate(fields)
+    except ValidationError as ex:
+        raise ConfigError(validation_problems(ex, str(config) if config else "command line")) from ex
+    summary = run_bench(cfg, progress=not no_progress)
+    typer.echo(summary["table_markdown"])
+    typer.echo(f"bench written to {cfg.out or 'runs/bench'} in {summary['wall_seconds']:.0f} s")
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--lambda expects numbers separated by commas or 'auto', got {text!r}") from None

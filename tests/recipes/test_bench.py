@@ -1,0 +1,113 @@
+"""The bench protocol on a tiny random Llama: caching, resume and the λ choice."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flearning.recipes import bench as bench_module
+from flearning.recipes.bench import Bench, BenchConfig, run_bench
+
+FACTS = [
+    {"id": f"f{i}", "prompt": f"The code of item {i} is", "target_old": f"old{i % 3}", "target_new": f"new{i % 4}",
+     "rephrase_prompts": [f"Item {i} has the code"], "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}]}
+    for i in range(10)
+]
+
+
+@pytest.fixture
+def bench_cfg(tmp_path, tiny_model_dir):
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in FACTS))
+
+    def make(**kw):
+        fields = dict(
+            model=str(tiny_model_dir), data={"toy": str(data)}, n=6, n_val=0, seeds=[0],
+            methods=["ft", "flearning-ft", "flearning-lora", "flearning-lora-ft"], lambdas=[0.5],
+            prime={"lr": 1e-2, "max_epochs": 2, "threshold": 0.99}, full={"lr": 1e-2, "epochs": 1},
+            lora_stage={"lr": 1e-2, "epochs": 1}, forget_full={"lr": 1e-2, "epochs": 1},
+            forget_lora={"lr": 1e-2, "epochs": 1}, lora={"r": 2, "target_modules": ["q_proj"]},
+            generation=False, eval_batch_size=4, out=tmp_path / "bench",
+        )
+        fields.update(kw)
+        return BenchConfig.model_validate(fields)
+
+    return make
+
+
+def _strip_timing(summary):
+    summary = json.loads(json.dumps(summary, default=str))
+    summary.pop("wall_seconds")
+    summary.pop("counters")
+    for ds in summary["datasets"].values():
+        for p in ds["prime"]:
+            p.pop("seconds")
+    return summary
+
+
+def test_summary_has_every_method_and_metric(bench_cfg):
+    summary = run_bench(bench_cfg(), progress=False)
+    methods = summary["datasets"]["toy"]["methods"]
+    assert set(methods) == {"primed (θ)", "ft", "flearning-ft (λ=0.5)", "flearning-lora (λ=0.5)",
+                            "flearning-lora-ft (λ=0.5)"}
+    for metrics in methods.values():
+        for name in ("reliability", "generality", "locality", "old_retention", "efficacy", "paraphrase"):
+            assert metrics[name]["n"] == 6
+    assert methods["primed (θ)"]["locality"]["mean"] == pytest.approx(100.0)
+    # flearning-lora and flearning-lora-ft forget alike: one LoRA vector and one full vector trained
+    assert summary["counters"] == {"trained_prime": 1, "trained_forget": 2, "trained_learn": 4, "cached_runs": 0}
+    paired = {(p["method"], p["metric"]) for p in summary["datasets"]["toy"]["paired"]}
+    assert ("flearning-ft", "reliability") in paired and ("flearning-lora-ft", "locality") in paired
+    assert (bench_cfg().out / "table.md").read_text().startswith("**toy**")
+
+
+def test_second_run_of_a_sweep_reuses_prime_and_forget(bench_cfg):
+    run_bench(bench_cfg(), progress=False)
+    bench = Bench(bench_cfg(lambdas=[0.5, 1.0]), progress=False)
+    bench.run()
+    # λ=0.5 runs come from the cache, λ=1.0 reuses the cached θ and forgetting vectors
+    assert bench.counters == {"trained_prime": 0, "trained_forget": 0, "trained_learn": 3, "cached_runs": 4}
+
+
+def test_killed_bench_rerun_gives_the_same_summary(bench_cfg, tmp_path, monkeypatch):
+    uninterrupted = _strip_timing(run_bench(bench_cfg(out=tmp_path / "a"), progress=False))
+
+    real = bench_module.Bench.run_one
+    calls = {"n": 0}
+
+    def dies_on_third(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench_module.Bench, "run_one", dies_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(bench_cfg(out=tmp_path / "b"), progress=False)
+    monkeypatch.setattr(bench_module.Bench, "run_one", real)
+    resumed_bench = Bench(bench_cfg(out=tmp_path / "b"), progress=False)
+    resumed = resumed_bench.run()
+    assert resumed_bench.counters["cached_runs"] == 2 and resumed_bench.counters["trained_prime"] == 0
+    resumed = _strip_timing(resumed)
+    resumed["config"]["out"] = uninterrupted["config"]["out"]
+    assert resumed == uninterrupted
+
+
+def test_auto_lambda_is_chosen_on_validation_only(bench_cfg):
+    bench = Bench(bench_cfg(n=5, n_val=4, lambdas="auto", lambda_grid=[0.1, 2.0], methods=["ft", "flearning-ft"]),
+                  progress=False)
+    summary = bench.run()
+    chosen = summary["datasets"]["toy"]["chosen_lambda"]["flearning-ft"]
+    assert set(chosen) == {0} and chosen[0] in (0.1, 2.0)
+    val_ids = {r["id"] for run in bench.runs if run.split == "val" for r in run.records}
+    eval_ids = {r["id"] for run in bench.runs if run.split == "eval" for r in run.records}
+    assert val_ids == {"f5", "f6", "f7", "f8"} and eval_ids == {"f0", "f1", "f2", "f3", "f4"}
+    assert f"flearning-ft (λ={chosen[0]:g})" in summary["datasets"]["toy"]["methods"]
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="auto needs a validation split"):
+        BenchConfig(lambdas="auto", n_val=0)
+    with pytest.raises(ValueError, match="unknown methods"):
+        BenchConfig(methods=["ft", "rome"])
