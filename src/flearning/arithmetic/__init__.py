@@ -1,5 +1,9 @@
 """Knowledge vectors: Δ = FT(θ, K) − θ, their algebra, and applying them (θ ± λ·Δ).
 
+In memory: ``KnowledgeVector``. For checkpoints bigger than RAM (safetensors, one file or sharded):
+``stream_difference``, ``stream_lora_vector``, ``stream_apply`` and ``checkpoint_fingerprint`` from
+``arithmetic.streaming``.
+
 Exports are loaded lazily: ``flearn --help`` imports this package (through ``arithmetic.cli``) and must
 not pay for torch.
 """
@@ -10,16 +14,47 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from flearning.arithmetic.ops import VectorError
+    from flearning.arithmetic.streaming import (
+        StreamResult,
+        checkpoint_fingerprint,
+        stream_apply,
+        stream_difference,
+        stream_lora_vector,
+    )
     from flearning.arithmetic.vector import KnowledgeVector, VectorMetadata, VectorStats, forget
 
-__all__ = ["KnowledgeVector", "VectorError", "VectorMetadata", "VectorStats", "forget"]
+_VECTOR = ("KnowledgeVector", "VectorMetadata", "VectorStats", "forget")
+_STREAMING = (
+    "StreamResult",
+    "checkpoint_fingerprint",
+    "stream_apply",
+    "stream_difference",
+    "stream_lora_vector",
+)
+
+__all__ = [
+    "KnowledgeVector",
+    "StreamResult",
+    "VectorError",
+    "VectorMetadata",
+    "VectorStats",
+    "checkpoint_fingerprint",
+    "forget",
+    "stream_apply",
+    "stream_difference",
+    "stream_lora_vector",
+]
 
 
 def __getattr__(name: str):
-    if name in ("KnowledgeVector", "VectorMetadata", "VectorStats", "forget"):
+    if name in _VECTOR:
         from flearning.arithmetic import vector
 
         return getattr(vector, name)
+    if name in _STREAMING:
+        from flearning.arithmetic import streaming
+
+        return getattr(streaming, name)
     if name == "VectorError":
         from flearning.arithmetic.ops import VectorError
 

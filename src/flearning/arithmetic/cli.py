@@ -2,6 +2,11 @@
 
 Sign convention: ``apply`` always computes θ + L·Δ. Forgetting (F-Learning's θ − λ·Δ_old) is a
 negative L: ``flearn vector apply --model M --vector V --lambda=-0.7 --out M2``.
+
+Big checkpoints: ``compute`` and ``apply`` stream safetensors files tensor by tensor
+(``arithmetic.streaming``) instead of loading models, with ``--stream``, and by default when the model
+directory is sharded (``model.safetensors.index.json``), the vector is sharded, or ``apply --vector`` is a
+LoRA adapter directory. ``--no-stream`` forces the in-memory path.
 """
 
 from __future__ import annotations
@@ -26,7 +31,13 @@ vector_app = typer.Typer(
     help="Compute, apply and inspect knowledge vectors (Δ = fine-tuned − base).",
 )
 
-PROVENANCE_FILE = "flearn_vector_applied.json"
+PROVENANCE_FILE = "flearn_vector_applied.json"  # the same name as streaming.PROVENANCE_FILE
+
+_STREAM_HELP = (
+    "Stream the safetensors files tensor by tensor instead of loading whole models (memory: a few "
+    "64 MiB blocks, whatever the model size). Default: stream when {when}. Streaming keeps the stored "
+    "dtype and the shard layout; the in-memory path (--no-stream) loads in fp32 and saves fp32."
+)
 
 
 def _summary(vector: KnowledgeVector) -> str:
@@ -57,6 +68,13 @@ def compute_command(
     method: str | None = typer.Option(None, "--method", help="Recorded in the metadata (e.g. ft, lora)."),
     keep_zero: bool = typer.Option(False, "--keep-zero", help="Keep tensors whose delta is exactly zero."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+    stream: bool | None = typer.Option(
+        None,
+        "--stream/--no-stream",
+        help=_STREAM_HELP.format(when="--base is a sharded model directory")
+        + " A streamed vector from a sharded base is sharded the same way (vector-0000i-of-0000n).",
+        show_default=False,
+    ),
 ) -> None:
     """Compute the knowledge vector of a fine-tuning: from a fine-tuned model or from a LoRA adapter."""
     if (finetuned is None) == (lora_adapter is None):
@@ -64,6 +82,11 @@ def compute_command(
             "give exactly one of --finetuned DIR (full fine-tuning) or --lora-adapter DIR (LoRA)"
         )
     from flearning.arithmetic.io import check_writable_target
+
+    source = _local_model(base, stream)
+    if source is not None:
+        _compute_streamed(source, base, out, finetuned, lora_adapter, method, keep_zero, overwrite)
+        return
     from flearning.arithmetic.vector import KnowledgeVector
     from flearning.models import load_model, model_fingerprint
 
@@ -95,6 +118,65 @@ def compute_command(
     typer.echo(f"{_summary(vector)} -> {out}")
 
 
+def _local_model(spec: str, stream: bool | None) -> Path | None:
+    """The model directory to stream from, or None for the in-memory path (see ``_STREAM_HELP``)."""
+    if stream is False:
+        return None
+    from flearning.arithmetic.streaming import is_sharded_checkpoint
+    from flearning.models import resolve_model
+
+    path = Path(resolve_model(spec))
+    if not path.is_dir():
+        if stream:
+            raise FlearnError(f"streaming needs a local model directory; '{spec}' is not one")
+        return None
+    return path if stream or is_sharded_checkpoint(path) else None
+
+
+def _compute_streamed(
+    source: Path,
+    base: str,
+    out: Path,
+    finetuned: Path | None,
+    lora_adapter: Path | None,
+    method: str | None,
+    keep_zero: bool,
+    overwrite: bool,
+) -> None:
+    from flearning.arithmetic import streaming
+
+    if finetuned is not None:
+        result = streaming.stream_difference(
+            source,
+            finetuned,
+            out,
+            base_model=str(base),
+            method=method or "ft",
+            hyperparameters={"finetuned": str(finetuned)},
+            drop_zero=not keep_zero,
+            overwrite=overwrite,
+        )
+        kind = "full"
+    else:
+        assert lora_adapter is not None
+        result = streaming.stream_lora_vector(
+            source,
+            lora_adapter,
+            out,
+            base_model=str(base),
+            method=method or "lora",
+            hyperparameters={"adapter": str(lora_adapter)},
+            drop_zero=not keep_zero,
+            overwrite=overwrite,
+        )
+        kind = "lora"
+    typer.echo(
+        f"{kind} vector: {result.num_tensors} tensors, {result.num_params:,} parameters, "
+        f"norm {result.norm:.6g}, max |Δ| {result.max_abs:.3g} -> {out} "
+        f"(streamed, {result.num_shards} file{'s' if result.num_shards != 1 else ''}, {result.seconds:.1f} s)"
+    )
+
+
 def _load_lora(model, adapter_dir: Path):
     """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (safetensors only)."""
     from flearning.models import PICKLE_SUFFIXES
@@ -120,7 +202,9 @@ def apply_command(
     model_path: str = typer.Option(
         ..., "--model", help="Model to change: a directory or an embedded model name."
     ),
-    vector_path: Path = typer.Option(..., "--vector", help="Knowledge-vector directory."),
+    vector_path: Path = typer.Option(
+        ..., "--vector", help="Knowledge-vector directory (or a PEFT LoRA adapter directory, streamed)."
+    ),
     lam: float = typer.Option(
         ...,
         "--lambda",
@@ -131,16 +215,53 @@ def apply_command(
     check_base: bool = typer.Option(
         True, "--check-base/--no-check-base", help="Refuse a model that is not the vector's base model."
     ),
+    stream: bool | None = typer.Option(
+        None,
+        "--stream/--no-stream",
+        help=_STREAM_HELP.format(
+            when="--model is a sharded model directory, the vector is sharded, or --vector is a PEFT "
+            "LoRA adapter directory (Δ = B·A·scaling, applied by the streaming path only)"
+        ),
+        show_default=False,
+    ),
 ) -> None:
-    """Write a new model θ + L·Δ (L < 0 forgets: F-Learning's θ − λ·Δ_old is --lambda=-λ)."""
+    """Write a new model θ + L·Δ (L < 0 forgets: F-Learning's θ − λ·Δ_old is --lambda=-λ).
+
+    --vector is a knowledge-vector directory or, streamed, a PEFT LoRA adapter directory.
+    """
     import json
 
-    from flearning.arithmetic.io import atomic_directory, check_writable_target
+    from flearning.arithmetic import streaming
+    from flearning.arithmetic.io import (
+        SHARDED_FORMAT_VERSION,
+        atomic_directory,
+        check_writable_target,
+        read_record,
+    )
     from flearning.arithmetic.ops import check_scalar
     from flearning.arithmetic.vector import KnowledgeVector
     from flearning.models import load_model, resolve_model
 
     lam = check_scalar(lam, "--lambda")
+    adapter = streaming.is_lora_adapter(vector_path)
+    if adapter and stream is False:
+        raise FlearnError(
+            f"{vector_path} is a LoRA adapter directory: apply it with --stream (or compute a vector "
+            "first: flearn vector compute --lora-adapter)"
+        )
+    sharded_vector = not adapter and read_record(vector_path)[1]["format_version"] == SHARDED_FORMAT_VERSION
+    source = _local_model(model_path, True if (adapter or sharded_vector) and stream is None else stream)
+    if source is not None:
+        result = streaming.stream_apply(
+            source, vector_path, lam, out, check_base=check_base, overwrite=overwrite
+        )
+        typer.echo(
+            f"applied {'LoRA adapter' if adapter else 'vector'} {vector_path} with lambda={lam} to "
+            f"{model_path} -> {out} (streamed: {result.num_tensors} tensors, {result.num_params:,} "
+            f"parameters changed, {result.num_shards} file{'s' if result.num_shards != 1 else ''}, "
+            f"{result.seconds:.1f} s)"
+        )
+        return
     out_abs = out.expanduser().resolve()
     vector = KnowledgeVector.load(vector_path)  # cheap checks first, the model load is the slow part
     source = Path(resolve_model(model_path))

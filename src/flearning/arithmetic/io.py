@@ -4,6 +4,11 @@ The JSON records the metadata, every key with its shape, and the sha256 of the s
 checks all three against the tensors, so a truncated, edited or mismatched pair is an error and not a
 silently different model. Loading never unpickles: a ``.bin``/``.pt`` file can run arbitrary code.
 
+Big vectors (written by ``arithmetic.streaming`` from a sharded checkpoint) are sharded the same way:
+``vector-00001-of-0000n.safetensors`` ... with ``format_version`` 2, whose ``vector.json`` has ``shards``
+(file name → sha256) and ``weight_map`` (tensor name → file name) instead of ``safetensors_sha256``.
+Shard i holds the deltas of the tensors in the model's shard i, so streaming reads and writes map 1:1.
+
 Directories are written atomically: into a temporary directory beside the target, renamed into place, so
 a crash leaves either the old directory or the complete new one.
 """
@@ -31,6 +36,21 @@ TENSORS_FILE = "vector.safetensors"
 META_FILE = "vector.json"
 FORMAT = "flearning.knowledge_vector"
 FORMAT_VERSION = 1
+SHARDED_FORMAT_VERSION = 2
+SHARD_PREFIX = "vector-"
+
+
+def shard_file_name(index: int, count: int) -> str:
+    """``vector-00001-of-00003.safetensors`` for the first of three shards (1-based, like transformers).
+
+    Args:
+        index: 1-based shard number.
+        count: number of shards.
+
+    Returns:
+        The file name.
+    """
+    return f"{SHARD_PREFIX}{index:05d}-of-{count:05d}.safetensors"
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -167,7 +187,7 @@ def _refuse_pickle(path: Path) -> None:
             f"{path}: refusing a pickle file; knowledge vectors are loaded from safetensors only, because "
             "unpickling can run arbitrary code"
         )
-    if path.is_dir() and not (path / TENSORS_FILE).is_file():
+    if path.is_dir() and not (path / TENSORS_FILE).is_file() and not (path / META_FILE).is_file():
         pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
         if pickles:
             raise VectorError(
@@ -180,35 +200,96 @@ def read_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
     """Read and check ``vector.json`` of a vector directory (the tensors are not read).
 
     Args:
-        path: the vector directory (or its ``vector.json`` / ``vector.safetensors``).
+        path: the vector directory (or its ``vector.json`` / ``vector.safetensors`` / one of its shards).
 
     Returns:
         (the directory, the parsed JSON record).
     """
     path = Path(path).expanduser()
     _refuse_pickle(path)
-    if path.is_file() and path.name in (TENSORS_FILE, META_FILE):
+    if path.is_file() and (path.name in (TENSORS_FILE, META_FILE) or path.name.startswith(SHARD_PREFIX)):
         path = path.parent
     if not path.is_dir():
         raise VectorError(f"{path}: no such knowledge-vector directory")
-    for name in (META_FILE, TENSORS_FILE):
-        if not (path / name).is_file():
-            raise VectorError(f"{path}: not a knowledge-vector directory (no {name})")
+    if not (path / META_FILE).is_file():
+        raise VectorError(f"{path}: not a knowledge-vector directory (no {META_FILE})")
     try:
         record = json.loads((path / META_FILE).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as ex:
         raise VectorError(f"{path / META_FILE}: not valid JSON ({ex})") from ex
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise VectorError(f"{path / META_FILE}: not a knowledge-vector description (format != {FORMAT})")
-    if record.get("format_version") != FORMAT_VERSION:
+    version = record.get("format_version")
+    if version not in (FORMAT_VERSION, SHARDED_FORMAT_VERSION):
         raise VectorError(
-            f"{path / META_FILE}: format version {record.get('format_version')!r}; this f-learning reads "
-            f"version {FORMAT_VERSION}"
+            f"{path / META_FILE}: format version {version!r}; this f-learning reads versions "
+            f"{FORMAT_VERSION} (one file) and {SHARDED_FORMAT_VERSION} (sharded)"
         )
-    for field, kind in (("metadata", dict), ("tensors", dict), ("safetensors_sha256", str)):
+    fields: tuple[tuple[str, type], ...] = (("metadata", dict), ("tensors", dict))
+    if version == FORMAT_VERSION:
+        fields += (("safetensors_sha256", str),)
+    else:
+        fields += (("shards", dict), ("weight_map", dict))
+    for field, kind in fields:
         if not isinstance(record.get(field), kind):
             raise VectorError(f"{path / META_FILE}: field '{field}' missing or not a {kind.__name__}")
+    for name in tensor_files(path, record):
+        if not (path / name).is_file():
+            raise VectorError(f"{path}: not a knowledge-vector directory (no {name})")
     return path, record
+
+
+def tensor_files(path: Path, record: dict[str, Any]) -> dict[str, str]:
+    """The safetensors files of a vector directory with their recorded sha256.
+
+    Args:
+        path: the vector directory.
+        record: its parsed ``vector.json`` (as returned by ``read_record``).
+
+    Returns:
+        file name → hex sha256, in shard order.
+    """
+    if record.get("format_version") == FORMAT_VERSION:
+        return {TENSORS_FILE: record["safetensors_sha256"]}
+    shards = record["shards"]
+    problems = [
+        f"{name!r}: not a shard file name of the form {SHARD_PREFIX}NNNNN-of-NNNNN.safetensors"
+        for name in shards
+        if not (isinstance(name, str) and name.startswith(SHARD_PREFIX) and "/" not in name)
+    ]
+    problems += [
+        f"{name}: sha256 is not a string" for name, sha in shards.items() if not isinstance(sha, str)
+    ]
+    problems += [
+        f"{key}: weight_map names {file!r}, which is not in 'shards'"
+        for key, file in record["weight_map"].items()
+        if file not in shards
+    ]
+    if set(record["weight_map"]) != set(record["tensors"]):
+        problems.append("weight_map and tensors list different tensor names")
+    if problems:
+        raise VectorError(f"{path / META_FILE}: broken shard description:" + format_names(problems))
+    return dict(shards)
+
+
+def verify_checksum(path: Path, name: str, expected: str) -> None:
+    """Raise ``VectorError`` unless ``path/name`` has the recorded sha256.
+
+    Args:
+        path: the vector directory.
+        name: a tensor file in it.
+        expected: the hex sha256 recorded in ``vector.json``.
+
+    Returns:
+        None.
+    """
+    tensors_file = path / name
+    actual = sha256_file(tensors_file)
+    if actual != expected:
+        raise VectorError(
+            f"{tensors_file}: checksum mismatch (sha256 {actual[:16]}…, {META_FILE} records "
+            f"{expected[:16]}…): the file was modified or is corrupt"
+        )
 
 
 def load_vector(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -223,26 +304,35 @@ def load_vector(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     from safetensors import SafetensorError, safe_open
 
     path, record = read_record(path)
-    tensors_file = path / TENSORS_FILE
-    actual = sha256_file(tensors_file)
-    if actual != record["safetensors_sha256"]:
-        raise VectorError(
-            f"{tensors_file}: checksum mismatch (sha256 {actual[:16]}…, {META_FILE} records "
-            f"{record['safetensors_sha256'][:16]}…): the file was modified or is corrupt"
-        )
-    try:
-        with safe_open(str(tensors_file), framework="pt") as fh:
-            stored = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 - safe_open has no __iter__
-    except (SafetensorError, OSError, ValueError) as ex:
-        raise VectorError(f"{tensors_file}: cannot read safetensors ({ex})") from ex
-
+    files = tensor_files(path, record)
+    stored: dict[str, torch.Tensor] = {}
+    where: dict[str, str] = {}
     problems: list[str] = []
+    for name, expected in files.items():
+        tensors_file = path / name
+        verify_checksum(path, name, expected)
+        try:
+            with safe_open(str(tensors_file), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+                    if key in stored:
+                        problems.append(f"{key}: in both {where[key]} and {name}")
+                    stored[key] = fh.get_tensor(key)
+                    where[key] = name
+        except (SafetensorError, OSError, ValueError) as ex:
+            raise VectorError(f"{tensors_file}: cannot read safetensors ({ex})") from ex
+
     described = record["tensors"]
+    weight_map = record.get("weight_map") or dict.fromkeys(described, TENSORS_FILE)
     problems += [
-        f"{k}: described in {META_FILE}, missing from {TENSORS_FILE}" for k in described if k not in stored
+        f"{k}: described in {META_FILE}, missing from {weight_map.get(k, TENSORS_FILE)}"
+        for k in described
+        if k not in stored
     ]
+    problems += [f"{k}: in {where[k]}, not described in {META_FILE}" for k in stored if k not in described]
     problems += [
-        f"{k}: in {TENSORS_FILE}, not described in {META_FILE}" for k in stored if k not in described
+        f"{k}: in {where[k]}, {META_FILE} places it in {weight_map[k]}"
+        for k in stored
+        if k in weight_map and where[k] != weight_map[k]
     ]
     for key, info in described.items():
         tensor = stored.get(key)
@@ -250,7 +340,7 @@ def load_vector(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
             continue
         shape = info.get("shape") if isinstance(info, dict) else None
         if shape != list(tensor.shape):
-            problems.append(f"{key}: shape {list(tensor.shape)} in {TENSORS_FILE}, {shape} in {META_FILE}")
+            problems.append(f"{key}: shape {list(tensor.shape)} in {where[key]}, {shape} in {META_FILE}")
         if str(tensor.dtype) != "torch.float32":
             problems.append(f"{key}: dtype {tensor.dtype}, expected float32")
     if problems:
