@@ -42,6 +42,7 @@ _COMMANDS = [
     ("flearning.models_cli", "model_app", "group", "model", "Inspect and prepare models."),
     ("flearning.recipes.cli", "update_command", "command", "update", "Replace old facts by new ones (forget, then learn)."),
     ("flearning.evaluation.cli", "eval_command", "command", "eval", "Score a model on an editing dataset with every metric."),
+    ("flearning.recipes.prime_cli", "prime_command", "command", "prime", "Teach a model the old facts until it holds them."),
     ("flearning.recipes.bench_cli", "bench_command", "command", "bench", "Reproduce the paper's experiment: every method side by side."),
     ("flearning.arithmetic.cli", "vector_app", "group", "vector", "Compute, apply and inspect knowledge vectors."),
 ]
@@ -51,13 +52,7 @@ def _register() -> None:
     import importlib
 
     for module_name, attr, kind, name, help_text in _COMMANDS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as ex:
-            if ex.name != module_name:
-                raise
-            continue  # TODO(lead): remove once every area has landed
-        obj = getattr(module, attr)
+        obj = getattr(importlib.import_module(module_name), attr)
         if kind == "group":
             app.add_typer(obj, name=name, help=help_text)
         else:

@@ -141,3 +141,15 @@ def test_cli_reports_every_config_error_at_once(tmp_path, capsys):
     assert f"{config}:method: Value error, unknown method 'magic'" in err
     assert f"{config}:learn.lr:" in err and f"{config}:learn.colour: Extra inputs are not permitted" in err
     assert f"{config}:lambda:" in err
+
+
+def test_prime_command_teaches_old_facts_and_reports(tiny_model_dir, facts_file, tmp_path, capsys):
+    out = tmp_path / "primed"
+    code = main(["prime", "--model", str(tiny_model_dir), "--data", str(facts_file), "--out", str(out),
+                 "--lr", "1e-2", "--max-epochs", "30", "--threshold", "0.5", "--no-progress"])
+    assert code == 0
+    info = json.loads((out / "prime.json").read_text())
+    assert info["accuracy"] >= 0.5 > info["accuracy_before"]
+    assert info["epochs"] < 30 and info["history"][-1][1] == info["accuracy"]
+    assert "reached 0.5" in capsys.readouterr().out
+    AutoModelForCausalLM.from_pretrained(out)
