@@ -1,0 +1,129 @@
+"""``flearn eval``: score a model on a knowledge dataset with every metric and write a report.
+
+Registered by ``flearning.cli``; heavy imports (torch, transformers) happen inside the command.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from flearning.evaluation.definitions import DEFAULT_FLUENCY_TOKENS, METRIC_LABELS, METRICS
+
+
+def summary_table(summary: dict[str, dict[str, Any]], title: str):
+    """A rich table of one summary: metric, mean ± std (x100), n."""
+    from rich.table import Table
+
+    from flearning.evaluation.report import format_cell
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("mean ± std (x100)", justify="right")
+    table.add_column("n", justify="right")
+    for metric in METRICS:
+        entry = summary[metric]
+        table.add_row(METRIC_LABELS[metric], format_cell(entry), str(entry["n"]))
+    table.caption = "std over records; Fluency is n-gram entropy in bits x100; definitions in summary.md"
+    return table
+
+
+def eval_command(
+    data: Path = typer.Option(
+        ...,
+        "--data",
+        "-d",
+        help="Dataset file (zsre, counterfact, counterfact-rome or jsonl).",
+        show_default=False,
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="Report directory (created or updated).", show_default=False
+    ),
+    model: str | None = typer.Option(
+        None,
+        "--model",
+        "-m",
+        help="Model to evaluate: an embedded model name, a local directory or a hub id "
+        "(default: the embedded SmolLM2-135M).",
+    ),
+    reference: str | None = typer.Option(
+        None, "--reference", "-r", help="The model before the update, for Locality (omitted: no Locality)."
+    ),
+    fmt: str | None = typer.Option(None, "--format", "-f", help="Dataset format; detected when omitted."),
+    limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Evaluate the first N records only."),
+    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Rows per forward pass."),
+    generation_batch_size: int | None = typer.Option(
+        None, "--generation-batch-size", min=1, help="Rows per generate call (default: 4 x --batch-size)."
+    ),
+    no_generation: bool = typer.Option(False, "--no-generation", help="Skip Generation exact match."),
+    fluency: bool = typer.Option(
+        False, "--fluency", help="Also compute Fluency (slow: long greedy generations)."
+    ),
+    fluency_tokens: int = typer.Option(
+        DEFAULT_FLUENCY_TOKENS, "--fluency-tokens", min=1, help="New tokens generated per prompt for Fluency."
+    ),
+    name: str | None = typer.Option(
+        None, "--name", help="Method name in the report (default: the model's name)."
+    ),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+) -> None:
+    """Score a model on a dataset: Reliability, Generality, Locality, Portability, Old retention, Efficacy,
+    Paraphrase score, Generation exact match and (optionally) Fluency."""
+    from rich.console import Console
+
+    from flearning.data import load_dataset
+    from flearning.errors import FlearnError
+    from flearning.evaluation.batched import evaluate
+    from flearning.evaluation.reference import reference_predictions
+    from flearning.evaluation.report import write_report
+    from flearning.models import DEFAULT_MODEL, cache_root, load_model
+
+    if out.exists() and not out.is_dir():
+        raise FlearnError(f"{out}: output path exists and is not a directory")
+    console = Console(stderr=False)
+    # Load the data first: a bad file is reported before any model is loaded.
+    dataset = load_dataset(data, fmt, limit=limit)
+    records = dataset.records
+    evaluated, tokenizer = load_model(model)
+    ref = None
+    if reference is not None:
+        ref_model, _ = load_model(reference)
+        ref = reference_predictions(
+            ref_model,
+            tokenizer,
+            records,
+            batch_size=batch_size,
+            cache_dir=cache_root() / "evaluation",
+            progress=progress,
+        )
+        del ref_model
+    result = evaluate(
+        evaluated,
+        tokenizer,
+        records,
+        reference=ref,
+        batch_size=batch_size,
+        generation_batch_size=generation_batch_size,
+        generation=not no_generation,
+        fluency=fluency,
+        fluency_tokens=fluency_tokens,
+        progress=progress,
+    )
+    result.meta.update(
+        {
+            "model": model or DEFAULT_MODEL,
+            "reference": reference,
+            "data": str(data),
+            "format": dataset.format,
+            "data_sha256": dataset.sha256,
+        }
+    )
+    method = name or Path(model or DEFAULT_MODEL).name
+    title = f"{method} on {data.name} ({len(records)} records)"
+    write_report({method: [result]}, out, title=title)
+    console.print(summary_table(result.summary(), title))
+    if ref is None:
+        console.print("[yellow]note[/]: no --reference given, so Locality was not measured")
+    console.print(f"report written to {out}")

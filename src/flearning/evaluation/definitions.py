@@ -1,0 +1,81 @@
+"""Metric names, display labels and the exact definitions quoted in every report.
+
+Kept free of torch so that reports, tables and the CLI's help can use them cheaply.
+"""
+
+from __future__ import annotations
+
+# Order used in every table and plot.
+METRICS: tuple[str, ...] = (
+    "reliability",
+    "generality",
+    "locality",
+    "portability",
+    "old_retention",
+    "efficacy",
+    "paraphrase",
+    "gen_exact_match",
+    "fluency",
+)
+
+METRIC_LABELS: dict[str, str] = {
+    "reliability": "Reliability",
+    "generality": "Generality",
+    "locality": "Locality",
+    "portability": "Portability",
+    "old_retention": "Old retention",
+    "efficacy": "Efficacy",
+    "paraphrase": "Paraphrase score",
+    "gen_exact_match": "Generation exact match",
+    "fluency": "Fluency",
+}
+
+METRIC_DEFINITIONS: dict[str, str] = {
+    "reliability": (
+        "Teacher-forced token accuracy of target_new after the edit prompt: the text is prompt + ' ' + "
+        "target_new and a target token counts as correct when the argmax of the logits at the position "
+        "before it equals it; averaged over the target tokens."
+    ),
+    "generality": (
+        "Teacher-forced token accuracy of target_new after each rephrased prompt, averaged over the "
+        "record's rephrases (records without rephrases are excluded)."
+    ),
+    "locality": (
+        "For each locality prompt + ' ' + answer, the fraction of answer positions whose argmax token is "
+        "the same for the evaluated model and the reference model (the model before the update), averaged "
+        "over the record's locality pairs; whether the answer is correct does not matter."
+    ),
+    "portability": (
+        "Teacher-forced token accuracy of each portability answer after its question, averaged over the "
+        "record's portability pairs (records without them are excluded)."
+    ),
+    "old_retention": (
+        "Teacher-forced token accuracy of target_old after the edit prompt (lower after an update means "
+        "the old fact was forgotten)."
+    ),
+    "efficacy": (
+        "1 if the mean per-token negative log-likelihood of target_new after the edit prompt is strictly "
+        "lower than that of target_old, else 0 (ROME efficacy score)."
+    ),
+    "paraphrase": (
+        "The efficacy comparison (mean per-token NLL of target_new < that of target_old) on each rephrased "
+        "prompt, averaged over the record's rephrases (ROME paraphrase score)."
+    ),
+    "gen_exact_match": (
+        "Greedy decoding of len(target_new tokens) + 3 new tokens after the edit prompt (stopping at EOS); "
+        "1 if the normalized output (lowercased, white space collapsed, punctuation stripped at both ends) "
+        "starts with the normalized target_new, else 0."
+    ),
+    "fluency": (
+        "Weighted n-gram entropy (ROME/EasyEdit: mean of 2/3 x bigram entropy and 4/3 x trigram entropy, "
+        "in bits, over word tokens) of the prompt followed by a greedy continuation of a fixed number of "
+        "new tokens (50 by default); reported x100 like ROME, not a percentage."
+    ),
+}
+
+# Metrics whose per-record value is a fraction in [0, 1] (shown as %); fluency is an entropy in bits.
+PERCENT_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m != "fluency")
+
+# New tokens greedily decoded for exact match beyond the target's own length.
+EXACT_MATCH_EXTRA_TOKENS = 3
+DEFAULT_FLUENCY_TOKENS = 50

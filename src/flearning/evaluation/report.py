@@ -1,0 +1,376 @@
+"""Evaluation reports: per-record JSONL, summary JSON/Markdown/CSV and PNG plots, written atomically.
+
+Layout of ``out_dir``::
+
+    records.jsonl   one line per (method, seed, record) with every metric
+    summary.json    per method and metric: mean x100, std over records, std over seeds, n
+    summary.md      methods x metrics table ("mean ± std") and the exact metric definitions
+    summary.csv     the same table
+    metrics.png     bar chart of methods x metrics
+    sweep.json, sweep.png   metric vs λ, when sweep data is given
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flearning.evaluation.definitions import (
+    METRIC_DEFINITIONS,
+    METRIC_LABELS,
+    METRICS,
+    PERCENT_METRICS,
+)
+from flearning.evaluation.results import EvalResult, aggregate
+
+SweepData = Mapping[str, Mapping[float, "EvalResult | Sequence[EvalResult]"]]
+
+STD_NOTE = (
+    "Values are means x100 ± standard deviation x100: the sample standard deviation over seeds when a "
+    "method has several seeds, otherwise over records. n counts the per-record values (pooled over seeds); "
+    "records without the probe a metric needs (no rephrase, no portability question, no locality pair or "
+    "no reference model) are excluded. Fluency is an n-gram entropy in bits x100, not a percentage."
+)
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def display_std(entry: Mapping[str, Any]) -> float | None:
+    """The std shown in tables: over seeds when there are several, else over records."""
+    if entry.get("n_seeds", 1) > 1 and entry.get("std_seeds") is not None:
+        return entry["std_seeds"]
+    return entry.get("std")
+
+
+def format_cell(entry: Mapping[str, Any], digits: int = 1) -> str:
+    """``"mean ± std"`` (x100 values), ``"mean"`` without a std, ``"–"`` without values."""
+    mean = entry.get("mean")
+    if mean is None:
+        return "–"
+    std = display_std(entry)
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def present_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
+    """Metrics (in ``METRICS`` order) that have a value for at least one method."""
+    return [m for m in METRICS if any(s[m]["n"] for s in summaries.values())]
+
+
+def markdown_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: Sequence[str]) -> str:
+    """Methods x metrics Markdown table of ``format_cell`` values."""
+    header = "| method | " + " | ".join(METRIC_LABELS[m] for m in metrics) + " |"
+    rule = "|---|" + "---:|" * len(metrics)
+    rows = [
+        f"| {name} | " + " | ".join(format_cell(s[m]) for m in metrics) + " |"
+        for name, s in summaries.items()
+    ]
+    return "\n".join([header, rule, *rows])
+
+
+def markdown_counts(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: Sequence[str]) -> str:
+    """Methods x metrics table of ``n`` (and seeds)."""
+    header = "| method | seeds | " + " | ".join(METRIC_LABELS[m] for m in metrics) + " |"
+    rule = "|---|---:|" + "---:|" * len(metrics)
+    rows = []
+    for name, s in summaries.items():
+        seeds = max((s[m]["n_seeds"] for m in metrics), default=0)
+        rows.append(f"| {name} | {seeds} | " + " | ".join(str(s[m]["n"]) for m in metrics) + " |")
+    return "\n".join([header, rule, *rows])
+
+
+def csv_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics: Sequence[str]) -> str:
+    """Methods x metrics CSV of ``format_cell`` values (header: method, metric names)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["method", *(METRIC_LABELS[m] for m in metrics)])
+    for name, s in summaries.items():
+        writer.writerow([name, *(format_cell(s[m]) for m in metrics)])
+    return buf.getvalue()
+
+
+def markdown_report(
+    title: str,
+    summaries: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    *,
+    has_sweep: bool = False,
+) -> str:
+    """The whole ``summary.md``: table, counts, definitions, figures."""
+    metrics = present_metrics(summaries)
+    definitions = "\n".join(f"- **{METRIC_LABELS[m]}**: {METRIC_DEFINITIONS[m]}" for m in metrics)
+    figures = "![methods x metrics](metrics.png)"
+    if has_sweep:
+        figures += "\n\n![metrics vs λ](sweep.png)"
+    return (
+        f"# {title}\n\n{markdown_table(summaries, metrics)}\n\n{STD_NOTE}\n\n"
+        f"## Counts (n)\n\n{markdown_counts(summaries, metrics)}\n\n"
+        f"## Metric definitions\n\n{definitions}\n\n## Figures\n\n{figures}\n"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- plots
+
+
+def _seeds(results: EvalResult | Sequence[EvalResult]) -> list[EvalResult]:
+    return [results] if isinstance(results, EvalResult) else list(results)
+
+
+def plot_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str):
+    """Grouped bar chart: one group per metric, one bar per method (percent metrics; Fluency apart).
+
+    Error bars show the std over seeds when a method has several seeds (the std over records of 0/1
+    metrics is too wide to be informative).
+
+    Returns:
+        A matplotlib ``Figure`` (no pyplot state involved).
+    """
+    from matplotlib.figure import Figure
+
+    metrics = present_metrics(summaries)
+    percent = [m for m in metrics if m in PERCENT_METRICS]
+    with_fluency = "fluency" in metrics
+    methods = list(summaries)
+    n_methods = max(len(methods), 1)
+    width_ratios = [max(len(percent), 1) * n_methods + 1] + ([n_methods + 1] if with_fluency else [])
+    fig = Figure(
+        figsize=(min(16.0, max(6.5, 0.9 * len(percent) * max(1.0, n_methods / 3) + 3)), 5.0),
+        layout="constrained",
+    )
+    axes = fig.subplots(1, len(width_ratios), gridspec_kw={"width_ratios": width_ratios}, squeeze=False)[0]
+    colors = [f"C{i % 10}" for i in range(len(methods))]
+    bar = 0.8 / n_methods
+
+    def draw(ax, names: Sequence[str]) -> None:
+        for j, method in enumerate(methods):
+            s = summaries[method]
+            xs = [i + (j - (n_methods - 1) / 2) * bar for i in range(len(names))]
+            means = [s[m]["mean"] if s[m]["mean"] is not None else math.nan for m in names]
+            errs = [s[m]["std_seeds"] if s[m].get("std_seeds") is not None else 0.0 for m in names]
+            bars = ax.bar(
+                xs, means, bar, label=method, color=colors[j], yerr=errs if any(errs) else None, capsize=3
+            )
+            if n_methods <= 4:
+                # Upright labels collide between neighbouring bars once there are three or more.
+                ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2, rotation=90 if n_methods >= 3 else 0)
+        ax.set_xticks(range(len(names)), [METRIC_LABELS[m] for m in names], rotation=20, ha="right")
+        ax.grid(axis="y", alpha=0.3)
+        ax.set_axisbelow(True)
+
+    ax = axes[0]
+    draw(ax, percent)
+    ax.set_ylim(0, 115 if n_methods >= 3 else 109)
+    ax.set_ylabel("score (%)")
+    if any(s[m].get("std_seeds") for s in summaries.values() for m in metrics):
+        ax.set_title("error bars: standard deviation over seeds", fontsize=8)
+    if with_fluency:
+        fax = axes[1]
+        draw(fax, ["fluency"])
+        fax.set_ylabel("n-gram entropy (bits x100)")
+        fax.set_title("Fluency", fontsize=9)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(
+        handles, labels, loc="outside lower center", ncols=min(len(methods), 6), fontsize=8, title="method"
+    )
+    fig.suptitle(title)
+    return fig
+
+
+def plot_sweep(
+    sweep_summary: Mapping[str, Sequence[tuple[float, Mapping[str, Any]]]], parameter: str, title: str
+):
+    """One panel per metric: metric (%) against the sweep parameter, one line per method.
+
+    Args:
+        sweep_summary: ``{method: [(value, aggregate summary), ...]}`` sorted by value.
+        parameter: the x axis name (``λ``).
+        title: figure title.
+    Returns:
+        A matplotlib ``Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    metrics = [
+        m for m in METRICS if any(entry[m]["n"] for points in sweep_summary.values() for _, entry in points)
+    ]
+    cols = min(3, max(len(metrics), 1))
+    rows = max(1, math.ceil(len(metrics) / cols))
+    fig = Figure(figsize=(4.2 * cols, 3.3 * rows + 0.6), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, metric in zip(axes, metrics, strict=False):
+        for j, (method, points) in enumerate(sweep_summary.items()):
+            xs = [v for v, e in points if e[metric]["mean"] is not None]
+            ys = [e[metric]["mean"] for _, e in points if e[metric]["mean"] is not None]
+            errs = [e[metric].get("std_seeds") or 0.0 for _, e in points if e[metric]["mean"] is not None]
+            if xs:
+                ax.errorbar(
+                    xs,
+                    ys,
+                    yerr=errs if any(errs) else None,
+                    marker="o",
+                    capsize=3,
+                    label=method,
+                    color=f"C{j % 10}",
+                )
+        ax.set_title(METRIC_LABELS[metric], fontsize=10)
+        ax.set_xlabel(parameter)
+        ax.set_ylabel("n-gram entropy (bits x100)" if metric == "fluency" else "score (%)")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(metrics) :]:
+        ax.set_visible(False)
+    if metrics:
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncols=min(len(sweep_summary), 6),
+            fontsize=8,
+            title="method",
+        )
+    fig.suptitle(title)
+    return fig
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def _dumps(data: Any, **kwargs: Any) -> str:
+    return json.dumps(data, ensure_ascii=False, default=_json_default, **kwargs)
+
+
+def write_report(
+    results: Mapping[str, Sequence[EvalResult]],
+    out_dir: Path | str,
+    *,
+    title: str = "F-Learning evaluation",
+    sweep: SweepData | None = None,
+    sweep_parameter: str = "λ",
+) -> Path:
+    """Write every report file for ``results`` into ``out_dir``.
+
+    If ``out_dir`` does not exist, everything is written into a temporary sibling directory that is then
+    renamed into place (the report appears complete or not at all); otherwise each file is replaced
+    atomically.
+
+    Args:
+        results: method name -> one ``EvalResult`` per seed (seed taken from ``EvalResult.seed``, else
+            its position).
+        out_dir: output directory.
+        title: report title.
+        sweep: optional ``{method: {λ: EvalResult or [EvalResult per seed]}}`` for metric-vs-λ data.
+        sweep_parameter: name of the swept parameter (x axis).
+    Returns:
+        The output directory.
+    """
+    if not results:
+        raise ValueError("write_report() needs at least one method")
+    for name, runs in results.items():
+        if not runs:
+            raise ValueError(f"method {name!r} has no results")
+    out_dir = Path(out_dir)
+    summaries = {name: aggregate(list(runs)) for name, runs in results.items()}
+
+    files: dict[str, Callable[[Path], None]] = {}
+
+    lines = []
+    for name, runs in results.items():
+        for position, run in enumerate(runs):
+            seed = run.seed if run.seed is not None else position
+            for record in run.records:
+                lines.append(_dumps({"method": name, "seed": seed, **record}))
+    records_text = "\n".join(lines) + ("\n" if lines else "")
+    files["records.jsonl"] = lambda p: p.write_text(records_text, encoding="utf-8")
+
+    summary_doc: dict[str, Any] = {
+        "title": title,
+        "metrics": list(METRICS),
+        "labels": METRIC_LABELS,
+        "definitions": METRIC_DEFINITIONS,
+        "note": STD_NOTE,
+        "methods": {
+            name: {
+                "seeds": [r.seed if r.seed is not None else i for i, r in enumerate(runs)],
+                "metrics": summaries[name],
+                "meta": [r.meta for r in runs],
+            }
+            for name, runs in results.items()
+        },
+    }
+    summary_text = _dumps(summary_doc, indent=2) + "\n"
+    files["summary.json"] = lambda p: p.write_text(summary_text, encoding="utf-8")
+    md = markdown_report(title, summaries, has_sweep=bool(sweep))
+    files["summary.md"] = lambda p: p.write_text(md, encoding="utf-8")
+    csv_text = csv_table(summaries, present_metrics(summaries))
+    files["summary.csv"] = lambda p: p.write_text(csv_text, encoding="utf-8")
+    files["metrics.png"] = lambda p: plot_metrics(summaries, title).savefig(p, format="png", dpi=120)
+
+    if sweep:
+        sweep_summary = {
+            method: sorted(((float(v), aggregate(_seeds(r))) for v, r in points.items()), key=lambda t: t[0])
+            for method, points in sweep.items()
+        }
+        sweep_doc = {
+            "parameter": sweep_parameter,
+            "methods": {
+                method: [{"value": v, "metrics": entry} for v, entry in points]
+                for method, points in sweep_summary.items()
+            },
+        }
+        sweep_text = _dumps(sweep_doc, indent=2) + "\n"
+        files["sweep.json"] = lambda p: p.write_text(sweep_text, encoding="utf-8")
+        files["sweep.png"] = lambda p: plot_sweep(
+            sweep_summary, sweep_parameter, f"{title}: metrics vs {sweep_parameter}"
+        ).savefig(p, format="png", dpi=120)
+
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise NotADirectoryError(f"{out_dir} exists and is not a directory")
+        for name, write in files.items():
+            _atomic_write(out_dir / name, write)
+        return out_dir
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        for name, write in files.items():
+            write(tmp / name)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,92 @@
+"""Evaluation results: per-record values, summaries (x100) and aggregation over seeds. No torch."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from flearning.evaluation.definitions import METRICS
+
+
+def sample_std(values: Sequence[float]) -> float | None:
+    """Sample standard deviation (n - 1 in the denominator), None for fewer than two values."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = math.fsum(values) / n
+    return math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
+
+
+def summarize_values(values: Sequence[float]) -> dict[str, float | int | None]:
+    """Mean and sample std x100 of one metric's per-record values.
+
+    Args:
+        values: per-record values in [0, 1] (None already removed).
+    Returns:
+        ``{"mean": x100 or None, "std": x100 or None, "n": count}``.
+    """
+    n = len(values)
+    mean = math.fsum(values) / n * 100 if n else None
+    std = sample_std(values)
+    return {"mean": mean, "std": std * 100 if std is not None else None, "n": n}
+
+
+@dataclass
+class EvalResult:
+    """Per-record metric values of one model on one dataset (one seed).
+
+    ``records`` holds one dict per record: ``id``, every metric of ``METRICS`` (a float in [0, 1], or
+    None when the record has no such probe or the metric was not computed), and ``generated`` (the
+    greedy continuation used for exact match, when computed).
+    """
+
+    records: list[dict[str, Any]]
+    seed: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def values(self, metric: str) -> list[float]:
+        """The non-missing per-record values of ``metric``."""
+        if metric not in METRICS:
+            raise KeyError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        return [r[metric] for r in self.records if r.get(metric) is not None]
+
+    def summary(self) -> dict[str, dict[str, float | int | None]]:
+        """Every metric: ``{"mean": x100, "std": x100 over records (sample std), "n": records}``.
+
+        Metrics with no value (``n == 0``) have ``mean`` and ``std`` None.
+        """
+        return {m: summarize_values(self.values(m)) for m in METRICS}
+
+
+def aggregate(results: Sequence[EvalResult]) -> dict[str, dict[str, Any]]:
+    """Summary of several results of one method (one per seed).
+
+    For each metric: ``mean`` = mean of the per-seed means (x100); ``std`` = mean over seeds of the
+    per-seed std over records (x100); ``std_seeds`` = sample std of the per-seed means (x100; None for
+    one seed); ``n`` = number of per-record values pooled over seeds; ``n_seeds`` = seeds with a value;
+    ``seed_means`` = the per-seed means (x100).
+
+    Args:
+        results: one ``EvalResult`` per seed.
+    Returns:
+        ``{metric: {...}}`` for every metric of ``METRICS``.
+    """
+    if not results:
+        raise ValueError("aggregate() needs at least one result")
+    out: dict[str, dict[str, Any]] = {}
+    for metric in METRICS:
+        per_seed = [r.summary()[metric] for r in results]
+        present = [s for s in per_seed if s["n"]]
+        means = [s["mean"] for s in present]
+        stds = [s["std"] for s in present if s["std"] is not None]
+        out[metric] = {
+            "mean": math.fsum(means) / len(means) if means else None,
+            "std": math.fsum(stds) / len(stds) if stds else None,
+            "std_seeds": sample_std(means),
+            "n": sum(s["n"] for s in per_seed),
+            "n_seeds": len(present),
+            "seed_means": means,
+        }
+    return out

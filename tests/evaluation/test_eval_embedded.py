@@ -1,0 +1,55 @@
+"""Integration: batched evaluation of the embedded SmolLM2-135M equals one-at-a-time evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from eval_helpers import assert_same_records
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "data" / "samples" / "counterfact-200.json"
+SHARED = REPO.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"
+N_RECORDS = 16
+
+
+def _records():
+    from flearning.data import load_records
+
+    for path in (SAMPLE, SHARED):
+        if path.is_file():
+            return load_records(path, "counterfact", limit=N_RECORDS)
+    pytest.skip("no CounterFact records available")
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from flearning.models import load_model
+
+    try:
+        return load_model()
+    except Exception as ex:  # the embedded package is missing on this machine
+        pytest.skip(f"embedded model unavailable: {ex}")
+
+
+@pytest.mark.slow
+def test_embedded_batched_equals_one_at_a_time(smollm):
+    from flearning.evaluation import evaluate, evaluate_sequential
+    from flearning.evaluation.probes import pad_token_id, record_probes, unique_probes
+    from flearning.evaluation.scoring import score_probes
+    from flearning.evaluation.sequential import single_score
+
+    model, tokenizer = smollm
+    records = _records()
+    batched = evaluate(model, tokenizer, records, reference=model, batch_size=8, progress=False)
+    single = evaluate_sequential(model, tokenizer, records, reference_model=model)
+    assert_same_records(batched.records, single.records, tol=1e-6)
+
+    # Position by position: every probe's argmaxes identical, mean NLL equal to float precision.
+    probes, _ = unique_probes(record_probes(tokenizer, r).all() for r in records)
+    scores = score_probes(model, probes, pad_id=pad_token_id(tokenizer), batch_size=8)
+    for probe, score in zip(probes, scores, strict=True):
+        alone = single_score(model, probe)
+        assert score.argmax == alone.argmax
+        assert abs(score.accuracy - alone.accuracy) <= 1e-6
+        assert abs(score.nll - alone.nll) <= 1e-4
