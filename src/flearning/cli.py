@@ -65,7 +65,12 @@ _register()
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, print user errors without a traceback, exit 2 on them."""
     try:
-        app(args=argv, standalone_mode=False)
+        # typer turns Ctrl-C into a returned 130 (not an exception) when not standalone
+        result = app(args=argv, standalone_mode=False)
+        if isinstance(result, int) and not isinstance(result, bool) and result:
+            if result == 130:
+                typer.echo("aborted", err=True)
+            return result
     except FlearnError as err:
         typer.echo(f"error: {err}", err=True)
         return err.exit_code
@@ -74,10 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Abort:
         typer.echo("aborted", err=True)
         return 130
-    except Exception as ex:  # click usage errors
-        import click
-
-        if isinstance(ex, click.ClickException):
+    except Exception as ex:  # click usage errors (typer may vendor its own click: match by shape)
+        if callable(getattr(ex, "show", None)) and isinstance(getattr(ex, "exit_code", None), int):
             ex.show()
             return ex.exit_code
         raise

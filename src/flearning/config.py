@@ -23,7 +23,9 @@ FULL_STAGE = {"lr": 5e-5, "epochs": 3.0, "batch_size": 8}
 LORA_STAGE = {"lr": 1e-3, "epochs": 5.0, "batch_size": 8}
 
 
-def default_stage(kind: str, lora: LoraSettings, seed: int, overrides: dict[str, Any] | None = None) -> TrainConfig:
+def default_stage(
+    kind: str, lora: LoraSettings, seed: int, overrides: dict[str, Any] | None = None
+) -> TrainConfig:
     """A stage's TrainConfig: the defaults of its kind, then the user's overrides."""
     base = dict(FULL_STAGE if kind == "full" else LORA_STAGE)
     base["seed"] = seed
@@ -71,7 +73,11 @@ class UpdateConfig(BaseModel):
     learn: StageOverrides = Field(default_factory=StageOverrides)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     linf_bound: float = Field(5e-4, gt=0, allow_inf_nan=False)
-    seed: int = 0
+    # NumPy (seeded with the others) takes 0 <= seed < 2**32.
+    seed: int = Field(0, ge=0, lt=2**32)
+    # Optimizer steps between checkpoints of a training stage in <out>.partial/ (0: only when a stage
+    # ends or is interrupted). Does not change the result.
+    checkpoint_every: int = Field(100, ge=0)
     evaluate: bool = True
     eval_batch_size: int = Field(16, ge=1)
     generation: bool = True
@@ -90,7 +96,9 @@ class UpdateConfig(BaseModel):
         """(file of old facts, file of new facts)."""
         if self.data is not None:
             if self.old is not None or self.new is not None:
-                raise FlearnError("give either data (one file with old and new targets) or old and new, not both")
+                raise FlearnError(
+                    "give either data (one file with old and new targets) or old and new, not both"
+                )
             return self.data, self.data
         if self.old is None or self.new is None:
             raise FlearnError("no facts given: pass --data FILE, or --old FILE and --new FILE")
@@ -109,8 +117,8 @@ def parse_overrides(pairs: list[str], source: str = "command line") -> tuple[dic
             continue
         try:
             value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as ex:
-            problems.append(Problem(source, None, key, f"cannot parse value {raw!r}: {ex}"))
+        except (yaml.YAMLError, RecursionError) as ex:
+            problems.append(Problem(source, None, key, f"cannot parse value {raw!r}: {_yaml_reason(ex)}"))
             continue
         node = tree
         parts = key.strip().split(".")
@@ -134,30 +142,43 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _yaml_reason(ex: BaseException) -> str:
+    return "nested too deeply" if isinstance(ex, RecursionError) else str(ex)
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_bytes().decode("utf-8-sig")
     except OSError as ex:
         raise FlearnError(f"{path}: cannot read config: {ex.strerror or ex}") from ex
+    except UnicodeDecodeError as ex:
+        raise ConfigError(
+            [Problem(str(path), None, None, f"not UTF-8 text (invalid byte at offset {ex.start})")]
+        ) from ex
+    except ValueError as ex:  # e.g. a NUL byte in the path
+        raise FlearnError(f"{path}: cannot read config: {ex}") from ex
     try:
         loaded = yaml.safe_load(text)
-    except yaml.YAMLError as ex:
-        raise ConfigError([Problem(str(path), None, None, f"not valid YAML: {ex}")]) from ex
+    except (yaml.YAMLError, RecursionError) as ex:
+        raise ConfigError([Problem(str(path), None, None, f"not valid YAML: {_yaml_reason(ex)}")]) from ex
     if loaded is None:
         return {}
     if not isinstance(loaded, dict):
-        raise ConfigError([Problem(str(path), None, None, f"expected a mapping at the top, got {type(loaded).__name__}")])
+        raise ConfigError(
+            [Problem(str(path), None, None, f"expected a mapping at the top, got {type(loaded).__name__}")]
+        )
     return loaded
 
 
 def validation_problems(ex: ValidationError, source: str) -> list[Problem]:
     return [
-        Problem(source, None, ".".join(str(p) for p in err["loc"]) or None, err["msg"])
-        for err in ex.errors()
+        Problem(source, None, ".".join(str(p) for p in err["loc"]) or None, err["msg"]) for err in ex.errors()
     ]
 
 
-def load_config(model: type[BaseModel], path: Path | None, overrides: list[str], cli: dict[str, Any] | None = None):
+def load_config(
+    model: type[BaseModel], path: Path | None, overrides: list[str], cli: dict[str, Any] | None = None
+):
     """Build ``model`` from (YAML file) < (explicit CLI options) < (key=value overrides).
 
     Relative paths inside a YAML file are taken relative to the current directory, like CLI paths.

@@ -7,7 +7,9 @@ one is in place, so a failure at any point leaves the previous good output untou
 
 from __future__ import annotations
 
+import errno
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -53,7 +55,12 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         if out.exists():
             aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, aside / "previous")
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(aside / "previous", out)  # put the previous output back
+                shutil.rmtree(aside, ignore_errors=True)
+                raise
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.replace(tmp, out)
@@ -92,3 +99,51 @@ def atomic_write_text(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# errno → what the user reads. These are the write failures a user can fix (free space, permissions,
+# another disk); anything else is left alone and keeps its traceback.
+WRITE_ERRORS = {
+    errno.ENOSPC: "no space left on device (disk full)",
+    errno.EDQUOT: "disk quota exceeded (disk full for this user)",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "operation not permitted",
+}
+_OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")
+
+
+def write_error_code(ex: BaseException) -> int | None:
+    """The errno of a write failure we explain, from an ``OSError`` or from a writer that wraps one in
+    its own exception (safetensors raises ``SafetensorError("... (os error 28) ...")``)."""
+    code = ex.errno if isinstance(ex, OSError) else None
+    if code is None and type(ex).__name__ == "SafetensorError":
+        match = _OS_ERROR_IN_TEXT.search(str(ex))
+        code = int(match.group(1)) if match else None
+    return code if code in WRITE_ERRORS else None
+
+
+@contextmanager
+def write_errors_as_flearn(where: Path | str, *, what: str = "the output", note: str = "") -> Iterator[None]:
+    """Turn a disk-full, read-only or permission failure while writing into a ``FlearnError`` that says
+    what could not be written, why, and (``note``) what state was left behind."""
+    from flearning.errors import FlearnError
+
+    try:
+        yield
+    except FlearnError:
+        raise
+    except Exception as ex:
+        code = write_error_code(ex)
+        if code is None:
+            raise
+        path = getattr(ex, "filename", None) or where
+        hint = {
+            errno.ENOSPC: "free some space or write to another disk",
+            errno.EDQUOT: "free some space or write to another disk",
+            errno.EROFS: "choose a writable location",
+        }.get(code, "choose a location you can write to")
+        message = f"cannot write {what} at {path}: {WRITE_ERRORS[code]}; {hint}."
+        if note:
+            message += f" {note}"
+        raise FlearnError(message) from ex

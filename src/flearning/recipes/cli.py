@@ -15,16 +15,39 @@ def update_command(
     old: Path | None = typer.Option(None, "--old", help="File of the old facts (prompt → target_old)."),
     new: Path | None = typer.Option(None, "--new", help="File of the new facts (prompt → target_new)."),
     fmt: str | None = typer.Option(None, "--format", help="Data format (default: detected)."),
-    method: str | None = typer.Option(None, "--method", help="ft, lora, ft-c, flearning-ft, flearning-lora, flearning-lora-ft."),
-    lam: float | None = typer.Option(None, "--lambda", help="λ: how much of Δ_old to subtract (F-Learning methods)."),
+    method: str | None = typer.Option(
+        None, "--method", help="ft, lora, ft-c, flearning-ft, flearning-lora, flearning-lora-ft."
+    ),
+    lam: float | None = typer.Option(
+        None, "--lambda", help="λ: how much of Δ_old to subtract (F-Learning methods)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (written atomically)."),
     overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace a non-empty output directory."),
     seed: int | None = typer.Option(None, "--seed"),
     limit: int | None = typer.Option(None, "--limit", help="Use the first N facts only."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    resume: bool = typer.Option(
+        False,
+        "--resume",
+        help="Resuming is automatic: a run keeps its finished stages and checkpoints (every checkpoint_every "
+        "optimizer steps, default 100) in OUT.partial/, and rerunning the same command after an interruption "
+        "continues from there and writes the same model as an uninterrupted run. --resume also requires "
+        "OUT.partial/ to exist; OUT.partial/ of other settings is refused, naming what differs.",
+    ),
+    restart: bool = typer.Option(
+        False,
+        "--restart",
+        help="Discard OUT.partial/ left by an interrupted run and start afresh (needed after changing settings).",
+    ),
 ) -> None:
     """Forget the old facts, learn the new ones, write the updated model, its vectors and a report.
+
+    Resuming: while it runs, an update keeps its finished stages in OUT.partial/ (checkpoints every
+    checkpoint_every optimizer steps, the forget stage's knowledge vector). After an interruption (Ctrl-C,
+    a crash, a full disk), rerun the same command: it resumes where it stopped and writes the same model as
+    an uninterrupted run. OUT.partial/ made with other settings is refused, naming what differs; --restart
+    discards it. It is removed once OUT is written.
 
     Example: flearn update --data data/samples/facts.jsonl --method flearning-ft --lambda 0.7 --out runs/x
     """
@@ -35,14 +58,26 @@ def update_command(
     from flearning.reporting import update_table
 
     cli = {
-        "model": model, "data": data, "old": old, "new": new, "format": fmt, "method": method,
-        "lambda": lam, "out": out, "overwrite": overwrite, "seed": seed, "limit": limit,
+        "model": model,
+        "data": data,
+        "old": old,
+        "new": new,
+        "format": fmt,
+        "method": method,
+        "lambda": lam,
+        "out": out,
+        "overwrite": overwrite,
+        "seed": seed,
+        "limit": limit,
         "evaluate": False if no_eval else None,
     }
+    if resume and restart:
+        raise typer.BadParameter("--resume and --restart exclude each other")
     cfg = load_config(UpdateConfig, config, overrides or [], cli)
     if cfg.out is None:
         raise typer.BadParameter("an output directory is required (--out DIR or out=DIR)")
-    result = update(cfg, progress=not no_progress)
+    mode = "resume" if resume else "restart" if restart else "auto"
+    result = update(cfg, progress=not no_progress, resume=mode)
     console = Console()
     console.print(update_table(result.summary))
     console.print(f"updated model written to [bold]{result.out}[/bold]")

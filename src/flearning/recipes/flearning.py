@@ -26,6 +26,8 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from flearning.training.checkpoint import Checkpointing
+
 log = logging.getLogger(__name__)
 
 
@@ -56,21 +58,25 @@ def old_knowledge_vector(
     *,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> tuple[KnowledgeVector, Any]:
     """Δ_old = FT(θ, K_old) − θ, with full fine-tuning or LoRA as ``cfg.lora`` says.
 
     Full: fine-tune a copy and subtract (θ stays untouched). LoRA: train an adapter on θ itself,
     read Δ = B·A·scaling per layer, then remove the adapter (θ's weights were never changed).
+    ``checkpoint``: where the training stage saves and resumes its state (``train``).
     """
     meta = dict(metadata or {})
     if cfg.lora is None:
         tuned = copy.deepcopy(model)
-        result = train(tuned, tokenizer, old_pairs, cfg, description="forget: FT on old facts", progress=progress)
+        result = train(tuned, tokenizer, old_pairs, cfg, description="forget: FT on old facts", progress=progress,
+                       checkpoint=checkpoint)
         vector = KnowledgeVector.from_models(model, result.model, **meta)
         del tuned
     else:
         trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-        result = train(model, tokenizer, old_pairs, cfg, description="forget: LoRA on old facts", progress=progress)
+        result = train(model, tokenizer, old_pairs, cfg, description="forget: LoRA on old facts", progress=progress,
+                       checkpoint=checkpoint)
         vector = KnowledgeVector.from_lora(result.model, **meta)
         result.model.unload()  # removes the LoRA layers in place, base weights unchanged
         # peft froze the base weights; a full-FT learning stage must find them trainable again
@@ -91,6 +97,7 @@ def run_method(
     vector_metadata: dict[str, Any] | None = None,
     old_vector: KnowledgeVector | None = None,
     adapter_dir: Path | None = None,
+    learn_checkpoint: Checkpointing | None = None,
 ) -> MethodOutcome:
     """Update ``model`` (θ, holding the old facts) in place with ``method``; returns θ*.
 
@@ -105,6 +112,7 @@ def run_method(
         vector_metadata: provenance stored with Δ_old (base model, data hash, ...).
         old_vector: a Δ_old computed earlier with the same forget settings (skips the forget training).
         adapter_dir: where to save the adapter of a LoRA learning stage, before it is merged.
+        learn_checkpoint: where the learning stage saves and resumes its state (``train``).
     Returns:
         ``MethodOutcome`` with θ*, Δ_old and, for a LoRA learning stage, the adapter.
     """
@@ -128,7 +136,8 @@ def run_method(
 
     learn_cfg = plan.learn
     start = time.perf_counter()
-    result = train(model, tokenizer, new_pairs, learn_cfg, description=f"learn ({method.name})", progress=progress)
+    result = train(model, tokenizer, new_pairs, learn_cfg, description=f"learn ({method.name})", progress=progress,
+                   checkpoint=learn_checkpoint)
     outcome.timings["learn_train"] = time.perf_counter() - start
     outcome.losses["learn"] = result.losses
     outcome.tokens["learn"] = result.tokens

@@ -8,22 +8,37 @@ Output directory (written atomically):
     report/                                            evaluation of θ (before) and θ* (after)
     run.json                                           resolved config, versions, hashes, timings, metrics
     README.md                                          model card
+
+Resuming. While it runs, an update keeps its finished work in ``<out>.partial/`` beside the output:
+``identity.json`` (what the run depends on), ``forget/`` (checkpoints of the forget stage),
+``knowledge_vector/`` + ``forget.json`` (Δ_old and its loss trace once the forget stage is done) and
+``learn/`` (checkpoints of the learning stage; a ``-final`` one once it is done). Rerunning the same
+command after an interruption or a crash resumes from there and writes the same model as an
+uninterrupted run; the directory is removed once the output is in place. A ``.partial`` directory made
+by a different run (other data, model, method, λ or stage settings) is refused, naming what differs
+(``resume="restart"`` / ``--restart`` discards it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
+import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from flearning.config import UpdateConfig, default_stage
 from flearning.errors import FlearnError
 from flearning.recipes.flearning import MethodOutcome, StagePlan, learn_config, run_method
-from flearning.recipes.methods import get_method
+from flearning.recipes.methods import Method, get_method
+
+ResumeMode = Literal["auto", "resume", "restart"]
+WORK_FORMAT = "flearning-update-work"
 
 log = logging.getLogger(__name__)
 
@@ -60,22 +75,164 @@ def stage_plan(cfg: UpdateConfig) -> StagePlan:
     return StagePlan(learn=learn_config(method, full, lora, cfg.linf_bound), forget=forget, lam=cfg.lam)
 
 
-def update(config: UpdateConfig | None = None, *, progress: bool = True, **fields: Any) -> UpdateResult:
+class NonFiniteModelError(FlearnError):
+    """The updated model has NaN/inf weights; nothing is written."""
+
+
+def work_dir_for(out: Path) -> Path:
+    """Where an update to ``out`` keeps its finished stages until the output is in place."""
+    out = Path(out)
+    return out.parent / f"{out.name}.partial"
+
+
+def pairs_hash(pairs: Sequence[tuple[str, str]]) -> str:
+    return hashlib.sha256(
+        json.dumps(list(pairs), ensure_ascii=False).encode("utf-8", "surrogatepass")
+    ).hexdigest()
+
+
+def run_identity(
+    method: Method, plan: StagePlan, base_fingerprint: str, old_pairs, new_pairs
+) -> dict[str, Any]:
+    """Everything the trained model depends on (not where it is written, nor how it is evaluated)."""
+    from flearning.training.checkpoint import code_versions
+
+    return {
+        "format": WORK_FORMAT,
+        "method": method.name,
+        "lambda": plan.lam if method.forget else None,
+        "stages": {
+            "forget": plan.forget.model_dump(mode="json") if method.forget and plan.forget else None,
+            "learn": plan.learn.model_dump(mode="json"),
+        },
+        "model_fingerprint": base_fingerprint,
+        "data": {"old": pairs_hash(old_pairs), "new": pairs_hash(new_pairs)},
+        "versions": code_versions(),
+    }
+
+
+def open_work_dir(out: Path, identity: dict[str, Any], resume: ResumeMode) -> Path:
+    """The ``<out>.partial`` work directory of this run: reused when it holds the same run, created when
+    absent; one made by another run is refused (``auto``, ``resume``) or discarded (``restart``).
+
+    A directory of that name that f-learning did not make is never deleted.
+    """
+    from flearning.outputs import atomic_write_text
+    from flearning.training.checkpoint import describe_differences
+
+    work = work_dir_for(out)
+    if work.exists():
+        try:
+            saved = json.loads((work / "identity.json").read_text())
+            ours = isinstance(saved, dict) and saved.get("format") == WORK_FORMAT
+        except (OSError, ValueError):
+            ours = False
+        if not ours:
+            raise FlearnError(
+                f"{work} exists but is not the work directory of an interrupted flearn update (no valid "
+                "identity.json); it is left alone: move or remove it, or choose another --out"
+            )
+        if resume == "restart" or not _has_progress(work):
+            log.info(
+                "discarding %s (%s)", work, "--restart" if resume == "restart" else "nothing finished in it"
+            )
+            shutil.rmtree(work)
+        elif saved != identity:
+            raise FlearnError(
+                f"{work} holds an interrupted update of a different run "
+                f"({'; '.join(describe_differences(saved, identity))}). Rerun it with the settings it was made "
+                "with to resume it, or pass --restart to discard it and start afresh."
+            )
+        else:
+            log.info("resuming the interrupted update kept in %s", work)
+            return work
+    if resume == "resume":
+        raise FlearnError(
+            f"nothing to resume: {work} does not exist or holds no finished step "
+            "(run without --resume to start)"
+        )
+    work.mkdir(parents=True)
+    atomic_write_text(work / "identity.json", json.dumps(identity, indent=2) + "\n")
+    return work
+
+
+def _has_progress(work: Path) -> bool:
+    """Whether ``work`` holds anything a rerun can reuse (a checkpoint or a finished stage)."""
+    from flearning.training.checkpoint import checkpoint_dirs
+
+    return (work / "knowledge_vector").is_dir() or any(
+        checkpoint_dirs(work / stage) for stage in ("forget", "learn")
+    )
+
+
+def forget_stage(
+    method: Method,
+    model,
+    tokenizer,
+    old_pairs,
+    plan: StagePlan,
+    *,
+    work: Path | None,
+    every: int,
+    progress: bool,
+    metadata: dict[str, Any],
+):
+    """Δ_old of an F-Learning method, reused from ``work`` if an earlier attempt finished it.
+
+    Returns (Δ_old, {"losses", "tokens", "steps"}) or (None, None) for a baseline.
+    """
+    from flearning.arithmetic import KnowledgeVector
+    from flearning.outputs import atomic_write_text
+    from flearning.recipes.flearning import old_knowledge_vector
+    from flearning.training.checkpoint import Checkpointing, discard_checkpoints
+
+    if method.forget is None:
+        return None, None
+    if plan.forget is None:
+        raise ValueError(f"{method.name} needs forget-stage settings")
+    vector_dir = work / "knowledge_vector" if work else None
+    info_path = work / "forget.json" if work else None
+    if work is not None and (vector_dir / "vector.json").is_file() and info_path.is_file():
+        log.info("forget stage already done: Δ_old read from %s", vector_dir)
+        return KnowledgeVector.load(vector_dir), json.loads(info_path.read_text())
+    checkpoint = Checkpointing(work / "forget", every=every) if work else None
+    vector, result = old_knowledge_vector(
+        model, tokenizer, old_pairs, plan.forget, progress=progress, metadata=metadata, checkpoint=checkpoint
+    )
+    info = {"losses": result.losses, "tokens": result.tokens, "steps": result.steps}
+    if work is not None:
+        atomic_write_text(info_path, json.dumps(info) + "\n")
+        vector.save(vector_dir, overwrite=True)  # atomic: its presence marks the stage done
+        discard_checkpoints(work / "forget")
+    return vector, info
+
+
+def update(
+    config: UpdateConfig | None = None, *, progress: bool = True, resume: ResumeMode = "auto", **fields: Any
+) -> UpdateResult:
     """Replace old facts by new ones in a causal LM and write the result (Python API of ``flearn update``).
 
     Args:
         config: an ``UpdateConfig``; or pass its fields as keyword arguments
             (``update(model=..., data=..., method="flearning-ft", out=...)``; ``lam`` is λ).
         progress: progress bars.
+        resume: what to do with ``<out>.partial/`` left by an interrupted run: ``auto`` resumes it if it
+            was made by the same run (else refuses, naming what differs), ``resume`` also requires it to
+            exist, ``restart`` discards it.
     Returns:
         ``UpdateResult`` with the output directory, the run summary and the in-memory updated model.
+    Raises:
+        FlearnError: bad input (config, data, model, output path), a diverged loss, non-finite weights,
+            a disk that is full or not writable; nothing is written to ``out`` then.
     """
-    import torch
-
+    from flearning.arithmetic.ops import VectorError
     from flearning.data import load_dataset
     from flearning.models import load_model, model_fingerprint, resolve_model
-    from flearning.outputs import check_output_dir
+    from flearning.outputs import check_output_dir, write_errors_as_flearn
+    from flearning.training import TrainingDivergedError
 
+    if resume not in ("auto", "resume", "restart"):
+        raise ValueError(f"resume must be auto, resume or restart, not {resume!r}")
     cfg = config if config is not None else UpdateConfig(**fields)
     method = get_method(cfg.method)
     plan = stage_plan(cfg)
@@ -93,14 +250,108 @@ def update(config: UpdateConfig | None = None, *, progress: bool = True, **field
     out = None
     if cfg.out is not None:
         local_model = Path(model_source)
-        out = check_output_dir(cfg.out, overwrite=cfg.overwrite, protected=[local_model] if local_model.exists() else [])
+        out = check_output_dir(
+            cfg.out, overwrite=cfg.overwrite, protected=[local_model] if local_model.exists() else []
+        )
+        if work_dir_for(out).exists() and not work_dir_for(out).is_dir():
+            raise FlearnError(
+                f"{work_dir_for(out)}: exists and is not a directory (it is where an update keeps "
+                "its finished stages); remove it"
+            )
 
     start = time.perf_counter()
-    model, tokenizer = load_model(model_source, trust_remote_code=cfg.trust_remote_code)
+    try:
+        model, tokenizer = load_model(model_source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as ex:  # e.g. a model directory without tokenizer files
+        raise FlearnError(f"cannot load the model or its tokenizer from '{cfg.model}': {ex}") from ex
     timings["load_model"] = time.perf_counter() - start
     base_fp = model_fingerprint(model)
     theta = {k: v.detach().clone() for k, v in model.named_parameters()} if cfg.out is not None else None
 
+    work = None
+    note = ""
+    if out is not None:
+        identity = run_identity(method, plan, base_fp, old_pairs, new_pairs)
+        with write_errors_as_flearn(work_dir_for(out), what="the work directory"):
+            work = open_work_dir(out, identity, resume)
+        note = (
+            f"The previous output (if any) is untouched; finished training stages (if any) are kept in {work}: "
+            "rerun the same command to resume."
+        )
+
+    try:
+        with write_errors_as_flearn(out or Path.cwd(), what="the output", note=note):
+            result = _run(
+                _Setup(
+                    cfg,
+                    method,
+                    plan,
+                    model,
+                    tokenizer,
+                    old_ds,
+                    new_ds,
+                    old_pairs,
+                    new_pairs,
+                    base_fp,
+                    theta,
+                    model_source,
+                    out,
+                    work,
+                    timings,
+                ),
+                progress=progress,
+            )
+    except (TrainingDivergedError, VectorError, NonFiniteModelError):
+        # Rerunning the same command would fail the same way; a changed setting cannot reuse the stages.
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+        raise
+    except BaseException:
+        if work is not None and work.is_dir():
+            if _has_progress(work):
+                log.warning(
+                    "the finished training stages are kept in %s: run the same command again to resume "
+                    "(or pass --restart to start afresh)",
+                    work,
+                )
+            else:  # nothing was trained yet: nothing worth keeping
+                shutil.rmtree(work, ignore_errors=True)
+        raise
+    if work is not None:
+        shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+@dataclass
+class _Setup:
+    """What ``update`` prepared before anything is trained."""
+
+    cfg: UpdateConfig
+    method: Method
+    plan: StagePlan
+    model: Any
+    tokenizer: Any
+    old_ds: Any
+    new_ds: Any
+    old_pairs: list[tuple[str, str]]
+    new_pairs: list[tuple[str, str]]
+    base_fp: str
+    theta: dict[str, Any] | None  # θ's parameters, for update_vector/
+    model_source: str
+    out: Path | None
+    work: Path | None  # <out>.partial
+    timings: dict[str, float]
+
+
+def _run(s: _Setup, *, progress: bool) -> UpdateResult:
+    """Everything after setup: (evaluate θ) → forget → learn → evaluate θ* → save."""
+    import torch
+
+    from flearning.training.checkpoint import Checkpointing
+
+    cfg, method, plan, model, tokenizer = s.cfg, s.method, s.plan, s.model, s.tokenizer
+    old_ds, new_ds, old_pairs, new_pairs, base_fp = s.old_ds, s.new_ds, s.old_pairs, s.new_pairs, s.base_fp
+    theta, model_source, out, work, timings = s.theta, s.model_source, s.out, s.work, s.timings
     before = reference = None
     if cfg.evaluate:
         from flearning.evaluation import evaluate, reference_predictions
@@ -108,11 +359,17 @@ def update(config: UpdateConfig | None = None, *, progress: bool = True, **field
         start = time.perf_counter()
         reference = reference_predictions(model, tokenizer, new_ds.records, batch_size=cfg.eval_batch_size)
         before = evaluate(
-            model, tokenizer, new_ds.records, reference=reference, batch_size=cfg.eval_batch_size,
-            generation=cfg.generation, progress=progress,
+            model,
+            tokenizer,
+            new_ds.records,
+            reference=reference,
+            batch_size=cfg.eval_batch_size,
+            generation=cfg.generation,
+            progress=progress,
         )
         timings["evaluate_before"] = time.perf_counter() - start
 
+    old_file, new_file = cfg.data_files()
     vector_meta = {
         "base_model": cfg.model,
         "base_fingerprint": base_fp,
@@ -120,23 +377,56 @@ def update(config: UpdateConfig | None = None, *, progress: bool = True, **field
         "data_hash": old_ds.sha256,
         "hyperparameters": plan.forget.model_dump(mode="json") if plan.forget else {},
     }
+    start = time.perf_counter()
+    old_vector, forget_info = forget_stage(
+        method,
+        model,
+        tokenizer,
+        old_pairs,
+        plan,
+        work=work,
+        every=cfg.checkpoint_every,
+        progress=progress,
+        metadata=vector_meta,
+    )
+    forget_seconds = time.perf_counter() - start
     with _staging(out) as stage_dir:
         outcome = run_method(
-            method, model, tokenizer, old_pairs, new_pairs, plan, progress=progress,
-            vector_metadata=vector_meta, adapter_dir=(stage_dir / "adapter") if stage_dir else None,
+            method,
+            model,
+            tokenizer,
+            old_pairs,
+            new_pairs,
+            plan,
+            progress=progress,
+            vector_metadata=vector_meta,
+            old_vector=old_vector,
+            adapter_dir=(stage_dir / "adapter") if stage_dir else None,
+            learn_checkpoint=Checkpointing(work / "learn", every=cfg.checkpoint_every) if work else None,
         )
+        if forget_info is not None:  # the forget stage ran (or was read) here, before run_method
+            outcome.timings = {"forget_train": forget_seconds, **outcome.timings}
+            outcome.losses = {"forget": forget_info["losses"], **outcome.losses}
+            outcome.tokens = {"forget": forget_info["tokens"], **outcome.tokens}
         timings.update(outcome.timings)
         updated = outcome.model
         finite = all(torch.isfinite(p).all() for p in updated.parameters())
         if not finite:
-            raise FlearnError("the updated model has non-finite weights; nothing was written")
+            raise NonFiniteModelError("the updated model has non-finite weights; nothing was written")
 
         after = None
         if cfg.evaluate:
+            from flearning.evaluation import evaluate
+
             start = time.perf_counter()
             after = evaluate(
-                updated, tokenizer, new_ds.records, reference=reference, batch_size=cfg.eval_batch_size,
-                generation=cfg.generation, progress=progress,
+                updated,
+                tokenizer,
+                new_ds.records,
+                reference=reference,
+                batch_size=cfg.eval_batch_size,
+                generation=cfg.generation,
+                progress=progress,
             )
             timings["evaluate_after"] = time.perf_counter() - start
 
@@ -151,10 +441,20 @@ def update(config: UpdateConfig | None = None, *, progress: bool = True, **field
             },
             "model": {"source": cfg.model, "path": model_source, "fingerprint": base_fp},
             "data": {
-                "old": {"path": str(old_file), "format": old_ds.format, "sha256": old_ds.sha256,
-                        "records": len(old_ds.records), "dropped": old_ds.dropped},
-                "new": {"path": str(new_file), "format": new_ds.format, "sha256": new_ds.sha256,
-                        "records": len(new_ds.records), "dropped": new_ds.dropped},
+                "old": {
+                    "path": str(old_file),
+                    "format": old_ds.format,
+                    "sha256": old_ds.sha256,
+                    "records": len(old_ds.records),
+                    "dropped": old_ds.dropped,
+                },
+                "new": {
+                    "path": str(new_file),
+                    "format": new_ds.format,
+                    "sha256": new_ds.sha256,
+                    "records": len(new_ds.records),
+                    "dropped": new_ds.dropped,
+                },
             },
             "seed": cfg.seed,
             "versions": library_versions(),
@@ -208,8 +508,11 @@ def _save(stage_dir, cfg, model, tokenizer, outcome, theta, vector_meta, before,
         meta = dict(vector_meta, method=f"update:{cfg.method}", hyperparameters=summary["stages"])
         KnowledgeVector.from_deltas(delta, kind="full", **meta).save(stage_dir / "update_vector")
     if before is not None and after is not None:
-        write_report({"before": [before], "after": [after]}, stage_dir / "report",
-                     title=f"flearn update ({cfg.method}): before vs after")
+        write_report(
+            {"before": [before], "after": [after]},
+            stage_dir / "report",
+            title=f"flearn update ({cfg.method}): before vs after",
+        )
     (stage_dir / "README.md").write_text(model_card(summary))
 
 
@@ -230,11 +533,11 @@ def model_card(summary: dict[str, Any]) -> str:
 library_name: transformers
 tags: [f-learning, knowledge-editing]
 ---
-# Updated model: {summary['model']['source']} with `{summary['method']}`{lam}
+# Updated model: {summary["model"]["source"]} with `{summary["method"]}`{lam}
 
-Produced by f-learning {summary['versions'].get('f-learning')} ({summary['method_summary']}).
-Old facts: `{data['old']['path']}` ({data['old']['records']} records, sha256 {data['old']['sha256'][:12]}…);
-new facts: `{data['new']['path']}` ({data['new']['records']} records). Seed {summary['seed']}.
+Produced by f-learning {summary["versions"].get("f-learning")} ({summary["method_summary"]}).
+Old facts: `{data["old"]["path"]}` ({data["old"]["records"]} records, sha256 {data["old"]["sha256"][:12]}…);
+new facts: `{data["new"]["path"]}` ({data["new"]["records"]} records). Seed {summary["seed"]}.
 
 | metric (×100) | before | after |
 |---|---|---|

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from flearning.errors import FlearnError
+from flearning.training import checkpoint as ckpt
+from flearning.training.checkpoint import Checkpointing
 from flearning.training.config import ALL_LINEAR, LoraSettings, TrainConfig
 from flearning.training.dataset import LengthGroupedBatches, build_examples, collate
 
@@ -30,6 +32,8 @@ log = logging.getLogger(__name__)
 
 # Called after each full epoch with (epoch index, model); returning True ends the stage early.
 EpochCallback = Callable[[int, torch.nn.Module], bool]
+# Called after each optimizer step with (step, loss of that step).
+StepCallback = Callable[[int, float], None]
 
 
 class TrainingDivergedError(FlearnError):
@@ -62,7 +66,12 @@ def attach_lora(model: PreTrainedModel, lora: LoraSettings, adapter_name: str = 
         target_modules=targets,
         task_type="CAUSAL_LM",
     )
-    return get_peft_model(model, config, adapter_name=adapter_name)
+    try:
+        return get_peft_model(model, config, adapter_name=adapter_name)
+    except ValueError as ex:  # e.g. target modules the model does not have
+        raise FlearnError(
+            f"cannot attach a LoRA adapter (target_modules {lora.target_modules!r}): {ex}"
+        ) from ex
 
 
 def freeze_embeddings(model: torch.nn.Module) -> None:
@@ -89,6 +98,8 @@ def train(
     description: str = "train",
     progress: bool = True,
     on_epoch_end: EpochCallback | None = None,
+    on_step: StepCallback | None = None,
+    checkpoint: Checkpointing | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on (prompt, answer) pairs with loss on the answer tokens only.
 
@@ -100,11 +111,16 @@ def train(
         description: label of the progress bar.
         progress: show a progress bar with the running loss.
         on_epoch_end: optional callback after each complete epoch; True stops the stage.
+        on_step: optional callback after each optimizer step, with (step, loss).
+        checkpoint: save the stage's state there (periodically, at the end, and when interrupted) and
+            resume from the latest compatible checkpoint: the result is bit-identical to an
+            uninterrupted run.
     Returns:
         ``TrainResult`` with the trained model (peft-wrapped for LoRA) and the loss trace.
     Raises:
         TrainingDivergedError: the loss became NaN/inf (the step and batch are named).
-        FlearnError: out of memory, with what to change.
+        FlearnError: out of memory, with what to change; a checkpoint made by another configuration,
+            other data or another starting model (naming what differs); disk full while checkpointing.
     """
     from accelerate import Accelerator
     from accelerate.utils import set_seed
@@ -116,15 +132,31 @@ def train(
     set_seed(cfg.seed)
     examples = build_examples(tokenizer, pairs, add_eos=cfg.add_eos)
 
+    identity = saved = None
+    if checkpoint is not None:
+        identity = ckpt.stage_identity(cfg, examples, model)  # the starting model, before any adapter
+        if not checkpoint.resume:
+            ckpt.discard_checkpoints(checkpoint.directory)
+        latest = ckpt.latest_checkpoint(checkpoint.directory)
+        if latest is not None:
+            saved = ckpt.load_checkpoint(latest)
+            ckpt.check_identity(saved, identity)
+
     if cfg.lora is not None:
         model = attach_lora(model, cfg.lora)
     elif cfg.freeze_embeddings:
         freeze_embeddings(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    params = [p for _, p in named]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sampler = LengthGroupedBatches([len(e) for e in examples], cfg.batch_size, cfg.seed)
+    # A private generator: creating an epoch's iterator draws a (worker) seed from the loader's generator,
+    # which would otherwise advance the global one and make a resumed run's dropout masks differ.
     loader = torch.utils.data.DataLoader(
-        examples, batch_sampler=sampler, collate_fn=partial(collate, pad_id=tokenizer.pad_token_id)
+        examples,
+        batch_sampler=sampler,
+        collate_fn=partial(collate, pad_id=tokenizer.pad_token_id),
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     steps_per_epoch = math.ceil(len(sampler) / cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
@@ -136,76 +168,182 @@ def train(
     )
     accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    # ft-c: the starting point every weight must stay within ε of.
+    # ft-c: the starting point every weight must stay within ε of (taken before a checkpoint is loaded).
     anchors = [p.detach().clone() for p in params] if cfg.linf_bound is not None else None
 
+    pos = ckpt.Position()
+    if saved is not None:
+        _restore(saved, named, optimizer, scheduler, accelerator)
+        pos = saved.position
+        log.info(
+            "%s: resuming from %s (optimizer step %d of %d)", description, saved.path, pos.step, total_steps
+        )
+    # Where the loop stands at the last completed optimizer step: what a checkpoint taken now holds.
+    rng_at_step = ckpt.capture_rng() if checkpoint is not None else None
+    last_saved = pos.step  # nothing new to save before the first step
+
+    def save(complete: bool = False) -> None:
+        nonlocal last_saved
+        ckpt.save_checkpoint(
+            checkpoint.directory,
+            identity=identity,
+            position=pos,
+            params={n: p for n, p in named},
+            optimizer=None if complete else optimizer.state_dict(),
+            scheduler=scheduler.state_dict(),
+            rng=rng_at_step,
+            complete=complete,
+        )
+        last_saved = pos.step
+
     model.train()
-    losses: list[float] = []
-    tokens = 0
-    step = 0
-    epoch = 0
     start = time.perf_counter()
+    seconds_before = pos.seconds
     bar = tqdm(
-        total=total_steps, desc=description, unit="step", disable=not progress or not accelerator.is_main_process
+        total=total_steps,
+        desc=description,
+        unit="step",
+        disable=not progress or not accelerator.is_main_process,
     )
+    bar.update(pos.step)
+    finished = saved is not None and saved.complete
+    updating = False  # True while an optimizer step is half applied: no checkpoint can be taken then
     try:
-        while step < total_steps:
-            sampler.set_epoch(epoch)
+        while not finished and pos.step < total_steps:
+            # accelerate's loader re-sets its sampler's epoch from its own counter: set both.
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(pos.epoch)
+            sampler.set_epoch(pos.epoch)
             running = 0.0
+            pending_tokens = 0
+            skip = pos.batches_done  # a resumed epoch: these batches were consumed before the checkpoint
             for batch_index, batch in enumerate(loader):
+                if batch_index < skip:
+                    continue
                 with accelerator.accumulate(model):
                     out = model(**batch)
                     loss = out.loss
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(
-                            f"{description}: loss became {loss.item()} at optimizer step {step + 1} "
-                            f"(epoch {epoch + 1}, batch {batch_index + 1}); nothing was written. Lower the "
+                            f"{description}: loss became {loss.item()} at optimizer step {pos.step + 1} "
+                            f"(epoch {pos.epoch + 1}, batch {batch_index + 1}); nothing was written. Lower the "
                             "learning rate or check the data."
                         )
                     accelerator.backward(loss)
+                    updating = accelerator.sync_gradients
                     if accelerator.sync_gradients and cfg.max_grad_norm is not None:
                         accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
                     optimizer.step()
                     scheduler.step()
                     optimizer.zero_grad()
-                tokens += int(batch["attention_mask"].sum())
+                pending_tokens += int(batch["attention_mask"].sum())
                 running += loss.item() / cfg.grad_accum
                 if accelerator.sync_gradients:
                     if anchors is not None:
                         _project_linf(params, anchors, cfg.linf_bound)
-                    step += 1
-                    losses.append(running)
+                    pos.step += 1
+                    pos.tokens += pending_tokens
+                    pending_tokens = 0
+                    pos.batches_done = batch_index + 1
+                    pos.accelerator_step = accelerator.step
+                    pos.losses.append(running)
+                    pos.seconds = seconds_before + time.perf_counter() - start
+                    if checkpoint is not None:
+                        rng_at_step = ckpt.capture_rng()
+                    updating = False
                     running = 0.0
                     bar.update(1)
-                    bar.set_postfix(loss=f"{losses[-1]:.4f}", epoch=epoch + 1)
-                    if step >= total_steps:
+                    bar.set_postfix(loss=f"{pos.losses[-1]:.4f}", epoch=pos.epoch + 1)
+                    if (
+                        checkpoint is not None
+                        and checkpoint.every
+                        and pos.step % checkpoint.every == 0
+                        and pos.step < total_steps
+                    ):
+                        save()
+                    if on_step is not None:
+                        on_step(pos.step, pos.losses[-1])
+                    if pos.step >= total_steps:
                         break
-            epoch += 1
-            if step >= total_steps:
+            else:
+                pos.epoch += 1
+                pos.batches_done = 0
+            if pos.step >= total_steps:
                 break
             if on_epoch_end is not None:
                 model.eval()
-                stop = on_epoch_end(epoch, accelerator.unwrap_model(model))
+                stop = on_epoch_end(pos.epoch, accelerator.unwrap_model(model))
                 model.train()
                 if stop:
                     break
-    except torch.OutOfMemoryError as ex:
-        raise _oom_error(ex, cfg) from ex
-    except RuntimeError as ex:
-        if "out of memory" in str(ex).lower() or "can't allocate memory" in str(ex).lower():
+        pos.seconds = seconds_before + time.perf_counter() - start
+        if checkpoint is not None and not finished:
+            save(complete=True)
+    except BaseException as ex:
+        if (
+            checkpoint is not None
+            and checkpoint.save_on_error
+            and not updating
+            and pos.step > last_saved
+            and not isinstance(ex, FlearnError)  # a diverged loss or a failed checkpoint: saving cannot help
+        ):
+            try:
+                save()
+                log.warning(
+                    "%s: interrupted; state after optimizer step %d saved in %s",
+                    description,
+                    pos.step,
+                    checkpoint.directory,
+                )
+            except Exception as save_error:  # the original error matters more
+                log.warning(
+                    "%s: could not save a checkpoint after the interruption: %s", description, save_error
+                )
+        if isinstance(ex, torch.OutOfMemoryError):
+            raise _oom_error(ex, cfg) from ex
+        if isinstance(ex, RuntimeError) and (
+            "out of memory" in str(ex).lower() or "can't allocate memory" in str(ex).lower()
+        ):
             raise _oom_error(ex, cfg) from ex
         raise
     finally:
         bar.close()
-    seconds = time.perf_counter() - start
+    seconds = pos.seconds
     model.eval()
     unwrapped = accelerator.unwrap_model(model)
-    epochs_done = step / steps_per_epoch
+    epochs_done = pos.step / steps_per_epoch
+    losses = pos.losses
     log.info(
         "%s: %d steps (%.2f epochs) in %.1f s, %.0f tokens/s, final loss %.4f",
-        description, step, epochs_done, seconds, tokens / max(seconds, 1e-9), losses[-1] if losses else float("nan"),
+        description,
+        pos.step,
+        epochs_done,
+        seconds,
+        pos.tokens / max(seconds, 1e-9),
+        losses[-1] if losses else float("nan"),
     )
-    return TrainResult(unwrapped, step, epochs_done, seconds, tokens, losses)
+    return TrainResult(unwrapped, pos.step, epochs_done, seconds, pos.tokens, list(losses))
+
+
+def _restore(saved: ckpt.Checkpoint, named, optimizer, scheduler, accelerator) -> None:
+    """Load a checkpoint's parameters, optimizer, scheduler, accelerate counter and RNG states."""
+    names = [n for n, _ in named]
+    if names != saved.param_names or any(saved.params[n].shape != p.shape for n, p in named):
+        missing = sorted(set(names) - set(saved.param_names))
+        unexpected = sorted(set(saved.param_names) - set(names))
+        raise FlearnError(
+            f"cannot resume from the checkpoint {saved.path}: its parameters do not match the model's "
+            f"trainable parameters (missing {missing[:5]}, unexpected {unexpected[:5]}, or other shapes)"
+        )
+    with torch.no_grad():
+        for name, p in named:
+            p.copy_(saved.params[name])
+    if saved.optimizer is not None:
+        optimizer.load_state_dict(saved.optimizer)
+    if saved.scheduler is not None:
+        scheduler.load_state_dict(saved.scheduler)
+    accelerator.step = saved.position.accelerator_step
+    ckpt.restore_rng(saved.rng)
 
 
 @torch.no_grad()

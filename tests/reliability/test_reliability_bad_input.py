@@ -1,0 +1,374 @@
+"""Bad input anywhere in ``flearn update`` exits with code 2 and a clear message, and writes nothing: no
+output directory, no temporary directory, no work directory; a previous output stays untouched."""
+
+from __future__ import annotations
+
+import errno
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from reliability_helpers import update_args, write_facts
+
+from flearning.cli import main
+from flearning.config import UpdateConfig, load_config
+from flearning.errors import FlearnError
+from flearning.recipes.update import work_dir_for
+from flearning.training import TrainConfig, train
+from tiny import tiny_llama
+
+
+@pytest.fixture
+def facts(tmp_path):
+    return write_facts(tmp_path / "facts.jsonl")
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists()
+    assert not work_dir_for(out).exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def run_cli(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    return code, capsys.readouterr().err
+
+
+# ---- configuration ---------------------------------------------------------------------------------
+
+
+def test_config_unknown_keys_and_wrong_types(tiny_model_dir, facts, tmp_path, capsys):
+    config = tmp_path / "run.yaml"
+    config.write_text("colour: red\nseed: many\nlearn:\n  epochs: [1, 2]\n  batch_size: -1\nlora: 3\n")
+    out = tmp_path / "out"
+    code, err = run_cli(
+        [
+            "update",
+            "--config",
+            str(config),
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(facts),
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 2
+    assert "invalid configuration: 5 problems" in err
+    for field in ("colour", "seed", "learn.epochs", "learn.batch_size", "lora"):
+        assert f"{config}:{field}:" in err
+    assert "Traceback" not in err
+    assert_nothing_written(out)
+
+
+def test_yaml_numbers_without_a_dot_are_floats(tmp_path):
+    """PyYAML reads ``5e-5`` (no dot) as a string; the config still takes it as the number 5e-5."""
+    config = tmp_path / "run.yaml"
+    config.write_text("lambda: 3e-1\nlinf_bound: 1E-3\nlearn:\n  lr: 5e-5\nforget:\n  lr: 1e-4\n")
+    cfg = load_config(UpdateConfig, config, ["learn.weight_decay=1e-2"])
+    assert cfg.learn.lr == 5e-5 and isinstance(cfg.learn.lr, float)
+    assert cfg.forget.lr == 1e-4 and cfg.lam == 0.3 and cfg.linf_bound == 1e-3
+    assert cfg.learn.weight_decay == 1e-2
+
+
+@pytest.mark.parametrize(
+    "text", [b"\xff\xfe\x00garbage", b"[[[[" * 400 + b"]]]]" * 400, b"- a\n- b\n", b"a: [1\n"]
+)
+def test_config_files_that_are_not_yaml_mappings(text, tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_bytes(text)
+    code, err = run_cli(["update", "--config", str(config), f"out={tmp_path / 'out'}"], capsys)
+    assert code == 2 and err.startswith(f"error: invalid configuration: 1 problem\n  {config}")
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, err = run_cli(
+        ["update", "--config", str(tmp_path / "nope.yaml"), f"out={tmp_path / 'out'}"], capsys
+    )
+    assert code == 2 and "cannot read config" in err
+
+
+@pytest.mark.parametrize(
+    "override", ["lambda=.nan", "lambda=.inf", "lambda=-.inf", "learn.lr=.nan", "linf_bound=.inf"]
+)
+def test_non_finite_numbers_are_refused(override, tiny_model_dir, facts, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(update_args(tiny_model_dir, facts, out, "flearning-ft", override), capsys)
+    assert code == 2 and "finite number" in err
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_lambda_option_is_refused(value, tiny_model_dir, facts, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli([*update_args(tiny_model_dir, facts, out), "--lambda", value], capsys)
+    assert code == 2 and f"{'command line'}:lambda: Input should be a finite number" in err
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_seed_out_of_range(seed, tiny_model_dir, facts, tmp_path, capsys):
+    code, err = run_cli([*update_args(tiny_model_dir, facts, tmp_path / "out"), "--seed", seed], capsys)
+    assert code == 2 and "seed" in err
+
+
+def test_unknown_lora_target_modules(tiny_model_dir, facts, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(
+        update_args(tiny_model_dir, facts, out, "lora", "lora.target_modules=[no_such_layer]"), capsys
+    )
+    assert code == 2 and "cannot attach a LoRA adapter" in err and "no_such_layer" in err
+    assert_nothing_written(out)
+
+
+# ---- data --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "no such file"),
+        (b"", "file is empty"),
+        (b"\x80\x04\x95 a pickle", "not UTF-8"),
+        (b'{"prompt": "x"', "invalid dataset"),
+        (b'[{"prompt": "a", "target_old": "b", "target_new": "b"}]', "invalid dataset"),
+        ("dir", "is a directory"),
+    ],
+)
+def test_bad_data_files(content, message, tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "facts.jsonl"
+    if content == "dir":
+        data.mkdir()
+    elif content is not None:
+        data.write_bytes(content)
+    out = tmp_path / "out"
+    code, err = run_cli(update_args(tiny_model_dir, data, out), capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert_nothing_written(out)
+
+
+# ---- models ------------------------------------------------------------------------------------------
+
+
+def _model_dir(kind: str, tmp_path: Path, tokenizer) -> Path:
+    path = tmp_path / f"model-{kind}"
+    if kind == "missing":
+        return path
+    if kind == "file":
+        path.write_text("not a model")
+        return path
+    path.mkdir()
+    if kind == "empty":
+        return path
+    if kind == "not-causal":
+        from transformers import T5Config, T5Model
+
+        T5Model(
+            T5Config(d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, vocab_size=300)
+        ).save_pretrained(path)
+    else:
+        tiny_llama().save_pretrained(path)
+    if kind == "broken-config":
+        (path / "config.json").write_text("{not json")
+    if kind == "pickle-only":
+        (path / "model.safetensors").unlink()
+        (path / "pytorch_model.bin").write_bytes(b"\x80\x02}q\x00.")
+    if kind != "no-tokenizer":
+        tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "not found"),
+        ("file", "not a directory"),
+        ("empty", "no config.json"),
+        ("broken-config", "not a valid JSON file"),
+        ("not-causal", "is not a causal language model (T5Config)"),
+        ("pickle-only", "weights are only in pickle format"),
+        ("no-tokenizer", "cannot load the model or its tokenizer"),
+    ],
+)
+def test_bad_model_paths(kind, message, facts, tmp_path, tokenizer, capsys):
+    model = _model_dir(kind, tmp_path, tokenizer)
+    out = tmp_path / "out"
+    code, err = run_cli(update_args(model, facts, out), capsys)
+    assert code == 2 and message in err and "Traceback" not in err
+    assert_nothing_written(out)
+
+
+# ---- output paths and writing ------------------------------------------------------------------------
+
+
+def test_output_path_that_is_a_file(tiny_model_dir, facts, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.write_text("precious")
+    code, err = run_cli(update_args(tiny_model_dir, facts, out, "ft", "--overwrite"), capsys)
+    assert code == 2 and "exists and is not a directory" in err
+    assert out.read_text() == "precious"
+
+
+def test_output_path_that_is_not_writable(tiny_model_dir, facts, tmp_path, capsys, monkeypatch):
+    import os
+
+    # The tests run as root, for whom every directory is writable: make the check see a read-only one.
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != tmp_path and real(path, mode))
+    out = tmp_path / "locked" / "out"
+    code, err = run_cli(update_args(tiny_model_dir, facts, out), capsys)
+    assert code == 2 and "cannot write here" in err and "not a writable directory" in err
+    assert not out.parent.exists()
+
+
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (errno.ENOSPC, "no space left on device (disk full)"),
+        (errno.EROFS, "read-only file system"),
+        (errno.EACCES, "permission denied"),
+        (errno.EDQUOT, "disk quota exceeded"),
+        (errno.EPERM, "operation not permitted"),
+    ],
+)
+def test_write_failure_leaves_the_previous_output_untouched(
+    code, message, tiny_model_dir, facts, tmp_path, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    args = update_args(tiny_model_dir, facts, out, "flearning-ft", "--overwrite")
+    assert main(args) == 0
+    previous = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    capsys.readouterr()
+
+    from transformers import PreTrainedModel
+
+    real = PreTrainedModel.save_pretrained
+
+    def failing(self, *a, **kw):
+        raise OSError(code, "simulated", str(out / "model.safetensors"))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", failing)
+    exit_code, err = run_cli([*args, "seed=1"], capsys)
+    assert exit_code == 2
+    assert f"cannot write the output at {out / 'model.safetensors'}: {message}" in err
+    assert "previous output (if any) is untouched" in err and "rerun the same command to resume" in err
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == previous
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    # the trained stages were kept: once the disk is fixed, the same command finishes without retraining
+    assert (work_dir_for(out) / "learn").is_dir()
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", real)
+    assert main([*args, "seed=1"]) == 0
+    assert not work_dir_for(out).exists()
+    assert json.loads((out / "run.json").read_text())["seed"] == 1
+
+
+def test_write_errors_reported_by_safetensors_are_recognised():
+    from safetensors import SafetensorError
+
+    from flearning.outputs import write_errors_as_flearn
+
+    full = SafetensorError(
+        'Error while serializing: I/O error: No space left on device (os error 28) at "/x"'
+    )
+    message = r"cannot write a model at /x: no space left on device \(disk full\)"
+    with pytest.raises(FlearnError, match=message), write_errors_as_flearn("/x", what="a model"):
+        raise full
+    # other failures keep their own error and traceback
+    with pytest.raises(SafetensorError), write_errors_as_flearn("/x"):
+        raise SafetensorError("Error while serializing: header too large")
+    with pytest.raises(OSError), write_errors_as_flearn("/x"):
+        raise OSError(errno.EIO, "Input/output error")
+
+
+def test_disk_full_while_checkpointing(tiny_model_dir, facts, tmp_path, capsys, monkeypatch):
+    import safetensors.torch
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    out = tmp_path / "out"
+    code, err = run_cli(update_args(tiny_model_dir, facts, out, "ft", "checkpoint_every=1"), capsys)
+    assert code == 2 and "cannot write a training checkpoint" in err and "disk full" in err
+    assert not out.exists()
+
+
+# ---- numbers -----------------------------------------------------------------------------------------
+
+
+def test_nan_loss_exits_2_and_writes_nothing(facts, tmp_path, tokenizer, capsys):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model_dir = tmp_path / "nan-model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    code, err = run_cli(update_args(model_dir, facts, out, "flearning-ft"), capsys)
+    assert code == 2
+    assert "forget: FT on old facts: loss became nan at optimizer step 1 (epoch 1, batch 1)" in err
+    assert_nothing_written(out)
+
+
+def test_non_finite_weights_after_arithmetic_exit_2_and_write_nothing(
+    tiny_model_dir, facts, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    code, err = run_cli(update_args(tiny_model_dir, facts, out, "flearning-ft", "lambda=1e300"), capsys)
+    assert code == 2 and "gives NaN/inf values; the model was not changed" in err
+    assert_nothing_written(out)
+
+
+# ---- resources ---------------------------------------------------------------------------------------
+
+
+def _oom(*args, **kwargs):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_out_of_memory_is_reported_with_what_to_change(tokenizer, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", _oom)
+    with pytest.raises(FlearnError) as info:
+        train(tiny_llama(), tokenizer, [("a", "b")] * 4, TrainConfig(batch_size=4), progress=False)
+    message = str(info.value)
+    assert "out of memory while training (batch size 4)" in message
+    assert "smaller --batch-size" in message and "grad_accum" in message and "LoRA" in message
+
+
+def test_out_of_memory_in_update_exits_2(tiny_model_dir, facts, tmp_path, capsys, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", _oom)
+    out = tmp_path / "out"
+    code, err = run_cli(update_args(tiny_model_dir, facts, out, "ft"), capsys)
+    assert code == 2 and "out of memory" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_failed_final_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
+    import os
+
+    import flearning.outputs as outputs
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "model.txt").write_text("previous")
+    real = os.replace
+    calls = {"n": 0}
+
+    def second_rename_fails(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 2:  # 1: previous output aside, 2: new output into place
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", second_rename_fails)
+    with pytest.raises(OSError), outputs.atomic_directory(out) as tmp:
+        (tmp / "model.txt").write_text("new")
+    assert (out / "model.txt").read_text() == "previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

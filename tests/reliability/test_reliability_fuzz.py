@@ -1,0 +1,261 @@
+"""Fuzzing the two entry points that read user input: the run configuration (YAML file + key=value
+overrides) and the data files. Whatever they are given, they return a valid object or raise
+``FlearnError``; nothing else escapes (no traceback for a user's mistake)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from flearning.config import UpdateConfig, load_config
+from flearning.data import FORMATS, load_dataset
+from flearning.errors import FlearnError
+
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+TOP_KEYS = list(UpdateConfig.model_fields) + ["lambda"]
+STAGE_KEYS = [
+    "lr",
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "grad_accum",
+    "scheduler",
+    "warmup_ratio",
+    "weight_decay",
+    "max_grad_norm",
+    "add_eos",
+    "freeze_embeddings",
+]
+LORA_KEYS = ["r", "alpha", "dropout", "target_modules"]
+DOTTED = (
+    TOP_KEYS
+    + [f"{s}.{k}" for s in ("learn", "forget") for k in STAGE_KEYS]
+    + [f"lora.{k}" for k in LORA_KEYS]
+)
+
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.sampled_from(
+        [
+            "5e-5",
+            "1E-3",
+            "3",
+            "-0",
+            ".nan",
+            "inf",
+            "fast",
+            "",
+            "all-linear",
+            "flearning-ft",
+            "ft",
+            "linear",
+            "[q_proj]",
+            "~",
+            "2**32",
+            "1e400",
+            "\x00",
+            "é",
+        ]
+    )
+    | st.text(max_size=10)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(STAGE_KEYS + LORA_KEYS) | st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@st.composite
+def config_documents(draw) -> bytes:
+    """A YAML file: mostly a mapping of known keys to random values, sometimes mangled or random bytes."""
+    kind = draw(st.sampled_from(["mapping", "mapping", "mapping", "mangled", "bytes", "scalar"]))
+    if kind == "bytes":
+        return draw(st.binary(max_size=200))
+    if kind == "scalar":
+        return yaml.safe_dump(draw(values)).encode()
+    doc = {}
+    for key in draw(st.lists(st.sampled_from(TOP_KEYS) | st.text(max_size=6), max_size=6)):
+        if key in ("learn", "forget", "lora") and draw(st.booleans()):
+            keys = LORA_KEYS if key == "lora" else STAGE_KEYS
+            doc[key] = {k: draw(values) for k in draw(st.lists(st.sampled_from(keys), max_size=4))}
+        else:
+            doc[key] = draw(values)
+    text = yaml.safe_dump(doc, allow_unicode=draw(st.booleans()))
+    if kind == "mangled":
+        cut = draw(st.integers(0, len(text)))
+        text = (
+            text[:cut]
+            + draw(
+                st.sampled_from(
+                    [
+                        "",
+                        ":",
+                        "- ",
+                        "{",
+                        "[",
+                        "&a ",
+                        "*a",
+                        "!!python/object:os.system ",
+                        "\t",
+                        "'",
+                        '"',
+                        "\n  x: 1\n",
+                    ]
+                )
+            )
+            + text[cut + draw(st.integers(0, 3)) :]
+        )
+    return text.encode("utf-8", "surrogatepass")
+
+
+overrides = st.lists(
+    st.builds(
+        lambda k, sep, v: f"{k}{sep}{v}",
+        st.sampled_from(DOTTED) | st.text(max_size=8),
+        st.sampled_from(["=", "=", "=", "", "=="]),
+        st.sampled_from(
+            [
+                "5e-5",
+                "1e-2",
+                ".nan",
+                "[q_proj, v_proj]",
+                "{a: 1}",
+                "true",
+                "-3",
+                "x",
+                "",
+                "[",
+                "!!binary aGk=",
+                "1e400",
+                "2e9",
+            ]
+        )
+        | st.text(max_size=8),
+    ),
+    max_size=4,
+)
+
+
+def check_config(cfg: UpdateConfig) -> None:
+    """What a config that loaded promises."""
+    assert isinstance(cfg, UpdateConfig)
+    assert isinstance(cfg.lam, float) and math.isfinite(cfg.lam)
+    assert 0 <= cfg.seed < 2**32
+    for stage in (cfg.learn, cfg.forget):
+        for name in ("lr", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm"):
+            value = getattr(stage, name)
+            assert value is None or (isinstance(value, float) and math.isfinite(value))
+
+
+@pytest.fixture(scope="module")
+def fuzz_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("fuzz-reliability")
+
+
+@FUZZ
+@given(doc=config_documents(), pairs=overrides, use_file=st.booleans())
+def test_config_entry_point_raises_only_flearn_errors(fuzz_dir, doc, pairs, use_file):
+    path = fuzz_dir / "config.yaml"
+    path.write_bytes(doc)
+    try:
+        cfg = load_config(UpdateConfig, path if use_file else None, pairs)
+    except FlearnError as err:
+        event("FlearnError")
+        assert str(err)
+        return
+    event("loaded")
+    check_config(cfg)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "prompt",
+                    "target_old",
+                    "target_new",
+                    "src",
+                    "alt",
+                    "answers",
+                    "rephrase",
+                    "loc",
+                    "loc_ans",
+                    "requested_rewrite",
+                    "ground_truth",
+                    "id",
+                    "locality",
+                ]
+            )
+            | st.text(max_size=6),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=15,
+)
+
+
+@st.composite
+def data_files(draw) -> tuple[str, bytes, str | None]:
+    kind = draw(st.sampled_from(["bytes", "json", "jsonl", "mangled", "bom", "facts", "facts"]))
+    if kind == "bytes":
+        data = draw(st.binary(max_size=300))
+    elif kind == "facts":  # our JSONL format, records often valid, so that loads succeed too
+        words = st.sampled_from(
+            ["Paris", "Rome", " ", "", "x", "The capital of France is", "é\u2028"]
+        ) | st.text(max_size=8)
+        records = [
+            {"prompt": draw(words), "target_old": draw(words), "target_new": draw(words)}
+            for _ in range(draw(st.integers(1, 4)))
+        ]
+        data = "\n".join(json.dumps(r) for r in records).encode("utf-8", "surrogatepass")
+    elif kind == "json":
+        data = json.dumps(draw(json_values)).encode()
+    else:
+        lines = [
+            json.dumps(draw(json_values), ensure_ascii=draw(st.booleans()))
+            for _ in range(draw(st.integers(0, 4)))
+        ]
+        text = "\n".join(lines)
+        if kind == "mangled":
+            cut = draw(st.integers(0, len(text)))
+            text = text[:cut] + draw(st.text(max_size=3)) + text[cut:]
+        data = text.encode("utf-8", "surrogatepass")
+        if kind == "bom":
+            data = b"\xef\xbb\xbf" + data
+    suffix = draw(st.sampled_from([".json", ".jsonl", ".txt", "", ".JSON"]))
+    fmt = draw(st.none() | st.sampled_from(FORMATS) | st.sampled_from(["CounterFact_ROME", "nope", ""]))
+    return suffix, data, fmt
+
+
+@FUZZ
+@given(file=data_files(), limit=st.none() | st.integers(-1, 3))
+def test_data_entry_point_raises_only_flearn_errors(fuzz_dir, file, limit):
+    suffix, data, fmt = file
+    path = fuzz_dir / f"data{suffix}"
+    path.write_bytes(data)
+    try:
+        ds = load_dataset(path, fmt, limit=limit)
+    except FlearnError as err:
+        event("FlearnError")
+        assert str(err)
+        return
+    event(f"loaded {ds.format}")
+    assert ds.records and (limit is None or len(ds.records) <= limit)
