@@ -27,8 +27,13 @@ def measure(model, tokenizer, pairs, cfg) -> dict:
     # One warm-up step (allocations, thread pools), then the measured run.
     train(copy.deepcopy(model), tokenizer, pairs, cfg.model_copy(update={"max_steps": 1}), progress=False)
     result = train(model, tokenizer, pairs, cfg, progress=False)
-    return {"steps": result.steps, "seconds": result.seconds, "tokens": result.tokens,
-            "tokens_per_second": result.tokens_per_second, "final_loss": result.losses[-1]}
+    return {
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "tokens": result.tokens,
+        "tokens_per_second": result.tokens_per_second,
+        "final_loss": result.losses[-1],
+    }
 
 
 def main() -> None:
@@ -78,7 +83,9 @@ def main() -> None:
     print(f"fp32 matmul: {gflops:.1f} / {gflops_after:.1f} GFLOP/s (before/after); params {params:,}")
     print(f"{'stage':8} {'tokens/s':>10} {'GFLOP/s (6PT)':>14} {'of matmul':>10}")
     for name, row in rows.items():
-        print(f"{name:8} {row['tokens_per_second']:10.1f} {row['model_gflops_6pt']:14.1f} {row['fraction_of_matmul']:10.2f}")
+        print(
+            f"{name:8} {row['tokens_per_second']:10.1f} {row['model_gflops_6pt']:14.1f} {row['fraction_of_matmul']:10.2f}"
+        )
     print(json.dumps({k: payload[k] for k in ("full_ft_fraction_of_matmul", "lora_fraction_of_matmul")}))
     print(f"wrote {path}")
 

@@ -44,7 +44,9 @@ def test_not_a_causal_lm_is_a_clear_error(tmp_path):
     from transformers import T5Config, T5Model
 
     path = tmp_path / "t5"
-    T5Model(T5Config(vocab_size=50, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)).save_pretrained(path)
+    T5Model(T5Config(vocab_size=50, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)).save_pretrained(
+        path
+    )
     with pytest.raises(FlearnError, match="not a causal language model"):
         load_model(path)
 

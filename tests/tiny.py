@@ -22,7 +22,9 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_llama(seed: int = 0, tie: bool = True, vocab_size: int = 257, hidden: int = 32, layers: int = 2) -> LlamaForCausalLM:
+def tiny_llama(
+    seed: int = 0, tie: bool = True, vocab_size: int = 257, hidden: int = 32, layers: int = 2
+) -> LlamaForCausalLM:
     """A 2-layer Llama with tied embeddings (like SmolLM2), deterministic for a seed, in eval mode."""
     torch.manual_seed(seed)
     config = LlamaConfig(

@@ -40,11 +40,41 @@ def _root(
 _COMMANDS = [
     ("flearning.data.cli", "data_app", "group", "data", "Validate and summarise knowledge datasets."),
     ("flearning.models_cli", "model_app", "group", "model", "Inspect and prepare models."),
-    ("flearning.recipes.cli", "update_command", "command", "update", "Replace old facts by new ones (forget, then learn)."),
-    ("flearning.evaluation.cli", "eval_command", "command", "eval", "Score a model on an editing dataset with every metric."),
-    ("flearning.recipes.prime_cli", "prime_command", "command", "prime", "Teach a model the old facts until it holds them."),
-    ("flearning.recipes.bench_cli", "bench_command", "command", "bench", "Reproduce the paper's experiment: every method side by side."),
-    ("flearning.arithmetic.cli", "vector_app", "group", "vector", "Compute, apply and inspect knowledge vectors."),
+    (
+        "flearning.recipes.cli",
+        "update_command",
+        "command",
+        "update",
+        "Replace old facts by new ones (forget, then learn).",
+    ),
+    (
+        "flearning.evaluation.cli",
+        "eval_command",
+        "command",
+        "eval",
+        "Score a model on an editing dataset with every metric.",
+    ),
+    (
+        "flearning.recipes.prime_cli",
+        "prime_command",
+        "command",
+        "prime",
+        "Teach a model the old facts until it holds them.",
+    ),
+    (
+        "flearning.recipes.bench_cli",
+        "bench_command",
+        "command",
+        "bench",
+        "Reproduce the paper's experiment: every method side by side.",
+    ),
+    (
+        "flearning.arithmetic.cli",
+        "vector_app",
+        "group",
+        "vector",
+        "Compute, apply and inspect knowledge vectors.",
+    ),
 ]
 
 

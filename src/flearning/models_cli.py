@@ -14,7 +14,9 @@ model_app = typer.Typer(no_args_is_help=True)
 
 @model_app.command("info")
 def info(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Model directory, hub id or embedded name."),
+    model: str = typer.Option(
+        DEFAULT_MODEL, "--model", "-m", help="Model directory, hub id or embedded name."
+    ),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:

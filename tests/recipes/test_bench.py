@@ -10,8 +10,14 @@ from flearning.recipes import bench as bench_module
 from flearning.recipes.bench import Bench, BenchConfig, run_bench
 
 FACTS = [
-    {"id": f"f{i}", "prompt": f"The code of item {i} is", "target_old": f"old{i % 3}", "target_new": f"new{i % 4}",
-     "rephrase_prompts": [f"Item {i} has the code"], "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}]}
+    {
+        "id": f"f{i}",
+        "prompt": f"The code of item {i} is",
+        "target_old": f"old{i % 3}",
+        "target_new": f"new{i % 4}",
+        "rephrase_prompts": [f"Item {i} has the code"],
+        "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}],
+    }
     for i in range(10)
 ]
 
@@ -23,12 +29,22 @@ def bench_cfg(tmp_path, tiny_model_dir):
 
     def make(**kw):
         fields = dict(
-            model=str(tiny_model_dir), data={"toy": str(data)}, n=6, n_val=0, seeds=[0],
-            methods=["ft", "flearning-ft", "flearning-lora", "flearning-lora-ft"], lambdas=[0.5],
-            prime={"lr": 1e-2, "max_epochs": 2, "threshold": 0.99}, full={"lr": 1e-2, "epochs": 1},
-            lora_stage={"lr": 1e-2, "epochs": 1}, forget_full={"lr": 1e-2, "epochs": 1},
-            forget_lora={"lr": 1e-2, "epochs": 1}, lora={"r": 2, "target_modules": ["q_proj"]},
-            generation=False, eval_batch_size=4, out=tmp_path / "bench",
+            model=str(tiny_model_dir),
+            data={"toy": str(data)},
+            n=6,
+            n_val=0,
+            seeds=[0],
+            methods=["ft", "flearning-ft", "flearning-lora", "flearning-lora-ft"],
+            lambdas=[0.5],
+            prime={"lr": 1e-2, "max_epochs": 2, "threshold": 0.99},
+            full={"lr": 1e-2, "epochs": 1},
+            lora_stage={"lr": 1e-2, "epochs": 1},
+            forget_full={"lr": 1e-2, "epochs": 1},
+            forget_lora={"lr": 1e-2, "epochs": 1},
+            lora={"r": 2, "target_modules": ["q_proj"]},
+            generation=False,
+            eval_batch_size=4,
+            out=tmp_path / "bench",
         )
         fields.update(kw)
         return BenchConfig.model_validate(fields)
@@ -49,14 +65,24 @@ def _strip_timing(summary):
 def test_summary_has_every_method_and_metric(bench_cfg):
     summary = run_bench(bench_cfg(), progress=False)
     methods = summary["datasets"]["toy"]["methods"]
-    assert set(methods) == {"primed (θ)", "ft", "flearning-ft (λ=0.5)", "flearning-lora (λ=0.5)",
-                            "flearning-lora-ft (λ=0.5)"}
+    assert set(methods) == {
+        "primed (θ)",
+        "ft",
+        "flearning-ft (λ=0.5)",
+        "flearning-lora (λ=0.5)",
+        "flearning-lora-ft (λ=0.5)",
+    }
     for metrics in methods.values():
         for name in ("reliability", "generality", "locality", "old_retention", "efficacy", "paraphrase"):
             assert metrics[name]["n"] == 6
     assert methods["primed (θ)"]["locality"]["mean"] == pytest.approx(100.0)
     # flearning-lora and flearning-lora-ft forget alike: one LoRA vector and one full vector trained
-    assert summary["counters"] == {"trained_prime": 1, "trained_forget": 2, "trained_learn": 4, "cached_runs": 0}
+    assert summary["counters"] == {
+        "trained_prime": 1,
+        "trained_forget": 2,
+        "trained_learn": 4,
+        "cached_runs": 0,
+    }
     paired = {(p["method"], p["metric"]) for p in summary["datasets"]["toy"]["paired"]}
     assert ("flearning-ft", "reliability") in paired and ("flearning-lora-ft", "locality") in paired
     assert (bench_cfg().out / "table.md").read_text().startswith("**toy**")
@@ -95,8 +121,10 @@ def test_killed_bench_rerun_gives_the_same_summary(bench_cfg, tmp_path, monkeypa
 
 
 def test_auto_lambda_is_chosen_on_validation_only(bench_cfg):
-    bench = Bench(bench_cfg(n=5, n_val=4, lambdas="auto", lambda_grid=[0.1, 2.0], methods=["ft", "flearning-ft"]),
-                  progress=False)
+    bench = Bench(
+        bench_cfg(n=5, n_val=4, lambdas="auto", lambda_grid=[0.1, 2.0], methods=["ft", "flearning-ft"]),
+        progress=False,
+    )
     summary = bench.run()
     chosen = summary["datasets"]["toy"]["chosen_lambda"]["flearning-ft"]
     assert set(chosen) == {0} and chosen[0] in (0.1, 2.0)

@@ -15,13 +15,23 @@ from flearning.recipes.methods import METHODS
 from flearning.recipes.update import update
 
 FACTS = [
-    {"id": f"f{i}", "prompt": f"The code of item {i} is", "target_old": f"old{i % 3}", "target_new": f"new{i % 4}",
-     "rephrase_prompts": [f"Item {i} has the code"], "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}]}
+    {
+        "id": f"f{i}",
+        "prompt": f"The code of item {i} is",
+        "target_old": f"old{i % 3}",
+        "target_new": f"new{i % 4}",
+        "rephrase_prompts": [f"Item {i} has the code"],
+        "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}],
+    }
     for i in range(12)
 ]
 
-FAST = {"learn": {"lr": 1e-2, "epochs": 2}, "forget": {"lr": 1e-2, "epochs": 1},
-        "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]}, "eval_batch_size": 8}
+FAST = {
+    "learn": {"lr": 1e-2, "epochs": 2},
+    "forget": {"lr": 1e-2, "epochs": 1},
+    "lora": {"r": 4, "target_modules": ["q_proj", "v_proj"]},
+    "eval_batch_size": 8,
+}
 
 
 @pytest.fixture
@@ -59,8 +69,10 @@ def test_update_vector_replays_the_update(tiny_model_dir, facts_file, tmp_path):
     from flearning.models import load_model
 
     out = tmp_path / "out"
-    update(UpdateConfig(model=str(tiny_model_dir), data=facts_file, method="flearning-ft", out=out, **FAST),
-           progress=False)
+    update(
+        UpdateConfig(model=str(tiny_model_dir), data=facts_file, method="flearning-ft", out=out, **FAST),
+        progress=False,
+    )
     theta, _ = load_model(tiny_model_dir)
     KnowledgeVector.load(out / "update_vector").apply_to(theta, 1.0)
     updated, _ = load_model(out)
@@ -74,8 +86,13 @@ def test_forget_stage_subtracts_lambda_times_old_vector(tiny_model_dir, facts_fi
     from flearning.models import load_model
 
     out = tmp_path / "out"
-    cfg = UpdateConfig(model=str(tiny_model_dir), data=facts_file, method="flearning-ft", out=out, **{
-        **FAST, "learn": {"lr": 1e-12, "epochs": 1, "max_grad_norm": None}, "lambda": 0.5})
+    cfg = UpdateConfig(
+        model=str(tiny_model_dir),
+        data=facts_file,
+        method="flearning-ft",
+        out=out,
+        **{**FAST, "learn": {"lr": 1e-12, "epochs": 1, "max_grad_norm": None}, "lambda": 0.5},
+    )
     update(cfg, progress=False)
     theta, _ = load_model(tiny_model_dir)
     old = KnowledgeVector.load(out / "knowledge_vector")
@@ -92,14 +109,22 @@ def test_refuses_non_empty_output_and_input_model_dir(tiny_model_dir, facts_file
     with pytest.raises(FlearnError, match="not empty"):
         update(UpdateConfig(model=str(tiny_model_dir), data=facts_file, out=busy, **FAST), progress=False)
     with pytest.raises(FlearnError, match="input model's directory"):
-        update(UpdateConfig(model=str(tiny_model_dir), data=facts_file, out=tiny_model_dir, overwrite=True, **FAST),
-               progress=False)
+        update(
+            UpdateConfig(
+                model=str(tiny_model_dir), data=facts_file, out=tiny_model_dir, overwrite=True, **FAST
+            ),
+            progress=False,
+        )
     assert (busy / "keep.txt").read_text() == "precious"
 
 
-def test_failure_while_saving_leaves_previous_output_untouched(tiny_model_dir, facts_file, tmp_path, monkeypatch):
+def test_failure_while_saving_leaves_previous_output_untouched(
+    tiny_model_dir, facts_file, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
-    update(UpdateConfig(model=str(tiny_model_dir), data=facts_file, method="ft", out=out, **FAST), progress=False)
+    update(
+        UpdateConfig(model=str(tiny_model_dir), data=facts_file, method="ft", out=out, **FAST), progress=False
+    )
     before = (out / "model.safetensors").read_bytes()
 
     import flearning.recipes.update as recipe
@@ -109,8 +134,12 @@ def test_failure_while_saving_leaves_previous_output_untouched(tiny_model_dir, f
 
     monkeypatch.setattr(recipe, "model_card", explode)
     with pytest.raises(OSError, match="disk full"):
-        update(UpdateConfig(model=str(tiny_model_dir), data=facts_file, method="ft", out=out, overwrite=True,
-                            **FAST), progress=False)
+        update(
+            UpdateConfig(
+                model=str(tiny_model_dir), data=facts_file, method="ft", out=out, overwrite=True, **FAST
+            ),
+            progress=False,
+        )
     assert (out / "model.safetensors").read_bytes() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
 
@@ -122,7 +151,9 @@ def test_cli_update_with_config_and_overrides(tiny_model_dir, facts_file, tmp_pa
         "learn:\n  lr: 5e-5\n  epochs: 1\nforget:\n  epochs: 1\nlora:\n  r: 2\n  target_modules: [q_proj]\n"
     )
     out = tmp_path / "cli-out"
-    code = main(["update", "--config", str(config), "--no-progress", f"out={out}", "learn.lr=1e-2", "lambda=0.9"])
+    code = main(
+        ["update", "--config", str(config), "--no-progress", f"out={out}", "learn.lr=1e-2", "lambda=0.9"]
+    )
     assert code == 0
     run = json.loads((out / "run.json").read_text())
     assert run["lambda"] == 0.9
@@ -145,8 +176,24 @@ def test_cli_reports_every_config_error_at_once(tmp_path, capsys):
 
 def test_prime_command_teaches_old_facts_and_reports(tiny_model_dir, facts_file, tmp_path, capsys):
     out = tmp_path / "primed"
-    code = main(["prime", "--model", str(tiny_model_dir), "--data", str(facts_file), "--out", str(out),
-                 "--lr", "1e-2", "--max-epochs", "30", "--threshold", "0.5", "--no-progress"])
+    code = main(
+        [
+            "prime",
+            "--model",
+            str(tiny_model_dir),
+            "--data",
+            str(facts_file),
+            "--out",
+            str(out),
+            "--lr",
+            "1e-2",
+            "--max-epochs",
+            "30",
+            "--threshold",
+            "0.5",
+            "--no-progress",
+        ]
+    )
     assert code == 0
     info = json.loads((out / "prime.json").read_text())
     assert info["accuracy"] >= 0.5 > info["accuracy_before"]

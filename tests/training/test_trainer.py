@@ -24,7 +24,9 @@ def test_collate_pads_right_to_the_batch_maximum(tokenizer):
     examples = build_examples(tokenizer, [("ab", "c"), ("abcdef", "gh")], add_eos=False)
     batch = collate(examples, pad_id=tokenizer.pad_token_id)
     assert batch["input_ids"].shape == (2, len(examples[1]))
-    assert batch["attention_mask"][0].tolist() == [1] * len(examples[0]) + [0] * (len(examples[1]) - len(examples[0]))
+    assert batch["attention_mask"][0].tolist() == [1] * len(examples[0]) + [0] * (
+        len(examples[1]) - len(examples[0])
+    )
     assert (batch["labels"][0, len(examples[0]) :] == IGNORE_INDEX).all()
 
 
@@ -60,15 +62,22 @@ def test_max_steps_wins_over_epochs(tiny_model, tokenizer):
 
 
 def test_grad_accumulation_counts_optimizer_steps(tiny_model, tokenizer):
-    result = train(tiny_model, tokenizer, PAIRS, TrainConfig(lr=1e-3, epochs=1, batch_size=4, grad_accum=2),
-                   progress=False)
+    result = train(
+        tiny_model,
+        tokenizer,
+        PAIRS,
+        TrainConfig(lr=1e-3, epochs=1, batch_size=4, grad_accum=2),
+        progress=False,
+    )
     assert result.steps == 3  # 6 micro-batches / 2
 
 
 def test_ft_c_never_moves_a_weight_more_than_epsilon(tiny_model, tokenizer):
     before = {k: v.clone() for k, v in tiny_model.named_parameters()}
     eps = 1e-3
-    result = train(tiny_model, tokenizer, PAIRS, TrainConfig(lr=5e-2, epochs=3, linf_bound=eps), progress=False)
+    result = train(
+        tiny_model, tokenizer, PAIRS, TrainConfig(lr=5e-2, epochs=3, linf_bound=eps), progress=False
+    )
     worst = max((p - before[k]).abs().max().item() for k, p in result.model.named_parameters())
     # fp32 cannot hold θ₀ ± ε exactly: allow one rounding step of the largest weight
     assert eps * 0.99 < worst <= eps + 1e-6
@@ -89,7 +98,9 @@ def test_lora_stage_returns_adapter_and_leaves_base_weights(tiny_model, tokenize
 
 def test_freeze_embeddings_keeps_the_tied_embedding(tiny_model, tokenizer):
     emb = tiny_model.get_input_embeddings().weight.clone()
-    train(tiny_model, tokenizer, PAIRS, TrainConfig(lr=1e-2, epochs=1, freeze_embeddings=True), progress=False)
+    train(
+        tiny_model, tokenizer, PAIRS, TrainConfig(lr=1e-2, epochs=1, freeze_embeddings=True), progress=False
+    )
     assert torch.equal(tiny_model.get_input_embeddings().weight, emb)
     assert tiny_model.lm_head.weight is tiny_model.get_input_embeddings().weight
 
@@ -97,7 +108,9 @@ def test_freeze_embeddings_keeps_the_tied_embedding(tiny_model, tokenizer):
 def test_nan_loss_stops_with_step_and_batch_named(tiny_model, tokenizer):
     with torch.no_grad():
         tiny_model.model.norm.weight.fill_(float("nan"))
-    with pytest.raises(TrainingDivergedError, match=r"loss became nan at optimizer step 1 \(epoch 1, batch 1\)"):
+    with pytest.raises(
+        TrainingDivergedError, match=r"loss became nan at optimizer step 1 \(epoch 1, batch 1\)"
+    ):
         train(tiny_model, tokenizer, PAIRS, TrainConfig(), progress=False)
 
 
@@ -108,8 +121,14 @@ def test_on_epoch_end_can_stop_early(tiny_model, tokenizer):
         seen.append(epoch)
         return epoch == 2
 
-    result = train(tiny_model, tokenizer, PAIRS, TrainConfig(lr=1e-3, epochs=10), progress=False,
-                   on_epoch_end=stop_after_two)
+    result = train(
+        tiny_model,
+        tokenizer,
+        PAIRS,
+        TrainConfig(lr=1e-3, epochs=10),
+        progress=False,
+        on_epoch_end=stop_after_two,
+    )
     assert seen == [1, 2] and result.steps == 6
 
 

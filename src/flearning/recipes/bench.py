@@ -50,8 +50,10 @@ COMPARISONS = {"flearning-ft": "ft", "flearning-lora": "lora", "flearning-lora-f
 
 def default_data() -> dict[str, Path]:
     """The development files beside the repository, else the shipped samples."""
-    shared = {"zsre": SHARED_DATA / "zsre" / "zsre_dev-2.8k.json",
-              "counterfact": SHARED_DATA / "counterfact" / "counterfact-val.json"}
+    shared = {
+        "zsre": SHARED_DATA / "zsre" / "zsre_dev-2.8k.json",
+        "counterfact": SHARED_DATA / "counterfact" / "counterfact-val.json",
+    }
     if all(p.is_file() for p in shared.values()):
         return shared
     samples = Path(__file__).resolve().parents[3] / "data" / "samples"
@@ -69,8 +71,14 @@ class PrimeSettings(BaseModel):
 
 PROFILES: dict[str, dict[str, Any]] = {
     # A smoke run that finishes in minutes on 2 CPU cores: few records, one seed, one λ.
-    "quick": {"n": 12, "n_val": 0, "seeds": [0], "lambdas": [0.7], "generation": True,
-              "prime": {"max_epochs": 8}},
+    "quick": {
+        "n": 12,
+        "n_val": 0,
+        "seeds": [0],
+        "lambdas": [0.7],
+        "generation": True,
+        "prime": {"max_epochs": 8},
+    },
     # The paper's protocol at the scale this project reports: 200 edits per dataset, 3 seeds.
     "paper": {"n": 200, "n_val": 0, "seeds": [0, 1, 2]},
 }
@@ -163,7 +171,9 @@ class RunRecord:
     def result(self):
         from flearning.evaluation import EvalResult
 
-        return EvalResult(records=self.records, seed=self.seed, meta={"method": self.method, "lambda": self.lam})
+        return EvalResult(
+            records=self.records, seed=self.seed, meta={"method": self.method, "lambda": self.lam}
+        )
 
 
 class Cache:
@@ -216,14 +226,18 @@ class Bench:
             ds = load_dataset(path)
             need = self.cfg.n + self.cfg.n_val
             if len(ds.records) < need:
-                raise FlearnError(f"{path}: {len(ds.records)} usable records, the bench needs n + n_val = {need}")
+                raise FlearnError(
+                    f"{path}: {len(ds.records)} usable records, the bench needs n + n_val = {need}"
+                )
             evaluated = ds.records[: self.cfg.n]
             validation = ds.records[self.cfg.n : need]
             self.datasets[name] = (evaluated, validation, ds.sha256)
         start = time.perf_counter()
         self.base, self.tokenizer = load_model(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
         self.base_fp = model_fingerprint(self.base)
-        log.info("bench: base model loaded in %.1f s (fingerprint %s)", time.perf_counter() - start, self.base_fp)
+        log.info(
+            "bench: base model loaded in %.1f s (fingerprint %s)", time.perf_counter() - start, self.base_fp
+        )
         c = self.cfg
         self.full_cfg = lambda seed: default_stage("full", c.lora, seed, c.full.given())
         self.lora_cfg = lambda seed: default_stage("lora", c.lora, seed, c.lora_stage.given())
@@ -233,9 +247,12 @@ class Bench:
         }
 
     def planned_runs(self) -> int:
-        per_method = {m: 1 if METHODS[m].forget is None else (
-            len(self.cfg.lambdas) if self.cfg.lambdas != "auto" else 1 + len(self.cfg.lambda_grid))
-            for m in self.cfg.methods}
+        per_method = {
+            m: 1
+            if METHODS[m].forget is None
+            else (len(self.cfg.lambdas) if self.cfg.lambdas != "auto" else 1 + len(self.cfg.lambda_grid))
+            for m in self.cfg.methods
+        }
         extra_val = 1 if self.cfg.lambdas == "auto" else 0  # the ft baseline on validation
         return len(self.cfg.data) * len(self.cfg.seeds) * (sum(per_method.values()) + extra_val)
 
@@ -259,9 +276,16 @@ class Bench:
             model = copy.deepcopy(self.base)
             result = prime(model, self.tokenizer, records, cfg, threshold=p.threshold, progress=self.progress)
             self.counters["trained_prime"] += 1
-            info = {"dataset": dataset, "seed": seed, "accuracy_before": result.accuracy_before,
-                    "accuracy": result.accuracy, "epochs": result.epochs, "seconds": result.seconds,
-                    "history": result.history, "key": key}
+            info = {
+                "dataset": dataset,
+                "seed": seed,
+                "accuracy_before": result.accuracy_before,
+                "accuracy": result.accuracy,
+                "epochs": result.epochs,
+                "seconds": result.seconds,
+                "history": result.history,
+                "key": key,
+            }
             from flearning.outputs import atomic_directory
 
             with atomic_directory(path) as tmp:
@@ -281,13 +305,21 @@ class Bench:
         if (path / "vector.json").is_file():
             return KnowledgeVector.load(path)
         work = copy.deepcopy(theta)
-        vector, _ = old_knowledge_vector(work, self.tokenizer, [(r.prompt, r.target_old) for r in records], cfg,
-                                         progress=self.progress, metadata={"method": f"forget-{kind}"})
+        vector, _ = old_knowledge_vector(
+            work,
+            self.tokenizer,
+            [(r.prompt, r.target_old) for r in records],
+            cfg,
+            progress=self.progress,
+            metadata={"method": f"forget-{kind}"},
+        )
         self.counters["trained_forget"] += 1
         vector.save(path, overwrite=True)
         return vector
 
-    def run_one(self, dataset, seed, method_name, lam, split, records, theta, theta_key, reference) -> RunRecord:
+    def run_one(
+        self, dataset, seed, method_name, lam, split, records, theta, theta_key, reference
+    ) -> RunRecord:
         from flearning.data import records_hash
         from flearning.evaluation import evaluate
         from flearning.recipes.flearning import StagePlan, learn_config, run_method
@@ -295,30 +327,63 @@ class Bench:
         method = get_method(method_name)
         learn = learn_config(method, self.full_cfg(seed), self.lora_cfg(seed), self.cfg.linf_bound)
         forget = self.forget_cfg[method.forget](seed) if method.forget else None
-        key = digest("run", theta_key, records_hash(records), method_name, lam if method.forget else None,
-                     learn.model_dump(mode="json"), forget.model_dump(mode="json") if forget else None,
-                     self.cfg.generation, self.cfg.fluency, split)
+        key = digest(
+            "run",
+            theta_key,
+            records_hash(records),
+            method_name,
+            lam if method.forget else None,
+            learn.model_dump(mode="json"),
+            forget.model_dump(mode="json") if forget else None,
+            self.cfg.generation,
+            self.cfg.fluency,
+            split,
+        )
         cached = self.cache.load_run(key)
         if cached is not None:
             self.counters["cached_runs"] += 1
             return cached
         start = time.perf_counter()
-        vector = self.old_vector(theta, theta_key, method.forget, seed, split, records) if method.forget else None
+        vector = (
+            self.old_vector(theta, theta_key, method.forget, seed, split, records) if method.forget else None
+        )
         seconds = {"forget": time.perf_counter() - start}
         model = copy.deepcopy(theta)
         plan = StagePlan(learn=learn, forget=forget, lam=lam if lam is not None else 0.0)
-        outcome = run_method(method, model, self.tokenizer, [(r.prompt, r.target_old) for r in records],
-                             [(r.prompt, r.target_new) for r in records], plan, progress=self.progress,
-                             old_vector=vector)
+        outcome = run_method(
+            method,
+            model,
+            self.tokenizer,
+            [(r.prompt, r.target_old) for r in records],
+            [(r.prompt, r.target_new) for r in records],
+            plan,
+            progress=self.progress,
+            old_vector=vector,
+        )
         self.counters["trained_learn"] += 1
         seconds.update(outcome.timings)
         start = time.perf_counter()
-        result = evaluate(outcome.model, self.tokenizer, records, reference=reference,
-                          batch_size=self.cfg.eval_batch_size, generation=self.cfg.generation,
-                          fluency=self.cfg.fluency, progress=False, seed=seed)
+        result = evaluate(
+            outcome.model,
+            self.tokenizer,
+            records,
+            reference=reference,
+            batch_size=self.cfg.eval_batch_size,
+            generation=self.cfg.generation,
+            fluency=self.cfg.fluency,
+            progress=False,
+            seed=seed,
+        )
         seconds["evaluate"] = time.perf_counter() - start
-        run = RunRecord(dataset, seed, method_name, lam if method.forget else None, split, result.records,
-                        {k: round(v, 3) for k, v in seconds.items()})
+        run = RunRecord(
+            dataset,
+            seed,
+            method_name,
+            lam if method.forget else None,
+            split,
+            result.records,
+            {k: round(v, 3) for k, v in seconds.items()},
+        )
         self.cache.save_run(key, run)
         return run
 
@@ -334,23 +399,41 @@ class Bench:
         for dataset, (evaluated, validation, _) in self.datasets.items():
             for seed in self.cfg.seeds:
                 theta, theta_key, info = self.primed(dataset, seed, [*evaluated, *validation])
-                ref_eval = reference_predictions(theta, self.tokenizer, evaluated, batch_size=self.cfg.eval_batch_size)
-                primed_eval = evaluate(theta, self.tokenizer, evaluated, reference=ref_eval,
-                                       batch_size=self.cfg.eval_batch_size, generation=self.cfg.generation,
-                                       progress=False, seed=seed)
+                ref_eval = reference_predictions(
+                    theta, self.tokenizer, evaluated, batch_size=self.cfg.eval_batch_size
+                )
+                primed_eval = evaluate(
+                    theta,
+                    self.tokenizer,
+                    evaluated,
+                    reference=ref_eval,
+                    batch_size=self.cfg.eval_batch_size,
+                    generation=self.cfg.generation,
+                    progress=False,
+                    seed=seed,
+                )
                 info = dict(info, metrics=primed_eval.summary())
                 self.primes.setdefault(dataset, []).append(info)
                 self.runs.append(RunRecord(dataset, seed, "primed (θ)", None, "eval", primed_eval.records))
-                chosen = self._choose_lambdas(dataset, seed, validation, theta, theta_key, bar) \
-                    if self.cfg.lambdas == "auto" else {}
+                chosen = (
+                    self._choose_lambdas(dataset, seed, validation, theta, theta_key, bar)
+                    if self.cfg.lambdas == "auto"
+                    else {}
+                )
                 for method_name in self.cfg.methods:
                     method = METHODS[method_name]
-                    lams = [None] if method.forget is None else (
-                        [chosen[method_name]] if self.cfg.lambdas == "auto" else list(self.cfg.lambdas))
+                    lams = (
+                        [None]
+                        if method.forget is None
+                        else ([chosen[method_name]] if self.cfg.lambdas == "auto" else list(self.cfg.lambdas))
+                    )
                     for lam in lams:
                         bar.set_postfix_str(f"{dataset} seed {seed} {method_name} λ={lam}")
-                        self.runs.append(self.run_one(dataset, seed, method_name, lam, "eval", evaluated,
-                                                      theta, theta_key, ref_eval))
+                        self.runs.append(
+                            self.run_one(
+                                dataset, seed, method_name, lam, "eval", evaluated, theta, theta_key, ref_eval
+                            )
+                        )
                         bar.update(1)
                 del theta
         bar.close()
@@ -361,7 +444,9 @@ class Bench:
         """λ per F-Learning method from the validation split (never the evaluated records)."""
         from flearning.evaluation import reference_predictions
 
-        ref_val = reference_predictions(theta, self.tokenizer, validation, batch_size=self.cfg.eval_batch_size)
+        ref_val = reference_predictions(
+            theta, self.tokenizer, validation, batch_size=self.cfg.eval_batch_size
+        )
         baseline = self.run_one(dataset, seed, "ft", None, "val", validation, theta, theta_key, ref_val)
         self.runs.append(baseline)
         bar.update(1)
@@ -372,7 +457,9 @@ class Bench:
                 continue
             scored = []
             for lam in self.cfg.lambda_grid:
-                run = self.run_one(dataset, seed, method_name, lam, "val", validation, theta, theta_key, ref_val)
+                run = self.run_one(
+                    dataset, seed, method_name, lam, "val", validation, theta, theta_key, ref_val
+                )
                 self.runs.append(run)
                 bar.update(1)
                 s = run.result().summary()
@@ -390,9 +477,13 @@ class Bench:
         from flearning.evaluation import aggregate, write_report
         from flearning.outputs import atomic_write_text
 
-        summary: dict[str, Any] = {"config": self.cfg.model_dump(mode="json"), "wall_seconds": round(wall, 1),
-                                   "base_fingerprint": self.base_fp, "counters": self.counters,
-                                   "datasets": {}}
+        summary: dict[str, Any] = {
+            "config": self.cfg.model_dump(mode="json"),
+            "wall_seconds": round(wall, 1),
+            "base_fingerprint": self.base_fp,
+            "counters": self.counters,
+            "datasets": {},
+        }
         tables = []
         for dataset in self.datasets:
             runs = [r for r in self.runs if r.dataset == dataset and r.split == "eval"]
@@ -403,11 +494,14 @@ class Bench:
                 if r.lam is not None:
                     sweep.setdefault(r.method, {}).setdefault(r.lam, []).append(r.result())
             multi_lambda = {m: v for m, v in sweep.items() if len(v) > 1}
-            write_report(by_label, self.out / dataset, title=f"flearn bench: {dataset}",
-                         sweep=multi_lambda or None)
+            write_report(
+                by_label, self.out / dataset, title=f"flearn bench: {dataset}", sweep=multi_lambda or None
+            )
             methods = {name: aggregate(results) for name, results in by_label.items()}
             summary["datasets"][dataset] = {
-                "n": self.cfg.n, "seeds": self.cfg.seeds, "prime": self.primes.get(dataset, []),
+                "n": self.cfg.n,
+                "seeds": self.cfg.seeds,
+                "prime": self.primes.get(dataset, []),
                 "chosen_lambda": self.chosen_lambda.get(dataset),
                 "methods": methods,
                 "paired": paired_comparisons(runs),
@@ -437,23 +531,44 @@ def paired_comparisons(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
         for base_key in base_keys:
             base_rows = index[base_key]
             for metric in PAPER_METRICS:
-                diffs = [rows[k][metric] - base_rows[k][metric] for k in rows
-                         if k in base_rows and rows[k].get(metric) is not None
-                         and base_rows[k].get(metric) is not None]
+                diffs = [
+                    rows[k][metric] - base_rows[k][metric]
+                    for k in rows
+                    if k in base_rows
+                    and rows[k].get(metric) is not None
+                    and base_rows[k].get(metric) is not None
+                ]
                 if len(diffs) < 2:
                     continue
                 mean = sum(diffs) / len(diffs)
                 sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
                 half = 1.96 * sd / math.sqrt(len(diffs))
-                out.append({"method": method, "lambda": lam, "baseline": base_name, "baseline_lambda": base_key[1],
-                            "metric": metric, "n": len(diffs), "diff": 100 * mean,
-                            "ci95": [100 * (mean - half), 100 * (mean + half)]})
+                out.append(
+                    {
+                        "method": method,
+                        "lambda": lam,
+                        "baseline": base_name,
+                        "baseline_lambda": base_key[1],
+                        "metric": metric,
+                        "n": len(diffs),
+                        "diff": 100 * mean,
+                        "ci95": [100 * (mean - half), 100 * (mean + half)],
+                    }
+                )
     return out
 
 
 def paper_table(dataset: str, methods: dict[str, dict[str, Any]]) -> str:
     """Methods × (Reliability, Generality, Locality) and the extra metrics, mean ± std over seeds."""
-    cols = ["reliability", "generality", "locality", "old_retention", "efficacy", "paraphrase", "gen_exact_match"]
+    cols = [
+        "reliability",
+        "generality",
+        "locality",
+        "old_retention",
+        "efficacy",
+        "paraphrase",
+        "gen_exact_match",
+    ]
     names = ["Reliability", "Generality", "Locality", "Old retention", "Efficacy", "Paraphrase", "Gen. EM"]
     lines = [f"**{dataset}**", "", "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(cols)]
     for method, metrics in methods.items():

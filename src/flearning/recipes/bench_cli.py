@@ -20,14 +20,22 @@ def _parse_data(items: list[str] | None) -> dict[str, str] | None:
 
 
 def bench_command(
-    overrides: list[str] = typer.Argument(None, help="Config overrides as key=value (e.g. prime.max_epochs=10)."),
+    overrides: list[str] = typer.Argument(
+        None, help="Config overrides as key=value (e.g. prime.max_epochs=10)."
+    ),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML bench configuration."),
-    profile: str | None = typer.Option(None, "--profile", help="quick (a smoke run in minutes) or paper (200 edits, 3 seeds)."),
+    profile: str | None = typer.Option(
+        None, "--profile", help="quick (a smoke run in minutes) or paper (200 edits, 3 seeds)."
+    ),
     model: str | None = typer.Option(None, "--model", "-m"),
-    data: list[str] | None = typer.Option(None, "--data", help="NAME=PATH, repeatable (default: ../shared/data dev files)."),
+    data: list[str] | None = typer.Option(
+        None, "--data", help="NAME=PATH, repeatable (default: ../shared/data dev files)."
+    ),
     methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all six)."),
     n: int | None = typer.Option(None, "--n", help="Evaluated edits per dataset."),
-    n_val: int | None = typer.Option(None, "--n-val", help="Validation edits per dataset (for --lambda auto)."),
+    n_val: int | None = typer.Option(
+        None, "--n-val", help="Validation edits per dataset (for --lambda auto)."
+    ),
     seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds (0, 1, ...)."),
     lam: str | None = typer.Option(None, "--lambda", help="λ values (comma-separated) or 'auto'."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (results and cache)."),
@@ -42,7 +50,11 @@ def bench_command(
     from flearning.recipes.bench import BenchConfig, config_from_profile, run_bench
 
     cli = {
-        "model": model, "data": _parse_data(data), "n": n, "n_val": n_val, "out": out,
+        "model": model,
+        "data": _parse_data(data),
+        "n": n,
+        "n_val": n_val,
+        "out": out,
         "methods": methods.split(",") if methods else None,
         "seeds": list(range(seeds)) if seeds else None,
         "lambdas": None if lam is None else ("auto" if lam == "auto" else _floats(lam)),
@@ -68,4 +80,6 @@ def _floats(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--lambda expects numbers separated by commas or 'auto', got {text!r}") from None
+        raise typer.BadParameter(
+            f"--lambda expects numbers separated by commas or 'auto', got {text!r}"
+        ) from None

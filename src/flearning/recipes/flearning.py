@@ -69,14 +69,28 @@ def old_knowledge_vector(
     meta = dict(metadata or {})
     if cfg.lora is None:
         tuned = copy.deepcopy(model)
-        result = train(tuned, tokenizer, old_pairs, cfg, description="forget: FT on old facts", progress=progress,
-                       checkpoint=checkpoint)
+        result = train(
+            tuned,
+            tokenizer,
+            old_pairs,
+            cfg,
+            description="forget: FT on old facts",
+            progress=progress,
+            checkpoint=checkpoint,
+        )
         vector = KnowledgeVector.from_models(model, result.model, **meta)
         del tuned
     else:
         trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-        result = train(model, tokenizer, old_pairs, cfg, description="forget: LoRA on old facts", progress=progress,
-                       checkpoint=checkpoint)
+        result = train(
+            model,
+            tokenizer,
+            old_pairs,
+            cfg,
+            description="forget: LoRA on old facts",
+            progress=progress,
+            checkpoint=checkpoint,
+        )
         vector = KnowledgeVector.from_lora(result.model, **meta)
         result.model.unload()  # removes the LoRA layers in place, base weights unchanged
         # peft froze the base weights; a full-FT learning stage must find them trainable again
@@ -136,8 +150,15 @@ def run_method(
 
     learn_cfg = plan.learn
     start = time.perf_counter()
-    result = train(model, tokenizer, new_pairs, learn_cfg, description=f"learn ({method.name})", progress=progress,
-                   checkpoint=learn_checkpoint)
+    result = train(
+        model,
+        tokenizer,
+        new_pairs,
+        learn_cfg,
+        description=f"learn ({method.name})",
+        progress=progress,
+        checkpoint=learn_checkpoint,
+    )
     outcome.timings["learn_train"] = time.perf_counter() - start
     outcome.losses["learn"] = result.losses
     outcome.tokens["learn"] = result.tokens

@@ -31,9 +31,23 @@ METHODS: dict[str, Method] = {
         Method("ft", None, "full", False, "baseline: full fine-tuning on the new facts"),
         Method("lora", None, "lora", False, "baseline: LoRA on the new facts"),
         Method("ft-c", None, "full", True, "baseline (Zhu et al. 2020): full FT, each weight within ±ε of θ"),
-        Method("flearning-ft", "full", "full", False, "F-Learning: forget with a full-FT delta, learn with full FT"),
-        Method("flearning-lora", "lora", "lora", False, "F-Learning: forget with a LoRA delta, learn with LoRA"),
-        Method("flearning-lora-ft", "lora", "full", False, "F-Learning: forget with a LoRA delta, learn with full FT"),
+        Method(
+            "flearning-ft",
+            "full",
+            "full",
+            False,
+            "F-Learning: forget with a full-FT delta, learn with full FT",
+        ),
+        Method(
+            "flearning-lora", "lora", "lora", False, "F-Learning: forget with a LoRA delta, learn with LoRA"
+        ),
+        Method(
+            "flearning-lora-ft",
+            "lora",
+            "full",
+            False,
+            "F-Learning: forget with a LoRA delta, learn with full FT",
+        ),
     )
 }
 

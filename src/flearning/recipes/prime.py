@@ -80,13 +80,26 @@ def prime(
         return acc >= threshold
 
     pairs = [(r.prompt, r.target_old) for r in records]
-    result = train(model, tokenizer, pairs, cfg, description="prime: teach old facts", progress=progress,
-                   on_epoch_end=check)
+    result = train(
+        model,
+        tokenizer,
+        pairs,
+        cfg,
+        description="prime: teach old facts",
+        progress=progress,
+        on_epoch_end=check,
+    )
     final_epoch = int(round(result.epochs))
     if not history or history[-1][0] != final_epoch:
         history.append((final_epoch, old_fact_accuracy(result.model, tokenizer, records)))
     acc = history[-1][1]
     if acc < threshold:
-        log.warning("prime: old-fact accuracy %.3f after %d epochs is below the threshold %.2f",
-                    acc, final_epoch, threshold)
-    return PrimeResult(result.model, before, acc, final_epoch, time.perf_counter() - start, history, result.losses)
+        log.warning(
+            "prime: old-fact accuracy %.3f after %d epochs is below the threshold %.2f",
+            acc,
+            final_epoch,
+            threshold,
+        )
+    return PrimeResult(
+        result.model, before, acc, final_epoch, time.perf_counter() - start, history, result.losses
+    )

@@ -32,17 +32,30 @@ def prime_command(
     cfg = TrainConfig(lr=lr, epochs=max_epochs, batch_size=batch_size, seed=seed)
     dataset = load_dataset(data, fmt, limit=limit)
     source = resolve_model(model)
-    target = check_output_dir(out, overwrite=overwrite, protected=[Path(source)] if Path(source).exists() else [])
+    target = check_output_dir(
+        out, overwrite=overwrite, protected=[Path(source)] if Path(source).exists() else []
+    )
     theta, tokenizer = load_model(source)
     result = prime(theta, tokenizer, dataset.records, cfg, threshold=threshold, progress=not no_progress)
-    info = {"model": model, "data": str(data), "data_sha256": dataset.sha256, "records": len(dataset.records),
-            "threshold": threshold, "accuracy_before": result.accuracy_before, "accuracy": result.accuracy,
-            "epochs": result.epochs, "seconds": round(result.seconds, 1), "history": result.history,
-            "stage": cfg.model_dump(mode="json")}
+    info = {
+        "model": model,
+        "data": str(data),
+        "data_sha256": dataset.sha256,
+        "records": len(dataset.records),
+        "threshold": threshold,
+        "accuracy_before": result.accuracy_before,
+        "accuracy": result.accuracy,
+        "epochs": result.epochs,
+        "seconds": round(result.seconds, 1),
+        "history": result.history,
+        "stage": cfg.model_dump(mode="json"),
+    }
     with atomic_directory(target) as tmp:
         result.model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "prime.json").write_text(json.dumps(info, indent=2) + "\n")
     reached = "reached" if result.accuracy >= threshold else "did NOT reach"
-    typer.echo(f"old-fact accuracy {result.accuracy_before:.3f} → {result.accuracy:.3f} after {result.epochs} "
-               f"epochs ({reached} {threshold}); primed model written to {target}")
+    typer.echo(
+        f"old-fact accuracy {result.accuracy_before:.3f} → {result.accuracy:.3f} after {result.epochs} "
+        f"epochs ({reached} {threshold}); primed model written to {target}"
+    )
