@@ -35,6 +35,9 @@ def update_command(
         "continues from there and writes the same model as an uninterrupted run. --resume also requires "
         "OUT.partial/ to exist; OUT.partial/ of other settings is refused, naming what differs.",
     ),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the memory each stage needs for this model and method, then stop."
+    ),
     restart: bool = typer.Option(
         False,
         "--restart",
@@ -74,6 +77,11 @@ def update_command(
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other")
     cfg = load_config(UpdateConfig, config, overrides or [], cli)
+    if dry_run:
+        from flearning.memory import dry_run_report
+
+        typer.echo(dry_run_report(cfg))
+        return
     if cfg.out is None:
         raise typer.BadParameter("an output directory is required (--out DIR or out=DIR)")
     mode = "resume" if resume else "restart" if restart else "auto"

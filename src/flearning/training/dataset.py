@@ -60,11 +60,14 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
     ``50 × batch_size`` examples cuts padding without making batch order predictable.
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50) -> None:
+    def __init__(
+        self, lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50, short_last: bool = False
+    ) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.mega = mega
+        self.short_last = short_last
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -80,6 +83,10 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
             chunk = sorted(order[start : start + size], key=lambda i: self.lengths[i])
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         rng.shuffle(batches)
+        if self.short_last:
+            # Sharded over processes (accelerate, split_batches=False), a round of batches is only handed
+            # out when its last batch is full: a short batch mid-epoch would drop the whole round.
+            batches.sort(key=lambda b: len(b) < self.batch_size)  # stable: full batches keep their order
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -1,0 +1,596 @@
+"""How much memory an update needs, per training stage, before anything is loaded (``--dry-run``).
+
+Training here is fp32 with AdamW, so a fully fine-tuned parameter costs 16 bytes while it trains:
+4 (weight) + 4 (gradient) + 8 (Adam's m and v). A LoRA stage keeps the frozen weights (4 bytes each)
+and pays 16 bytes only per adapter parameter. On top of that:
+
+* activations, estimated from the architecture, the batch and the sequence length (below);
+* F-Learning's forget stage with full fine-tuning trains a *copy* of θ (``Δ_old = FT(θ) − θ`` needs θ
+  untouched), so θ is held twice, and Δ_old itself (4 bytes per parameter) lives on through the
+  learning stage; a LoRA forget stage's Δ_old is dense only over the adapted weight matrices;
+* ft-c keeps its anchor θ₀ (4 bytes per trainable parameter) to project onto;
+* ``flearn update`` with an output directory keeps θ (4 bytes per parameter) to write θ* − θ;
+* a fixed runtime overhead per process (Python, torch, transformers: ~0.5 GiB resident).
+
+The parameter count comes from the model's config alone: the model is built on torch's ``meta``
+device (shapes, no storage), so planning a 7B model takes a second and no memory.
+
+Activation estimate (fp32, per token, per decoder layer of a Llama-like model with hidden size h,
+key/value width h_kv, MLP width I, a heads and sequence length s): the tensors autograd keeps for the
+backward pass are the two norms' inputs and outputs (4h), q/k/v and rotated q/k (2h + 3h_kv), the
+attention output (h), the attention probabilities (a·s) and the gated MLP's four I-wide tensors (4I):
+``7h + 3h_kv + 4I + a·s`` values, times 1.2 for what that count misses (temporaries of the backward
+pass, the allocator). Add ``4·V`` per token for the logits, the loss's log-softmax and their gradients
+(V = vocabulary). Calibrated on this CPU against the peak RSS of full fine-tuning of random Llamas
+(12-33M parameters, vocabularies of 2k and 32k, batches 4-32): gradients + Adam + activations came
+out 1-10 % below the measured increase, which the runtime overhead covers; for SmolLM2-135M at batch 8
+the plan gives 3.3 GB where ≈3 GB was measured. The weight, gradient and optimizer terms are exact;
+the activation term is an estimate.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flearning.errors import FlearnError
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from flearning.config import UpdateConfig
+    from flearning.recipes.flearning import StagePlan
+    from flearning.recipes.methods import Method
+    from flearning.training.config import LoraSettings, TrainConfig
+
+FP32 = 4  # bytes: weights, gradients, activations and vectors are all fp32 in this project
+ADAM = 2 * FP32  # AdamW's m and v per trainable parameter
+RUNTIME_OVERHEAD = 512 * 2**20  # resident Python + torch + transformers, per process (rough)
+ACTIVATION_FACTOR = 1.2  # saved tensors the per-layer count misses (calibrated, see above)
+TIGHT = 0.9  # a plan using more than this share of the available memory gets a warning
+ACCELERATE_CONFIGS = "configs/accelerate"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs from a causal LM, read from its config and its meta-device parameters."""
+
+    name: str
+    params: int  # unique parameters (a tied embedding/lm_head counted once)
+    embedding_params: int  # the input embedding (and the output one when not tied)
+    layers: int
+    hidden: int
+    kv_hidden: int  # key/value projection width (GQA: heads_kv × head_dim)
+    intermediate: int
+    heads: int
+    vocab: int
+    # (module name, in_features, out_features) of every nn.Linear below the output layer: LoRA targets
+    linears: tuple[tuple[str, int, int], ...] = ()
+
+    def lora_shape(self, lora: LoraSettings) -> tuple[int, int]:
+        """(adapter parameters, parameters of the adapted weight matrices) for LoRA settings."""
+        adapter = dense = 0
+        for name, fan_in, fan_out in self.linears:
+            if _is_target(name, lora):
+                adapter += lora.r * (fan_in + fan_out)
+                dense += fan_in * fan_out
+        if adapter == 0:
+            raise FlearnError(
+                f"LoRA target_modules {lora.target_modules!r} match no linear layer of {self.name}"
+            )
+        return adapter, dense
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Peak bytes of one training stage, by what holds them."""
+
+    name: str  # "forget" or "learn"
+    kind: str  # "full" or "lora"
+    batch_size: int
+    trainable: int  # parameters the optimizer updates
+    weights: int  # the model being trained (all its weights, trainable or frozen)
+    gradients: int
+    optimizer: int
+    activations: int
+    other: tuple[tuple[str, int], ...] = ()  # other live tensors: copy of θ, Δ_old, anchors, snapshot
+    overhead: int = RUNTIME_OVERHEAD
+
+    @property
+    def total(self) -> int:
+        return (
+            self.weights + self.gradients + self.optimizer + self.activations + self.overhead
+            + sum(b for _, b in self.other)
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Per-stage memory of an update and how it compares with what the machine has."""
+
+    model: ModelShape
+    method: str
+    seq_len: int
+    processes: int  # processes sharing this machine's memory (DDP on one host: each holds everything)
+    stages: tuple[StageMemory, ...]
+    available: int | None  # bytes, None when unknown
+    available_source: str
+    suggestions: tuple[str, ...] = field(default=())
+
+    @property
+    def peak(self) -> int:
+        """Bytes the machine must hold at the worst moment (all processes of this machine)."""
+        return max(s.total for s in self.stages) * self.processes
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.available is None else self.peak <= self.available
+
+
+# --- the model's shape, without its weights ------------------------------------------------------
+
+
+def model_shape(
+    model_config_or_dir: PretrainedConfig | str | os.PathLike, *, trust_remote_code: bool = False
+) -> ModelShape:
+    """Read a causal LM's shape from its config (an object or a directory/hub id holding config.json).
+
+    Parameters are counted on the ``meta`` device: shapes only, no memory, no weights read.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+    if isinstance(model_config_or_dir, PretrainedConfig):
+        config = model_config_or_dir
+    else:
+        try:
+            config = AutoConfig.from_pretrained(str(model_config_or_dir), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as ex:
+            raise FlearnError(f"cannot read the model config of '{model_config_or_dir}': {ex}") from ex
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except ValueError as ex:
+        raise FlearnError(f"'{model_config_or_dir}' is not a causal language model: {ex}") from ex
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    embeddings = {
+        id(m.weight): m.weight.numel()
+        for m in (model.get_input_embeddings(), model.get_output_embeddings())
+        if m is not None
+    }
+    output = model.get_output_embeddings()
+    linears = tuple(
+        (name, module.in_features, module.out_features)
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and module is not output
+    )
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    hidden = _attr(text, "hidden_size", "n_embd", "d_model")
+    heads = _attr(text, "num_attention_heads", "n_head")
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    return ModelShape(
+        name=getattr(config, "_name_or_path", "") or type(config).__name__,
+        params=params,
+        embedding_params=sum(embeddings.values()),
+        layers=_attr(text, "num_hidden_layers", "n_layer"),
+        hidden=hidden,
+        kv_hidden=kv_heads * head_dim,
+        intermediate=getattr(text, "intermediate_size", None) or getattr(text, "n_inner", None) or 4 * hidden,
+        heads=heads,
+        vocab=_attr(text, "vocab_size"),
+        linears=linears,
+    )
+
+
+def _attr(config: Any, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    raise FlearnError(f"{type(config).__name__} has none of {', '.join(names)}: cannot estimate its memory")
+
+
+def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, lora_rank_width: int = 0) -> int:
+    """Activations kept for the backward pass of one micro-batch (see the module docstring)."""
+    per_layer = 7 * shape.hidden + 3 * shape.kv_hidden + 4 * shape.intermediate + shape.heads * seq_len
+    per_token = (
+        ACTIVATION_FACTOR * shape.layers * per_layer + 4 * shape.vocab + 2 * shape.hidden + lora_rank_width
+    )
+    return int(batch_size * seq_len * per_token * FP32)
+
+
+# --- available memory --------------------------------------------------------------------------
+
+
+def available_memory() -> tuple[int | None, str]:
+    """(bytes this process could still use, where the figure comes from).
+
+    ``MemAvailable`` of /proc/meminfo (what the kernel can hand out without swapping), capped by a
+    cgroup v2 memory limit when the process runs in a container with one; ``os.sysconf`` elsewhere.
+    Training runs on CPU here; with a GPU, its free memory is what counts and is reported instead.
+    """
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            free = min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
+            return free, "free memory of the smallest GPU (torch.cuda.mem_get_info)"
+    except Exception:  # noqa: BLE001 - a broken CUDA set-up must not break a dry run
+        pass
+    available, source = None, "unknown"
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available, source = int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    if available is None:
+        try:
+            available = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            source = "os.sysconf(SC_AVPHYS_PAGES)"
+        except (ValueError, OSError, AttributeError):
+            return None, "unknown"
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+        if limit != "max" and int(limit) - used < available:
+            available, source = int(limit) - used, "cgroup memory.max − memory.current"
+    except (OSError, ValueError):
+        pass
+    return available, source
+
+
+# --- the plan ----------------------------------------------------------------------------------
+
+
+def plan_memory(
+    model_config_or_dir: PretrainedConfig | str | os.PathLike | ModelShape,
+    method: str | Method,
+    stages: StagePlan | Mapping[str, TrainConfig] | None = None,
+    batch_size: int | None = None,
+    seq_len: int = 32,
+    *,
+    lora: LoraSettings | None = None,
+    keep_theta: bool = False,
+    processes: int = 1,
+    available: int | None = None,
+    trust_remote_code: bool = False,
+) -> MemoryPlan:
+    """Estimate the peak memory of each training stage of ``method`` and compare it with the machine's.
+
+    Args:
+        model_config_or_dir: a transformers config, a model directory or hub id (config.json only is
+            read), or a ``ModelShape`` from ``model_shape``.
+        method: a method name of the registry (``ft``, ``flearning-ft``, ...) or a ``Method``.
+        stages: the stages' settings: a ``StagePlan`` or ``{"forget": TrainConfig, "learn": ...}``; by
+            default the defaults of each stage's kind.
+        batch_size: micro-batch size of every stage, overriding ``stages``.
+        seq_len: tokens per training sequence (prompt + answer + EOS; facts are short: ~10-40).
+        lora: LoRA shape of LoRA stages when ``stages`` does not give one (default ``LoraSettings()``).
+        keep_theta: the run keeps a copy of θ to write θ* − θ (``flearn update`` with an output directory).
+        processes: training processes sharing this machine's memory (DDP on one host holds everything
+            once per process).
+        available: the budget in bytes; default: what ``available_memory`` finds.
+        trust_remote_code: passed to transformers when reading the config.
+    Returns:
+        A ``MemoryPlan``; its ``suggestions`` say what to change when the plan does not fit.
+    """
+    from flearning.config import default_stage
+    from flearning.recipes.flearning import StagePlan
+    from flearning.recipes.methods import get_method
+    from flearning.training.config import LoraSettings
+
+    shape = (
+        model_config_or_dir
+        if isinstance(model_config_or_dir, ModelShape)
+        else model_shape(model_config_or_dir, trust_remote_code=trust_remote_code)
+    )
+    method = get_method(method) if isinstance(method, str) else method
+    lora = lora or LoraSettings()
+    if isinstance(stages, StagePlan):
+        stage_cfgs = {"forget": stages.forget, "learn": stages.learn}
+    else:
+        stage_cfgs = dict(stages or {})
+    kinds = {"forget": method.forget, "learn": method.learn}
+    configs: dict[str, TrainConfig] = {}
+    for name, kind in kinds.items():
+        if kind is None:
+            continue
+        cfg = stage_cfgs.get(name) or default_stage(kind, lora, 0)
+        if kind == "lora" and cfg.lora is None:
+            cfg = cfg.model_copy(update={"lora": lora})
+        if kind == "full" and cfg.lora is not None:
+            cfg = cfg.model_copy(update={"lora": None})
+        if batch_size is not None:
+            cfg = cfg.model_copy(update={"batch_size": batch_size})
+        if name == "learn" and method.constrained and cfg.linf_bound is None:
+            cfg = cfg.model_copy(update={"linf_bound": 5e-4})
+        configs[name] = cfg
+
+    snapshot = (("θ snapshot", shape.params * FP32),) if keep_theta else ()
+    plan_stages = []
+    vector_after_forget: tuple[tuple[str, int], ...] = ()
+    if "forget" in configs:
+        cfg = configs["forget"]
+        if cfg.lora is None:
+            stage = _full_stage(
+                "forget", shape, cfg, seq_len, extra=(("θ (untouched)", shape.params * FP32),)
+            )
+            vector_after_forget = (("Δ_old", shape.params * FP32),)
+        else:
+            stage = _lora_stage("forget", shape, cfg, seq_len, extra=())
+            dense = shape.lora_shape(cfg.lora)[1]
+            vector_after_forget = (("Δ_old (LoRA)", dense * FP32),)
+        plan_stages.append(_with_other(stage, snapshot))
+    cfg = configs["learn"]
+    if cfg.lora is None:
+        anchors = (("ft-c anchor", _trainable_full(shape, cfg) * FP32),) if cfg.linf_bound is not None else ()
+        stage = _full_stage("learn", shape, cfg, seq_len, extra=vector_after_forget + anchors)
+    else:
+        stage = _lora_stage("learn", shape, cfg, seq_len, extra=vector_after_forget)
+    plan_stages.append(_with_other(stage, snapshot))
+
+    if available is None:
+        available, source = available_memory()
+    else:
+        source = "given"
+    plan = MemoryPlan(
+        model=shape,
+        method=method.name,
+        seq_len=seq_len,
+        processes=processes,
+        stages=tuple(plan_stages),
+        available=available,
+        available_source=source,
+    )
+    return MemoryPlan(**{**plan.__dict__, "suggestions": tuple(suggestions(plan, configs, lora, keep_theta))})
+
+
+def _trainable_full(shape: ModelShape, cfg: TrainConfig) -> int:
+    return shape.params - shape.embedding_params if cfg.freeze_embeddings else shape.params
+
+
+def _full_stage(name: str, shape: ModelShape, cfg: TrainConfig, seq_len: int, extra) -> StageMemory:
+    trainable = _trainable_full(shape, cfg)
+    return StageMemory(
+        name=name,
+        kind="full",
+        batch_size=cfg.batch_size,
+        trainable=trainable,
+        weights=shape.params * FP32,
+        gradients=trainable * FP32,
+        optimizer=trainable * ADAM,
+        activations=activation_bytes(shape, cfg.batch_size, seq_len),
+        other=tuple(extra),
+    )
+
+
+def _lora_stage(name: str, shape: ModelShape, cfg: TrainConfig, seq_len: int, extra) -> StageMemory:
+    adapter, _ = shape.lora_shape(cfg.lora)
+    targets = sum(1 for n, _, _ in shape.linears if _is_target(n, cfg.lora))
+    return StageMemory(
+        name=name,
+        kind="lora",
+        batch_size=cfg.batch_size,
+        trainable=adapter,
+        weights=(shape.params + adapter) * FP32,
+        gradients=adapter * FP32,
+        optimizer=adapter * ADAM,
+        activations=activation_bytes(shape, cfg.batch_size, seq_len, lora_rank_width=targets * cfg.lora.r),
+        other=tuple(extra),
+    )
+
+
+def _is_target(name: str, lora: LoraSettings) -> bool:
+    """peft's matching of a module name against target_modules (a list matches the last name part)."""
+    from flearning.training.config import ALL_LINEAR
+
+    leaf = name.rsplit(".", 1)[-1]
+    targets = lora.target_modules
+    if isinstance(targets, str):
+        return targets == ALL_LINEAR or leaf == targets
+    return leaf in targets
+
+
+def _with_other(stage: StageMemory, extra) -> StageMemory:
+    return StageMemory(**{**stage.__dict__, "other": stage.other + tuple(extra)})
+
+
+# --- what to change when it does not fit -------------------------------------------------------
+
+
+def suggestions(
+    plan: MemoryPlan, configs: Mapping[str, TrainConfig], lora: LoraSettings, keep_theta: bool
+) -> list[str]:
+    """Concrete changes, each with the peak it would give, when ``plan`` does not fit (or barely)."""
+    if plan.available is None or plan.peak <= TIGHT * plan.available:
+        return []
+    out = []
+
+    def alternative(method: str, **kwargs) -> MemoryPlan:
+        return plan_memory(
+            plan.model, method, kwargs.pop("stages", None), seq_len=plan.seq_len, lora=lora,
+            keep_theta=keep_theta, processes=plan.processes, available=plan.available, **kwargs,
+        )  # fmt: skip
+
+    worst = max(plan.stages, key=lambda s: s.total)
+    if plan.method == "flearning-ft":
+        alt = alternative("flearning-lora-ft", batch_size=worst.batch_size)
+        if alt.peak < 0.9 * plan.peak:
+            out.append(
+                "Forget with LoRA instead of a full-FT copy of θ: method flearning-lora-ft "
+                f"(the paper's best CounterFact variant) needs {fmt_bytes(alt.peak)}."
+            )
+    if any(s.kind == "full" for s in plan.stages):
+        lora_method = "flearning-lora" if plan.method.startswith("flearning") else "lora"
+        alt = alternative(lora_method, batch_size=worst.batch_size)
+        if alt.peak < 0.9 * plan.peak:
+            out.append(f"LoRA in both stages (method {lora_method}) needs {fmt_bytes(alt.peak)}.")
+    if worst.batch_size > 1 and worst.activations > 0.1 * worst.total:
+        small = max(1, worst.batch_size // 4)
+        accum = math.ceil(worst.batch_size / small)
+        saved = worst.activations - worst.activations * small // worst.batch_size
+        out.append(
+            f"Activations take {fmt_bytes(worst.activations)} at batch {worst.batch_size}: batch_size={small} "
+            f"with grad_accum={accum} keeps the effective batch and saves {fmt_bytes(saved * plan.processes)} "
+            f"({worst.name}.batch_size={small} {worst.name}.grad_accum={accum})."
+        )
+    if keep_theta:
+        out.append(
+            f"Without an output directory the run does not keep θ for θ* − θ ({fmt_bytes(plan.model.params * FP32)})."
+        )
+    states = worst.weights + worst.gradients + worst.optimizer
+    rest = worst.total - states
+    budget = plan.available / plan.processes
+    if states > 0 and budget > rest:
+        gpus = max(2, math.ceil(states / (budget - rest)))
+        if gpus <= 1024:
+            out.append(
+                f"Shard weights, gradients and Adam state over {gpus}+ GPUs with accelerate: "
+                f"`accelerate launch --config_file {ACCELERATE_CONFIGS}/fsdp.yaml` or deepspeed-zero3.yaml "
+                f"(≈ {fmt_bytes(states // gpus + rest)} per GPU); deepspeed-zero2.yaml shards only gradients "
+                "and Adam state. See docs/DISTRIBUTED.md."
+            )
+    else:
+        held = ", ".join(label for label, _ in worst.other) or "none"
+        out.append(
+            f"Even with weights, gradients and Adam state sharded, activations, runtime and the tensors the recipe "
+            f"holds beside the model ({held}) take {fmt_bytes(rest)} per process, more than the budget: use "
+            "smaller batches or LoRA stages first."
+        )
+    return out
+
+
+# --- presentation --------------------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def plan_table(plan: MemoryPlan):
+    """A rich renderable: one row per stage, the budget and the suggestions."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    shape = plan.model
+    title = (
+        f"Memory plan: {plan.method} on {shape.name} ({_count(shape.params)} parameters, fp32, AdamW), "
+        f"sequences of {plan.seq_len} tokens"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "stage",
+        "batch",
+        "trainable",
+        "weights",
+        "grads",
+        "Adam m,v",
+        "activations",
+        "other",
+        "total",
+    ):
+        table.add_column(
+            column,
+            justify="left" if column in ("stage", "other") else "right",
+            no_wrap=column != "other",
+        )
+    for s in plan.stages:
+        other = "\n".join(f"{label}: {fmt_bytes(b)}" for label, b in s.other) or "–"
+        table.add_row(
+            f"{s.name} ({s.kind})",
+            str(s.batch_size),
+            _count(s.trainable),
+            fmt_bytes(s.weights),
+            fmt_bytes(s.gradients),
+            fmt_bytes(s.optimizer),
+            fmt_bytes(s.activations),
+            other,
+            fmt_bytes(s.total),
+        )
+    per = (
+        f" ({plan.processes} processes × {fmt_bytes(plan.peak // plan.processes)})"
+        if plan.processes > 1
+        else ""
+    )
+    table.caption = (
+        f"totals include {fmt_bytes(RUNTIME_OVERHEAD)} runtime per process; activations are an estimate"
+    )
+    if plan.available is None:
+        verdict = Text(f"peak {fmt_bytes(plan.peak)}{per}; available memory unknown")
+    elif plan.peak <= TIGHT * plan.available:
+        verdict = Text(
+            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): fits",
+            style="green",
+        )
+    elif plan.fits:
+        verdict = Text(
+            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): "
+            f"fits, with little headroom ({plan.peak / plan.available:.0%})",
+            style="yellow",
+        )
+    else:
+        verdict = Text(
+            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): "
+            "does NOT fit",
+            style="bold red",
+        )
+    parts = [table, verdict]
+    parts += [Text(f"• {line}") for line in plan.suggestions]
+    return Group(*parts)
+
+
+def render(renderable, width: int = 120) -> str:
+    from rich.console import Console
+
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+# --- flearn update --dry-run -----------------------------------------------------------------
+
+
+def dry_run_plan(
+    cfg: UpdateConfig, *, seq_len: int = 32, processes: int = 1, available: int | None = None
+) -> MemoryPlan:
+    """The memory plan of an update config: its model (config only; the embedded default is converted
+    once if it was not yet), method, stage settings and LoRA shape."""
+    from flearning.models import resolve_model
+    from flearning.recipes.update import stage_plan
+
+    source = resolve_model(cfg.model)
+    return plan_memory(
+        source,
+        cfg.method,
+        stage_plan(cfg),
+        seq_len=seq_len,
+        lora=cfg.lora,
+        keep_theta=cfg.out is not None,
+        processes=processes,
+        available=available,
+        trust_remote_code=cfg.trust_remote_code,
+    )
+
+
+def dry_run_report(
+    cfg: UpdateConfig, *, seq_len: int = 32, processes: int = 1, available: int | None = None
+) -> str:
+    """``flearn update --dry-run``: the memory plan as text (a table, the verdict, suggestions)."""
+    return render(plan_table(dry_run_plan(cfg, seq_len=seq_len, processes=processes, available=available)))
