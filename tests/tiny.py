@@ -43,3 +43,19 @@ def tiny_llama(
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+def toy_facts(n: int = 12) -> list[dict]:
+    """``n`` made-up facts in the JSONL format, with a rephrase and a locality probe each."""
+    return [
+        {
+            "id": f"f{i}",
+            "prompt": f"The code of item {i} is",
+            "target_old": f"old{i % 3}",
+            "target_new": f"new{i % 4}",
+            "rephrase_prompts": [f"Item {i} has the code"],
+            "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}],
+        }
+        for i in range(n)
+    ]
+

@@ -8,18 +8,9 @@ import pytest
 
 from flearning.recipes import bench as bench_module
 from flearning.recipes.bench import Bench, BenchConfig, run_bench
+from tiny import toy_facts
 
-FACTS = [
-    {
-        "id": f"f{i}",
-        "prompt": f"The code of item {i} is",
-        "target_old": f"old{i % 3}",
-        "target_new": f"new{i % 4}",
-        "rephrase_prompts": [f"Item {i} has the code"],
-        "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}],
-    }
-    for i in range(10)
-]
+FACTS = toy_facts(10)
 
 
 @pytest.fixture

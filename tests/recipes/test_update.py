@@ -13,18 +13,9 @@ from flearning.config import UpdateConfig
 from flearning.errors import FlearnError
 from flearning.recipes.methods import METHODS
 from flearning.recipes.update import update
+from tiny import toy_facts
 
-FACTS = [
-    {
-        "id": f"f{i}",
-        "prompt": f"The code of item {i} is",
-        "target_old": f"old{i % 3}",
-        "target_new": f"new{i % 4}",
-        "rephrase_prompts": [f"Item {i} has the code"],
-        "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}],
-    }
-    for i in range(12)
-]
+FACTS = toy_facts(12)
 
 FAST = {
     "learn": {"lr": 1e-2, "epochs": 2},

@@ -8,17 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-FACTS = [
-    {
-        "id": f"f{i}",
-        "prompt": f"The code of item {i} is",
-        "target_old": f"old{i % 3}",
-        "target_new": f"new{i % 4}",
-        "rephrase_prompts": [f"Item {i} has the code"],
-        "locality": [{"prompt": f"Colour {i} is", "answer": "blue"}],
-    }
-    for i in range(12)
-]
+from tiny import toy_facts
+
+FACTS = toy_facts(12)
 
 # 12 facts, batch 8: 2 optimizer steps per epoch → forget 4 steps, learn 6 steps.
 FAST = [
