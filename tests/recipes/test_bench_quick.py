@@ -1,0 +1,49 @@
+"""The quick bench profile end to end on the embedded SmolLM2-135M (a few minutes on 2 CPU cores)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from flearning.cli import main
+from flearning.evaluation import METRICS
+from flearning.recipes.methods import METHODS
+
+pytestmark = pytest.mark.slow
+
+REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "samples"
+
+
+def test_quick_profile_reports_every_method_and_metric(tmp_path):
+    out = tmp_path / "bench-quick"
+    code = main(
+        [
+            "bench",
+            "--profile",
+            "quick",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--data",
+            f"zsre={REPO_DATA / 'zsre-200.json'}",
+            "--data",
+            f"counterfact={REPO_DATA / 'counterfact-200.json'}",
+        ]
+    )
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    for dataset in ("zsre", "counterfact"):
+        methods = summary["datasets"][dataset]["methods"]
+        labels = {m.split(" (λ")[0] for m in methods}
+        assert labels == {"primed (θ)", *METHODS}
+        for name, metrics in methods.items():
+            for metric in METRICS:
+                if metric in ("portability", "fluency"):
+                    continue  # no portability probes in these files; fluency is off in the quick profile
+                assert metrics[metric]["n"] == 12, (dataset, name, metric)
+                assert 0.0 <= metrics[metric]["mean"] <= 100.0
+        prime = summary["datasets"][dataset]["prime"][0]
+        assert prime["accuracy"] > prime["accuracy_before"]
+        assert methods["primed (θ)"]["locality"]["mean"] == 100.0
