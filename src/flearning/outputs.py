@@ -69,7 +69,8 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         raise
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -78,11 +79,13 @@ def _umask() -> int:
 def normalise_permissions(root: Path) -> None:
     """Give a finished output the permissions of ordinary files: ``mkdtemp`` makes the directory 0700
     and safetensors writes 0600, which would hide a shared model from its other users."""
-    mask = _umask()
+    mask = umask()
     os.chmod(root, 0o777 & ~mask)
     for path in root.rglob("*"):
-        if not path.is_symlink():
-            os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
+        if path.is_symlink():
+            continue
+        executable = path.is_dir() or path.stat().st_mode & 0o111
+        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

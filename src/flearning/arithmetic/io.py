@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from flearning.arithmetic.ops import VectorError, format_names
 from flearning.models import PICKLE_SUFFIXES
+from flearning.outputs import normalise_permissions
 
 if TYPE_CHECKING:
     import torch
@@ -70,24 +71,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def _ordinary_permissions(root: Path) -> None:
-    """Give a finished temporary tree the modes a plain mkdir/open would have: ``mkdtemp`` creates 0700
-    and safetensors writes its files through a 0600 temporary file."""
-    mask = _umask()
-    os.chmod(root, 0o777 & ~mask)
-    for path in root.rglob("*"):
-        if path.is_symlink():
-            continue
-        executable = path.is_dir() or path.stat().st_mode & 0o111
-        os.chmod(path, (0o777 if executable else 0o666) & ~mask)
-
-
 def check_writable_target(target: Path, *, overwrite: bool) -> None:
     """Refuse a target that is a file, or a non-empty directory without ``overwrite``.
 
@@ -123,7 +106,7 @@ def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> I
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _ordinary_permissions(tmp)
+        normalise_permissions(tmp)
         old = None
         if target.exists():
             check_writable_target(target, overwrite=overwrite)  # may have changed meanwhile

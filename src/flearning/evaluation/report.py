@@ -30,6 +30,7 @@ from flearning.evaluation.definitions import (
     PERCENT_METRICS,
 )
 from flearning.evaluation.results import EvalResult, aggregate
+from flearning.outputs import umask
 
 SweepData = Mapping[str, Mapping[float, "EvalResult | Sequence[EvalResult]"]]
 
@@ -248,17 +249,11 @@ def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     os.close(fd)
     try:
         write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _json_default(value: Any) -> Any:
@@ -368,7 +363,7 @@ def write_report(
     try:
         for name, write in files.items():
             write(tmp / name)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700)
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private (0700)
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -28,12 +28,14 @@ import platform
 import shutil
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from flearning.config import UpdateConfig, default_stage
 from flearning.errors import FlearnError
+from flearning.outputs import atomic_directory
 from flearning.recipes.flearning import MethodOutcome, StagePlan, learn_config, run_method
 from flearning.recipes.methods import Method, get_method
 
@@ -390,7 +392,7 @@ def _run(s: _Setup, *, progress: bool) -> UpdateResult:
         metadata=vector_meta,
     )
     forget_seconds = time.perf_counter() - start
-    with _staging(out) as stage_dir:
+    with atomic_directory(out) if out is not None else nullcontext() as stage_dir:
         outcome = run_method(
             method,
             model,
@@ -474,25 +476,6 @@ def _run(s: _Setup, *, progress: bool) -> UpdateResult:
     if out is not None:
         log.info("wrote %s", out)
     return UpdateResult(out=out, summary=summary, outcome=outcome)
-
-
-class _staging:
-    """``atomic_directory(out)`` when there is an output, else a no-op yielding None."""
-
-    def __init__(self, out: Path | None) -> None:
-        self.out = out
-        self._cm = None
-
-    def __enter__(self) -> Path | None:
-        if self.out is None:
-            return None
-        from flearning.outputs import atomic_directory
-
-        self._cm = atomic_directory(self.out)
-        return self._cm.__enter__()
-
-    def __exit__(self, *exc: Any) -> bool | None:
-        return self._cm.__exit__(*exc) if self._cm is not None else None
 
 
 def _save(stage_dir, cfg, model, tokenizer, outcome, theta, vector_meta, before, after, summary) -> None:
