@@ -398,43 +398,58 @@ def test_at_most_two_blocks_are_materialised_at_once(tmp_path, tokenizer, monkey
 
 
 def test_peak_rss_does_not_grow_with_the_shard_size(tmp_path):
-    """A real process: two 64 MB shards applied with 4 MB blocks; the resident set grows far less."""
+    """A real process: two 64 MB shards applied with 4 MB blocks; the resident set grows far less.
+
+    A first apply on 16 MB shards warms the process up: its one-time allocations (thread pools, lazily
+    imported modules, allocator arenas; 20-25 MB measured) are not per-shard memory and made the
+    single-run version of this test flaky (29-34 MB growth against a 33.5 MB bound). Warm, the 64 MB
+    shards grow the resident set by about three 4 MB blocks (12.7 MB measured).
+    """
     script = textwrap.dedent(
         """
-        import json, sys, torch
+        import json, sys, os, torch
         from safetensors.torch import save_file
         from flearning.arithmetic import streaming
         from flearning.arithmetic.vector import KnowledgeVector
-        root = sys.argv[1]
-        import os; os.makedirs(root + "/m")
-        weight_map = {}
-        for i in (1, 2):
-            name = f"model-0000{i}-of-00002.safetensors"
-            tensors = {f"w{i}.{j}": torch.randn(1024, 4096) for j in range(4)}
-            save_file(tensors, f"{root}/m/{name}", metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(tensors, name))
-            if i == 1:
-                KnowledgeVector.from_deltas({k: torch.randn(1024, 4096) for k in tensors}).save(root + "/v")
-            del tensors
-        json.dump({"metadata": {}, "weight_map": weight_map}, open(root + "/m/model.safetensors.index.json", "w"))
-        def hwm():
-            return int([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]) * 1024
-        def rss():
-            return int([l for l in open("/proc/self/status") if l.startswith("VmRSS")][0].split()[1]) * 1024
-        # reset the high-water mark to the current resident set before measuring
-        open("/proc/self/clear_refs", "w").write("5")
-        before = rss()
-        streaming.stream_apply(root + "/m", root + "/v", -0.5, root + "/o", chunk_bytes=4 << 20)
-        print(json.dumps({"growth": hwm() - before}))
+
+        def make(root, rows):
+            os.makedirs(root + "/m")
+            weight_map = {}
+            for i in (1, 2):
+                name = f"model-0000{i}-of-00002.safetensors"
+                tensors = {f"w{i}.{j}": torch.randn(rows, 4096) for j in range(4)}
+                save_file(tensors, f"{root}/m/{name}", metadata={"format": "pt"})
+                weight_map.update(dict.fromkeys(tensors, name))
+                if i == 1:
+                    KnowledgeVector.from_deltas({k: torch.randn(rows, 4096) for k in tensors}).save(root + "/v")
+                del tensors
+            index = {"metadata": {}, "weight_map": weight_map}
+            json.dump(index, open(root + "/m/model.safetensors.index.json", "w"))
+
+        def status(field):
+            line = [l for l in open("/proc/self/status") if l.startswith(field)][0]
+            return int(line.split()[1]) * 1024
+
+        growth = {}
+        for tag, rows in (("warm", 256), ("measured", 1024)):
+            root = os.path.join(sys.argv[1], tag)
+            make(root, rows)
+            # reset the high-water mark to the current resident set before measuring
+            open("/proc/self/clear_refs", "w").write("5")
+            before = status("VmRSS")
+            streaming.stream_apply(root + "/m", root + "/v", -0.5, root + "/o", chunk_bytes=4 << 20)
+            growth[tag] = status("VmHWM") - before
+        print(json.dumps(growth))
         """
     )
     done = subprocess.run(
         [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr
-    growth = json.loads(done.stdout.strip().splitlines()[-1])["growth"]
-    shard = (tmp_path / "m" / "model-00001-of-00002.safetensors").stat().st_size
-    assert growth < 0.5 * shard, (growth, shard)
+    growth = json.loads(done.stdout.strip().splitlines()[-1])
+    shard = (tmp_path / "measured" / "m" / "model-00001-of-00002.safetensors").stat().st_size
+    assert shard > 64 << 20
+    assert growth["measured"] < 0.5 * shard, (growth, shard)
 
 
 # -- checks: nothing written on any error -------------------------------------------------------------------
