@@ -58,4 +58,3 @@ def toy_facts(n: int = 12) -> list[dict]:
         }
         for i in range(n)
     ]
-

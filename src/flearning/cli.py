@@ -23,11 +23,27 @@ app = typer.Typer(
 )
 
 
+# ``update`` and ``prime`` train data-parallel when started by ``accelerate launch`` / ``torchrun`` (the
+# main process writes, the others wait); ``data`` and ``model`` only read (or convert under a lock).
+# These write results that W processes would each compute alone, so they refuse a multi-process launch.
+SINGLE_PROCESS_COMMANDS = ("eval", "bench", "vector")
+
+
 @app.callback()
 def _root(
+    ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
 ) -> None:
+    from flearning.distributed import launched_processes
+
+    processes = launched_processes()
+    if processes > 1 and ctx.invoked_subcommand in SINGLE_PROCESS_COMMANDS:
+        raise FlearnError(
+            f"flearn {ctx.invoked_subcommand} runs on one process, but it was launched as {processes} "
+            f"(WORLD_SIZE={processes}); only update and prime train data-parallel. "
+            "Run it without accelerate launch / torchrun."
+        )
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     # transformers and peft are chatty at INFO; keep their warnings only.

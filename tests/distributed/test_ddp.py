@@ -356,3 +356,110 @@ def test_loss_of_a_step_is_the_mean_of_micro_batch_means_not_the_token_mean(toke
     uneven = [("a is", "x"), ("b is", "y"), ("c is", "a much longer answer"), ("d is", "another long answer")]
     mean_of_means, token_mean = per_batch_vs_global(uneven)
     assert abs(mean_of_means - token_mean) > 1e-3
+
+
+# -- flearn update launched as 2 processes: the main process writes, the others wait --------------------
+
+UPDATE_STAGES = [
+    "forget.lr=0.05", "forget.max_steps=2", "learn.lr=0.01", "learn.max_steps=2",
+    "lora.r=4", "lora.alpha=8", "checkpoint_every=1",
+]  # fmt: skip
+
+
+def write_update_facts(path: Path) -> Path:
+    rows = [
+        {"id": f"f{i}", "prompt": p, "target_old": old, "target_new": new}
+        for i, ((p, old), (_, new)) in enumerate(zip(worker.EQUAL_PAIRS, worker.NEW_EQUAL_PAIRS, strict=True))
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def launch_flearn(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node 2 -m flearning.cli ARGS`` (again on another port if the first was taken)."""
+    for _ in range(2):
+        cmd = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(worker.WORLD),
+            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "flearning.cli", *args,
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT)
+        if "address already in use" not in (proc.stdout + proc.stderr).lower():
+            return proc
+    return proc
+
+
+def test_flearn_update_on_two_processes_writes_the_output_once_and_matches_one_process(
+    model_dir, start_weights
+):
+    from safetensors.torch import load_file
+
+    from flearning import update
+
+    tmp = model_dir.parent / "update-launched"
+    tmp.mkdir()
+    facts = write_update_facts(tmp / "facts.jsonl")
+    out = tmp / "out"
+    proc = launch_flearn(
+        ["update", "--model", str(model_dir), "--data", str(facts), "--method", "flearning-lora",
+         "--lambda", "1", "--seed", "3", "--out", str(out), "--no-progress",
+         "forget.batch_size=4", "learn.batch_size=4", *UPDATE_STAGES],
+        worker_env(tmp), tmp,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    # written by one process: one "wrote" log line, one complete directory, the work directory gone
+    assert proc.stderr.count(f"wrote {out}") == 1, proc.stderr[-3000:]
+    assert sorted(p.name for p in tmp.iterdir() if p.name != "cache") == ["facts.jsonl", "out"]
+    for name in (
+        "model.safetensors",
+        "run.json",
+        "README.md",
+        "adapter",
+        "knowledge_vector",
+        "update_vector",
+    ):
+        assert (out / name).exists(), name
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "report" / "summary.json").is_file()
+    run = json.loads((out / "run.json").read_text())
+    assert run["stages"]["learn"]["batch_size"] == 4 and run["tokens"]["learn"] > 0
+
+    # the same update on one process with the global batch (2 x 4 facts of one tokenized length)
+    one = update(
+        model=str(model_dir), data=facts, method="flearning-lora", lam=1.0, seed=3, evaluate=False,
+        out=model_dir.parent / "update-one", progress=False,
+        **{"forget": {"lr": 0.05, "max_steps": 2, "batch_size": 8},
+           "learn": {"lr": 0.01, "max_steps": 2, "batch_size": 8}, "lora": {"r": 4, "alpha": 8}},
+    )  # fmt: skip
+    launched = load_file(str(out / "model.safetensors"))
+    single = load_file(str(one.out / "model.safetensors"))
+    assert_same_weights(launched, single, start_weights)
+
+
+def test_a_failure_on_the_main_process_stops_every_process_with_its_message(model_dir):
+    tmp = model_dir.parent / "update-fails"
+    tmp.mkdir()
+    facts = write_update_facts(tmp / "facts.jsonl")
+    proc = launch_flearn(
+        ["update", "--model", str(model_dir), "--data", str(facts), "--out", str(tmp / "out"),
+         "--resume", "--no-progress"],
+        worker_env(tmp), tmp,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    # the main process says why; the other one stops with that message instead of waiting forever
+    assert "error: nothing to resume" in proc.stderr
+    assert (
+        "error: the main process failed, so process 1 stops too: FlearnError: nothing to resume"
+        in proc.stderr
+    )
+    assert sorted(p.name for p in tmp.iterdir() if p.name != "cache") == ["facts.jsonl"]
+
+
+@pytest.mark.parametrize("command", [["eval", "--help"], ["bench", "--n", "1"], ["vector", "info", "x"]])
+def test_commands_that_run_on_one_process_refuse_a_multi_process_launch(command, tmp_path):
+    from typer.testing import CliRunner
+
+    from flearning.cli import app
+
+    result = CliRunner().invoke(app, command, env={"WORLD_SIZE": "2"})
+    assert result.exit_code != 0
+    assert f"flearn {command[0]} runs on one process, but it was launched as 2" in str(result.exception)

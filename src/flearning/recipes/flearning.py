@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flearning.arithmetic import KnowledgeVector
+from flearning.distributed import on_main_process
 from flearning.recipes.methods import Method
 from flearning.training import TrainConfig, train
 
@@ -163,8 +164,8 @@ def run_method(
     outcome.losses["learn"] = result.losses
     outcome.tokens["learn"] = result.tokens
     if learn_cfg.lora is not None:
-        if adapter_dir is not None:
-            result.model.save_pretrained(adapter_dir)  # before merging: merging drops A and B
+        if adapter_dir is not None:  # before merging: merging drops A and B
+            on_main_process(result.model.save_pretrained, adapter_dir)
             outcome.adapter_dir = adapter_dir
         outcome.model = result.model.merge_and_unload()
     else:

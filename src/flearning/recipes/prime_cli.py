@@ -24,6 +24,7 @@ def prime_command(
 ) -> None:
     """Fine-tune on prompt → old answer until the old facts are held; report the accuracy reached."""
     from flearning.data import load_dataset
+    from flearning.distributed import on_main_process
     from flearning.models import load_model, resolve_model
     from flearning.outputs import atomic_directory, check_output_dir
     from flearning.recipes.prime import prime
@@ -50,10 +51,14 @@ def prime_command(
         "history": result.history,
         "stage": cfg.model_dump(mode="json"),
     }
-    with atomic_directory(target) as tmp:
-        result.model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        (tmp / "prime.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    def write() -> None:
+        with atomic_directory(target) as tmp:
+            result.model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "prime.json").write_text(json.dumps(info, indent=2) + "\n")
+
+    on_main_process(write)  # launched as several processes, the main one writes, the others wait
     reached = "reached" if result.accuracy >= threshold else "did NOT reach"
     typer.echo(
         f"old-fact accuracy {result.accuracy_before:.3f} → {result.accuracy:.3f} after {result.epochs} "

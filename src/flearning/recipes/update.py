@@ -28,12 +28,12 @@ import platform
 import shutil
 import time
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from flearning.config import UpdateConfig, default_stage
+from flearning.distributed import is_main_process, on_main_process
 from flearning.errors import FlearnError
 from flearning.outputs import atomic_directory
 from flearning.recipes.flearning import MethodOutcome, StagePlan, learn_config, run_method
@@ -203,9 +203,13 @@ def forget_stage(
     )
     info = {"losses": result.losses, "tokens": result.tokens, "steps": result.steps}
     if work is not None:
-        atomic_write_text(info_path, json.dumps(info) + "\n")
-        vector.save(vector_dir, overwrite=True)  # atomic: its presence marks the stage done
-        discard_checkpoints(work / "forget")
+
+        def keep() -> None:
+            atomic_write_text(info_path, json.dumps(info) + "\n")
+            vector.save(vector_dir, overwrite=True)  # atomic: its presence marks the stage done
+            discard_checkpoints(work / "forget")
+
+        on_main_process(keep)
     return vector, info
 
 
@@ -275,7 +279,7 @@ def update(
     if out is not None:
         identity = run_identity(method, plan, base_fp, old_pairs, new_pairs)
         with write_errors_as_flearn(work_dir_for(out), what="the work directory"):
-            work = open_work_dir(out, identity, resume)
+            work = on_main_process(open_work_dir, out, identity, resume)
         note = (
             f"The previous output (if any) is untouched; finished training stages (if any) are kept in {work}: "
             "rerun the same command to resume."
@@ -305,11 +309,11 @@ def update(
             )
     except (TrainingDivergedError, VectorError, NonFiniteModelError):
         # Rerunning the same command would fail the same way; a changed setting cannot reuse the stages.
-        if work is not None:
+        if work is not None and is_main_process():
             shutil.rmtree(work, ignore_errors=True)
         raise
     except BaseException:
-        if work is not None and work.is_dir():
+        if work is not None and work.is_dir() and is_main_process():
             if _has_progress(work):
                 log.warning(
                     "the finished training stages are kept in %s: run the same command again to resume "
@@ -320,7 +324,7 @@ def update(
                 shutil.rmtree(work, ignore_errors=True)
         raise
     if work is not None:
-        shutil.rmtree(work, ignore_errors=True)
+        on_main_process(shutil.rmtree, work, ignore_errors=True)
     return result
 
 
@@ -392,90 +396,99 @@ def _run(s: _Setup, *, progress: bool) -> UpdateResult:
         metadata=vector_meta,
     )
     forget_seconds = time.perf_counter() - start
-    with atomic_directory(out) if out is not None else nullcontext() as stage_dir:
-        outcome = run_method(
-            method,
-            model,
+    outcome = run_method(
+        method,
+        model,
+        tokenizer,
+        old_pairs,
+        new_pairs,
+        plan,
+        progress=progress,
+        vector_metadata=vector_meta,
+        old_vector=old_vector,
+        adapter_dir=(work / "adapter") if work is not None else None,  # copied into the output
+        learn_checkpoint=Checkpointing(work / "learn", every=cfg.checkpoint_every) if work else None,
+    )
+    if forget_info is not None:  # the forget stage ran (or was read) here, before run_method
+        outcome.timings = {"forget_train": forget_seconds, **outcome.timings}
+        outcome.losses = {"forget": forget_info["losses"], **outcome.losses}
+        outcome.tokens = {"forget": forget_info["tokens"], **outcome.tokens}
+    timings.update(outcome.timings)
+    updated = outcome.model
+    finite = all(torch.isfinite(p).all() for p in updated.parameters())
+    if not finite:
+        raise NonFiniteModelError("the updated model has non-finite weights; nothing was written")
+
+    after = None
+    if cfg.evaluate:
+        from flearning.evaluation import evaluate
+
+        start = time.perf_counter()
+        after = evaluate(
+            updated,
             tokenizer,
-            old_pairs,
-            new_pairs,
-            plan,
+            new_ds.records,
+            reference=reference,
+            batch_size=cfg.eval_batch_size,
+            generation=cfg.generation,
             progress=progress,
-            vector_metadata=vector_meta,
-            old_vector=old_vector,
-            adapter_dir=(stage_dir / "adapter") if stage_dir else None,
-            learn_checkpoint=Checkpointing(work / "learn", every=cfg.checkpoint_every) if work else None,
         )
-        if forget_info is not None:  # the forget stage ran (or was read) here, before run_method
-            outcome.timings = {"forget_train": forget_seconds, **outcome.timings}
-            outcome.losses = {"forget": forget_info["losses"], **outcome.losses}
-            outcome.tokens = {"forget": forget_info["tokens"], **outcome.tokens}
-        timings.update(outcome.timings)
-        updated = outcome.model
-        finite = all(torch.isfinite(p).all() for p in updated.parameters())
-        if not finite:
-            raise NonFiniteModelError("the updated model has non-finite weights; nothing was written")
+        timings["evaluate_after"] = time.perf_counter() - start
 
-        after = None
-        if cfg.evaluate:
-            from flearning.evaluation import evaluate
-
-            start = time.perf_counter()
-            after = evaluate(
-                updated,
-                tokenizer,
-                new_ds.records,
-                reference=reference,
-                batch_size=cfg.eval_batch_size,
-                generation=cfg.generation,
-                progress=progress,
-            )
-            timings["evaluate_after"] = time.perf_counter() - start
-
-        summary = {
-            "method": method.name,
-            "method_summary": method.summary,
-            "lambda": cfg.lam if method.forget else None,
-            "config": cfg.model_dump(mode="json", by_alias=True),
-            "stages": {
-                "forget": plan.forget.model_dump(mode="json") if method.forget and plan.forget else None,
-                "learn": plan.learn.model_dump(mode="json"),
+    summary = {
+        "method": method.name,
+        "method_summary": method.summary,
+        "lambda": cfg.lam if method.forget else None,
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "stages": {
+            "forget": plan.forget.model_dump(mode="json") if method.forget and plan.forget else None,
+            "learn": plan.learn.model_dump(mode="json"),
+        },
+        "model": {"source": cfg.model, "path": model_source, "fingerprint": base_fp},
+        "data": {
+            "old": {
+                "path": str(old_file),
+                "format": old_ds.format,
+                "sha256": old_ds.sha256,
+                "records": len(old_ds.records),
+                "dropped": old_ds.dropped,
             },
-            "model": {"source": cfg.model, "path": model_source, "fingerprint": base_fp},
-            "data": {
-                "old": {
-                    "path": str(old_file),
-                    "format": old_ds.format,
-                    "sha256": old_ds.sha256,
-                    "records": len(old_ds.records),
-                    "dropped": old_ds.dropped,
-                },
-                "new": {
-                    "path": str(new_file),
-                    "format": new_ds.format,
-                    "sha256": new_ds.sha256,
-                    "records": len(new_ds.records),
-                    "dropped": new_ds.dropped,
-                },
+            "new": {
+                "path": str(new_file),
+                "format": new_ds.format,
+                "sha256": new_ds.sha256,
+                "records": len(new_ds.records),
+                "dropped": new_ds.dropped,
             },
-            "seed": cfg.seed,
-            "versions": library_versions(),
-            "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
-            "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
-            "tokens": outcome.tokens,
-            "final_loss": {k: (v[-1] if v else None) for k, v in outcome.losses.items()},
-            "metrics_before": before.summary() if before else None,
-            "metrics_after": after.summary() if after else None,
-        }
+        },
+        "seed": cfg.seed,
+        "versions": library_versions(),
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "tokens": outcome.tokens,
+        "final_loss": {k: (v[-1] if v else None) for k, v in outcome.losses.items()},
+        "metrics_before": before.summary() if before else None,
+        "metrics_after": after.summary() if after else None,
+    }
 
-        if stage_dir is not None:
-            start = time.perf_counter()
-            _save(stage_dir, cfg, updated, tokenizer, outcome, theta, vector_meta, before, after, summary)
-            summary["timings_seconds"]["save"] = round(time.perf_counter() - start, 3)
-            (stage_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out is not None:
-        log.info("wrote %s", out)
+    if out is not None:  # by the main process only; the others wait until it is in place
+        summary["timings_seconds"]["save"] = on_main_process(
+            _write_output, out, cfg, updated, tokenizer, outcome, theta, vector_meta, before, after, summary
+        )
+        if outcome.adapter_dir is not None:
+            outcome.adapter_dir = out / "adapter"
     return UpdateResult(out=out, summary=summary, outcome=outcome)
+
+
+def _write_output(out, cfg, model, tokenizer, outcome, theta, vector_meta, before, after, summary) -> float:
+    """Write the output directory atomically (``run.json`` last); returns the seconds it took."""
+    start = time.perf_counter()
+    with atomic_directory(out) as stage_dir:
+        _save(stage_dir, cfg, model, tokenizer, outcome, theta, vector_meta, before, after, summary)
+        summary["timings_seconds"]["save"] = round(time.perf_counter() - start, 3)
+        (stage_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")
+    log.info("wrote %s", out)
+    return summary["timings_seconds"]["save"]
 
 
 def _save(stage_dir, cfg, model, tokenizer, outcome, theta, vector_meta, before, after, summary) -> None:
@@ -484,6 +497,8 @@ def _save(stage_dir, cfg, model, tokenizer, outcome, theta, vector_meta, before,
 
     model.save_pretrained(stage_dir, safe_serialization=True)
     tokenizer.save_pretrained(stage_dir)
+    if outcome.adapter_dir is not None:  # saved in the work directory by the LoRA learning stage
+        shutil.copytree(outcome.adapter_dir, stage_dir / "adapter")
     if outcome.old_vector is not None:
         outcome.old_vector.save(stage_dir / "knowledge_vector")
     if theta is not None:

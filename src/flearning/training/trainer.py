@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flearning.distributed import has_accelerator_device, launched_processes
 from flearning.errors import FlearnError
 from flearning.training import checkpoint as ckpt
 from flearning.training.checkpoint import Checkpointing
@@ -134,7 +135,7 @@ def train(
     # accelerate's default would step it once per process per step.
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
-        cpu=not _has_accelerator_device(),
+        cpu=not has_accelerator_device(),
         step_scheduler_with_optimizer=False,
     )
     _check_launch(accelerator)
@@ -260,7 +261,9 @@ def train(
                 pending_tokens += int(batch["attention_mask"].sum())
                 running += loss.item() / cfg.grad_accum
                 if accelerator.sync_gradients:
-                    if world > 1:  # the step's loss and tokens over all processes, as one process reports them
+                    if (
+                        world > 1
+                    ):  # the step's loss and tokens over all processes, as one process reports them
                         stats = accelerator.reduce(
                             torch.tensor([running, float(pending_tokens)], device=accelerator.device), "sum"
                         )
@@ -351,18 +354,8 @@ def train(
     return TrainResult(unwrapped, pos.step, epochs_done, seconds, pos.tokens, list(losses))
 
 
-def _has_accelerator_device() -> bool:
-    """Whether torch sees a GPU-like device; without one, accelerate must be told it runs on CPU or it
-    sets up no process group under torchrun / accelerate launch."""
-    if hasattr(torch, "accelerator"):  # torch >= 2.6
-        return torch.accelerator.is_available()
-    return torch.cuda.is_available()
-
-
 def _check_launch(accelerator) -> None:
-    import os
-
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    launched = launched_processes()
     if launched > 1 and accelerator.num_processes != launched:
         raise FlearnError(
             f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: every process "
