@@ -14,7 +14,6 @@ Generation pads on the left (with an attention mask and mask-derived position id
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flearning.evaluation.metrics import group_mean, score_predictions
+from flearning.logits import logits_at
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -185,34 +185,18 @@ def collate_rows(rows: Sequence[PackedRow], pad_id: int, *, dtype: torch.dtype =
     return ModelBatch(input_ids, position_ids, attention_mask, keep, pred_index, labels, probe_of, probes)
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    params = inspect.signature(model.forward).parameters
-    return "logits_to_keep" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
 def selected_logits(model: PreTrainedModel, batch: ModelBatch) -> torch.Tensor:
-    """Forward one batch and return the logits at ``batch.keep`` positions, ``[K, vocab]`` row-major.
-
-    Uses ``logits_to_keep`` (a boolean mask) so the vocabulary projection runs only where needed;
-    falls back to full logits for models that ignore it.
-    """
+    """Forward one batch and return the logits at ``batch.keep`` positions, ``[K, vocab]`` row-major
+    (the vocabulary projection runs only there: ``flearning.logits``)."""
     device = next(model.parameters()).device
-    kwargs = {
-        "input_ids": batch.input_ids.to(device),
-        "attention_mask": batch.attention_mask.to(device),
-        "position_ids": batch.position_ids.to(device),
-        "use_cache": False,
-    }
-    keep = batch.keep.to(device)
-    n_keep = int(keep.sum())
-    if _accepts_logits_to_keep(model):
-        logits = model(**kwargs, logits_to_keep=keep).logits
-        if logits.ndim == 2 and logits.shape[0] == n_keep:
-            return logits
-        if logits.ndim == 3 and tuple(logits.shape[:2]) == tuple(keep.shape):
-            return logits[keep]  # the model ignored logits_to_keep and returned everything
-        raise RuntimeError(f"unexpected logits shape {tuple(logits.shape)} with a boolean logits_to_keep")
-    return model(**kwargs).logits[keep]
+    return logits_at(
+        model,
+        batch.keep.to(device),
+        input_ids=batch.input_ids.to(device),
+        attention_mask=batch.attention_mask.to(device),
+        position_ids=batch.position_ids.to(device),
+        use_cache=False,
+    )
 
 
 def _batched(batches: list[list[int]], progress: bool, desc: str) -> Iterator[list[int]]:

@@ -21,10 +21,11 @@ import torch
 
 from flearning.distributed import has_accelerator_device, launched_processes
 from flearning.errors import FlearnError
+from flearning.logits import logits_at
 from flearning.training import checkpoint as ckpt
 from flearning.training.checkpoint import Checkpointing
 from flearning.training.config import ALL_LINEAR, LoraSettings, TrainConfig
-from flearning.training.dataset import LengthGroupedBatches, build_examples, collate
+from flearning.training.dataset import IGNORE_INDEX, LengthGroupedBatches, build_examples, collate
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -35,6 +36,25 @@ log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, torch.nn.Module], bool]
 # Called after each optimizer step with (step, loss of that step).
 StepCallback = Callable[[int, float], None]
+
+
+def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean cross-entropy over a batch's answer tokens (labels other than ``IGNORE_INDEX``): the value
+    of ``model(**batch).loss``, with the vocabulary projection and log-softmax computed only at the
+    positions that predict an answer token (``flearning.logits``) instead of at every position.
+
+    Position t predicts token t + 1, so the kept positions are those whose next label is an answer.
+    Measured on SmolLM2-135M (benchmarks/train_throughput.py): see the README's Benchmarks table.
+    """
+    labels = batch["labels"]
+    predicts = labels[:, 1:] != IGNORE_INDEX
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = predicts
+    logits = logits_at(
+        model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
+    # both sides are row-major over the kept positions
+    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts])
 
 
 class TrainingDivergedError(FlearnError):
@@ -241,8 +261,7 @@ def train(
                 if batch_index < skip:
                     continue
                 with accelerator.accumulate(model):
-                    out = model(**batch)
-                    loss = out.loss
+                    loss = answer_loss(model, batch)
                     if not torch.isfinite(loss):
                         raise TrainingDivergedError(
                             f"{description}: loss became {loss.item()} at optimizer step {pos.step + 1} "
