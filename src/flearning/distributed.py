@@ -38,14 +38,36 @@ def has_accelerator_device() -> bool:
     return torch.cuda.is_available()
 
 
+def use_cpu() -> bool:
+    """Whether accelerate must run on CPU: torch sees no GPU-like device, or ``ACCELERATE_USE_CPU`` asks
+    for it (as accelerate's own ``use_cpu: true`` config does). The trainer's ``Accelerator`` and
+    ``state()`` below both use this, so they set up the same process group whichever comes first."""
+    from accelerate.utils import parse_flag_from_env
+
+    return not has_accelerator_device() or parse_flag_from_env("ACCELERATE_USE_CPU")
+
+
+def check_launch(num_processes: int) -> None:
+    """Refuse to run when launched as N processes but accelerate set up fewer (every process would
+    train alone, and each would write)."""
+    launched = launched_processes()
+    if launched > 1 and num_processes != launched:
+        raise FlearnError(
+            f"launched as {launched} processes but accelerate set up {num_processes}: every process "
+            "would train alone. On CPU set ACCELERATE_USE_CPU=1; see docs/DISTRIBUTED.md."
+        )
+
+
 def state():
-    """accelerate's process state, set up as the trainer's ``Accelerator`` does (``cpu=`` when torch sees
-    no GPU), or None when this is the only process."""
+    """accelerate's process state, set up as the trainer's ``Accelerator`` does (``use_cpu()``), or None
+    when this is the only process."""
     if launched_processes() == 1:
         return None
     from accelerate import PartialState
 
-    return PartialState(cpu=not has_accelerator_device())
+    s = PartialState(cpu=use_cpu())
+    check_launch(s.num_processes)
+    return s
 
 
 def is_main_process() -> bool:
@@ -58,6 +80,19 @@ def wait_for_everyone() -> None:
     s = state()
     if s is not None:
         s.wait_for_everyone()
+
+
+def same_on_every_process(value: T) -> T:
+    """The main process's ``value`` on every process (a decision each process would otherwise take on
+    its own, e.g. to stop early after an evaluation whose result could differ in the last bit)."""
+    s = state()
+    if s is None:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 class MainProcessFailed(FlearnError):

@@ -188,6 +188,19 @@ def test_refuses_a_checkpoint_of_another_model(interrupted, tokenizer):
     assert "data" not in str(info.value).split("made with")[1].split("Delete")[0]  # only what differs
 
 
+def test_refuses_a_checkpoint_made_with_another_number_of_processes(interrupted, tokenizer):
+    # a checkpoint of a 2-process run (its identity says so) cannot continue on 1 process: a step's
+    # batches and the number of steps per epoch depend on the process count
+    (path,) = [p for _, _, p in ckpt.checkpoint_dirs(interrupted)]
+    record = json.loads((path / ckpt.JSON_FILE).read_text())
+    assert record["identity"]["processes"] == 1
+    record["identity"]["processes"] = 2
+    (path / ckpt.JSON_FILE).write_text(json.dumps(record))
+    with pytest.raises(FlearnError, match=r"made with 2 data-parallel process\(es\) \(1 now") as info:
+        run(tokenizer, CONFIGS["full"], checkpoint=Checkpointing(interrupted))
+    assert "configuration" not in str(info.value) and "data hash" not in str(info.value)
+
+
 def test_refuses_a_damaged_or_foreign_checkpoint(interrupted, tokenizer):
     (path,) = [p for _, _, p in ckpt.checkpoint_dirs(interrupted)]
     (path / ckpt.MODEL_FILE).write_bytes(b"\x00" * 5)

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from flearning.config import UpdateConfig, default_stage
-from flearning.distributed import is_main_process, on_main_process
+from flearning.distributed import is_main_process, launched_processes, on_main_process
 from flearning.errors import FlearnError
 from flearning.outputs import atomic_directory
 from flearning.recipes.flearning import MethodOutcome, StagePlan, learn_config, run_method
@@ -109,6 +109,7 @@ def run_identity(
         },
         "model_fingerprint": base_fingerprint,
         "data": {"old": pairs_hash(old_pairs), "new": pairs_hash(new_pairs)},
+        "processes": launched_processes(),  # a step's batches depend on it
         "versions": code_versions(),
     }
 
@@ -194,7 +195,11 @@ def forget_stage(
         raise ValueError(f"{method.name} needs forget-stage settings")
     vector_dir = work / "knowledge_vector" if work else None
     info_path = work / "forget.json" if work else None
-    if work is not None and (vector_dir / "vector.json").is_file() and info_path.is_file():
+    # the main process decides whether the stage is done (the others then read what it wrote)
+    done = work is not None and on_main_process(
+        lambda: (vector_dir / "vector.json").is_file() and info_path.is_file()
+    )
+    if done:
         log.info("forget stage already done: Δ_old read from %s", vector_dir)
         return KnowledgeVector.load(vector_dir), json.loads(info_path.read_text())
     checkpoint = Checkpointing(work / "forget", every=every) if work else None

@@ -88,6 +88,7 @@ class StageIdentity:
     data_hash: str  # sha256 of the encoded examples
     model_fingerprint: str  # flearning.models.model_fingerprint of the starting model
     versions: dict[str, str] = field(default_factory=dict)  # the code that computes the steps
+    processes: int = 1  # data-parallel processes: which batches make a step, and the step count
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -95,6 +96,7 @@ class StageIdentity:
             "data_hash": self.data_hash,
             "model_fingerprint": self.model_fingerprint,
             "versions": self.versions,
+            "processes": self.processes,
         }
 
 
@@ -137,8 +139,11 @@ class Checkpoint:
 # ---- identity ----------------------------------------------------------------------------------------
 
 
-def stage_identity(cfg: TrainConfig, examples: Sequence[Example], model: torch.nn.Module) -> StageIdentity:
-    """The identity of a stage about to train ``model`` (before any adapter is attached)."""
+def stage_identity(
+    cfg: TrainConfig, examples: Sequence[Example], model: torch.nn.Module, *, processes: int = 1
+) -> StageIdentity:
+    """The identity of a stage about to train ``model`` (before any adapter is attached) on ``processes``
+    data-parallel processes."""
     from flearning.models import model_fingerprint
 
     h = hashlib.sha256()
@@ -146,7 +151,7 @@ def stage_identity(cfg: TrainConfig, examples: Sequence[Example], model: torch.n
         h.update(json.dumps([e.input_ids, e.labels], separators=(",", ":")).encode())
         h.update(b"\n")
     return StageIdentity(
-        cfg.model_dump(mode="json"), h.hexdigest(), model_fingerprint(model), code_versions()
+        cfg.model_dump(mode="json"), h.hexdigest(), model_fingerprint(model), code_versions(), processes
     )
 
 
@@ -204,6 +209,11 @@ def check_identity(checkpoint: Checkpoint, current: StageIdentity) -> None:
     version_diffs = describe_differences(saved.get("versions", {}), current.versions)
     if version_diffs:
         problems.append("other library versions (" + "; ".join(version_diffs) + ")")
+    if saved.get("processes", 1) != current.processes:
+        problems.append(
+            f"{saved.get('processes', 1)} data-parallel process(es) ({current.processes} now: the batches of "
+            "a step and the number of steps differ)"
+        )
     if saved.get("model_fingerprint") != current.model_fingerprint:
         problems.append(
             f"a different starting model (model fingerprint {saved.get('model_fingerprint')} in the "

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flearning.distributed import has_accelerator_device, launched_processes
+from flearning.distributed import check_launch, on_main_process, same_on_every_process, use_cpu
 from flearning.errors import FlearnError
 from flearning.logits import logits_at
 from flearning.training import checkpoint as ckpt
@@ -155,20 +155,21 @@ def train(
     # accelerate's default would step it once per process per step.
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.grad_accum,
-        cpu=not has_accelerator_device(),
+        cpu=use_cpu(),
         step_scheduler_with_optimizer=False,
     )
-    _check_launch(accelerator)
+    check_launch(accelerator.num_processes)
     world = accelerator.num_processes
     examples = build_examples(tokenizer, pairs, add_eos=cfg.add_eos)
 
     identity = saved = None
     if checkpoint is not None:
-        identity = ckpt.stage_identity(cfg, examples, model)  # the starting model, before any adapter
-        if not checkpoint.resume and accelerator.is_main_process:
-            ckpt.discard_checkpoints(checkpoint.directory)
-        accelerator.wait_for_everyone()  # no process reads the directory while the main one clears it
-        latest = ckpt.latest_checkpoint(checkpoint.directory)
+        # the starting model, before any adapter; the process count fixes the batches of a step
+        identity = ckpt.stage_identity(cfg, examples, model, processes=world)
+        if not checkpoint.resume:
+            on_main_process(ckpt.discard_checkpoints, checkpoint.directory)
+        # which checkpoint to resume from is the main process's decision (every process then reads it)
+        latest = on_main_process(ckpt.latest_checkpoint, checkpoint.directory)
         if latest is not None:
             saved = ckpt.load_checkpoint(latest)
             ckpt.check_identity(saved, identity)
@@ -216,13 +217,12 @@ def train(
     last_saved = pos.step  # nothing new to save before the first step
 
     def save(complete: bool = False, barrier: bool = True) -> None:
+        """Every process holds the same state: the main one writes it. With ``barrier`` the others wait
+        for it (and stop with its error if it fails); without, nobody waits (after an interruption the
+        other processes may not be here)."""
         nonlocal last_saved
-        if not accelerator.is_main_process:  # every process holds the same state: one writes it
-            if barrier:
-                accelerator.wait_for_everyone()
-            last_saved = pos.step
-            return
-        ckpt.save_checkpoint(
+        write = partial(
+            ckpt.save_checkpoint,
             checkpoint.directory,
             identity=identity,
             position=pos,
@@ -232,9 +232,11 @@ def train(
             rng=rng_at_step,
             complete=complete,
         )
-        last_saved = pos.step
         if barrier:
-            accelerator.wait_for_everyone()
+            on_main_process(write)
+        elif accelerator.is_main_process:
+            write()
+        last_saved = pos.step
 
     model.train()
     start = time.perf_counter()
@@ -262,7 +264,10 @@ def train(
                     continue
                 with accelerator.accumulate(model):
                     loss = answer_loss(model, batch)
-                    if not torch.isfinite(loss):
+                    finite = torch.isfinite(loss)
+                    if world > 1:  # every process stops at the same batch, not only the one that saw it
+                        finite = accelerator.reduce(finite.float().reshape(1), "sum").item() == world
+                    if not finite:
                         raise TrainingDivergedError(
                             f"{description}: loss became {loss.item()} at optimizer step {pos.step + 1} "
                             f"(epoch {pos.epoch + 1}, batch {batch_index + 1}); nothing was written. Lower the "
@@ -320,7 +325,7 @@ def train(
                 break
             if on_epoch_end is not None:
                 model.eval()
-                stop = on_epoch_end(pos.epoch, accelerator.unwrap_model(model))
+                stop = same_on_every_process(bool(on_epoch_end(pos.epoch, accelerator.unwrap_model(model))))
                 model.train()
                 if stop:
                     break
@@ -371,15 +376,6 @@ def train(
         losses[-1] if losses else float("nan"),
     )
     return TrainResult(unwrapped, pos.step, epochs_done, seconds, pos.tokens, list(losses))
-
-
-def _check_launch(accelerator) -> None:
-    launched = launched_processes()
-    if launched > 1 and accelerator.num_processes != launched:
-        raise FlearnError(
-            f"launched as {launched} processes but accelerate set up {accelerator.num_processes}: every process "
-            "would train alone. On CPU set ACCELERATE_USE_CPU=1; see docs/DISTRIBUTED.md."
-        )
 
 
 def _restore(saved: ckpt.Checkpoint, named, optimizer, scheduler, accelerator) -> None:
