@@ -34,12 +34,19 @@ COMPARED = ["reliability", "generality", "locality", "old_retention", "efficacy"
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=500, help="CounterFact records (default 500)")
-    parser.add_argument("--batch-size", type=int, default=16, help="rows per forward pass (default 16)")
+    from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
+
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"rows per forward pass (default {DEFAULT_BATCH_SIZE}, evaluate's default)",
+    )
     parser.add_argument(
         "--generation-batch-size",
         type=int,
         default=None,
-        help="rows per generate call (default: 4 x batch size)",
+        help="rows per generate call (default: the batch size)",
     )
     parser.add_argument("--no-generation", action="store_true", help="skip Generation exact match")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="CounterFact file (EasyEdit format)")

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from flearning.errors import ConfigError, FlearnError, Problem
+from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.models import DEFAULT_MODEL
 from flearning.recipes.methods import METHODS
 from flearning.training.config import LoraSettings, TrainConfig
@@ -79,7 +80,7 @@ class UpdateConfig(BaseModel):
     # ends or is interrupted). Does not change the result.
     checkpoint_every: int = Field(100, ge=0)
     evaluate: bool = True
-    eval_batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     generation: bool = True
     out: Path | None = None
     overwrite: bool = False

@@ -8,7 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flearning.errors import FlearnError
-from flearning.evaluation.definitions import DEFAULT_FLUENCY_TOKENS, EXACT_MATCH_EXTRA_TOKENS
+from flearning.evaluation.definitions import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_FLUENCY_TOKENS,
+    EXACT_MATCH_EXTRA_TOKENS,
+)
 from flearning.evaluation.metrics import argmax_agreement, mean_or_none, nll_prefers_new
 from flearning.evaluation.probes import (
     RecordProbes,
@@ -111,7 +115,7 @@ def evaluate(
     records: Sequence[KnowledgeRecord],
     *,
     reference: PreTrainedModel | ReferencePredictions | None = None,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     generation_batch_size: int | None = None,
     generation: bool = True,
     fluency: bool = False,
@@ -135,8 +139,9 @@ def evaluate(
         reference: the model before the update, or its ``reference_predictions``; None leaves
             Locality None.
         batch_size: rows per teacher-forced forward pass.
-        generation_batch_size: rows per ``generate`` call (default ``4 * batch_size``: a decoding step
-            reads all weights once whatever the number of rows, so more rows per step cost little).
+        generation_batch_size: rows per ``generate`` call (default ``batch_size``). A decoding step reads
+            all weights once whatever the number of rows, but a batch decodes until its largest budget
+            and pads to its longest prompt: on 500 CounterFact records 64 rows took 7.6 s, 256 rows 9.2 s.
         generation: compute Generation exact match (greedy decoding).
         fluency: compute Fluency (greedy decoding of ``fluency_tokens`` tokens: slow).
         fluency_tokens: new tokens generated for Fluency.
@@ -150,7 +155,7 @@ def evaluate(
     records = list(records)
     if batch_size < 1 or (generation_batch_size is not None and generation_batch_size < 1):
         raise FlearnError("batch size must be at least 1")
-    gen_batch = generation_batch_size or 4 * batch_size
+    gen_batch = generation_batch_size or batch_size
     if fluency and fluency_tokens < 1:
         raise FlearnError("fluency needs at least one generated token")
     timings: dict[str, float] = {}
@@ -241,7 +246,7 @@ def teacher_forced_accuracy(
     tokenizer: PreTrainedTokenizerBase,
     pairs: Sequence[tuple[str, str]],
     *,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     pack: bool = True,
     progress: bool = False,
 ) -> list[float]:

@@ -10,7 +10,12 @@ from typing import Any
 
 import typer
 
-from flearning.evaluation.definitions import DEFAULT_FLUENCY_TOKENS, METRIC_LABELS, METRICS
+from flearning.evaluation.definitions import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_FLUENCY_TOKENS,
+    METRIC_LABELS,
+    METRICS,
+)
 
 
 def summary_table(summary: dict[str, dict[str, Any]], title: str):
@@ -53,7 +58,9 @@ def eval_command(
     ),
     fmt: str | None = typer.Option(None, "--format", "-f", help="Dataset format; detected when omitted."),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Evaluate the first N records only."),
-    batch_size: int = typer.Option(16, "--batch-size", "-b", min=1, help="Rows per forward pass."),
+    batch_size: int = typer.Option(
+        DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Rows per forward pass."
+    ),
     generation_batch_size: int | None = typer.Option(
         None, "--generation-batch-size", min=1, help="Rows per generate call (default: 4 x --batch-size)."
     ),

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flearning.errors import FlearnError
+from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.evaluation.probes import pad_token_id, probe_key, probes_hash, record_probes, unique_probes
 from flearning.evaluation.scoring import Probe, score_probes
 
@@ -108,7 +109,7 @@ def reference_predictions(
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[KnowledgeRecord],
     *,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     pack: bool = True,
     cache_dir: Path | str | None = None,
     use_cache: bool = True,

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.evaluation.metrics import group_mean, score_predictions
 from flearning.logits import logits_at
 
@@ -210,7 +211,7 @@ def score_probes(
     probes: Sequence[Probe],
     *,
     pad_id: int,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     pack: bool = True,
     progress: bool = False,
     desc: str = "scoring",
@@ -260,7 +261,7 @@ def greedy_generate(
     *,
     pad_id: int,
     eos_id: int,
-    batch_size: int = 16,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     progress: bool = False,
     desc: str = "generating",
 ) -> list[list[int]]:

@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from flearning.config import StageOverrides, default_stage
 from flearning.data.records import KnowledgeRecord
 from flearning.errors import FlearnError
+from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.models import DEFAULT_MODEL
 from flearning.recipes.methods import METHODS, get_method
 from flearning.training.config import LoraSettings, TrainConfig
@@ -103,7 +104,7 @@ class BenchConfig(BaseModel):
     forget_lora: StageOverrides = Field(default_factory=StageOverrides)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     linf_bound: float = Field(5e-4, gt=0)
-    eval_batch_size: int = Field(32, ge=1)
+    eval_batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
     generation: bool = True
     fluency: bool = False
     out: Path | None = None
