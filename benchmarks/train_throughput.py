@@ -5,12 +5,11 @@ training reaches, counting model FLOPs as 6·params·tokens (forward 2, backward
 the issue specifies; for LoRA the weight-gradient third is not computed, so 4·params·tokens is the
 work actually needed and is reported too.
 
-Where the time goes: a few full-FT steps run again under ``torch.profiler`` (with FLOP counting), and
-self-CPU time is grouped into matmuls, the vocabulary log-softmax / loss, attention, the optimizer,
-zero-fills and copies, and other element-wise work; the matmuls' own rate (their FLOPs over their time)
-shows how close the kernels themselves come to the square-matmul roofline.
+Where the time goes: full-FT steps run again in a plain loop (same loss, same fused AdamW), timing
+forward, backward and optimizer separately, and the time the model FLOPs would take at the measured
+matmul rate.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 16] [--batch-size 16] [--profile-steps 4]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 16] [--batch-size 16] [--split-steps 8]
 """
 
 from __future__ import annotations
@@ -41,45 +40,47 @@ def measure(model, tokenizer, pairs, cfg) -> dict:
     }
 
 
-# torch.profiler op names → what they are (self-CPU time is summed per group)
-GROUPS = {
-    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
-    "vocabulary log-softmax / loss": (
-        "aten::_log_softmax",
-        "aten::_log_softmax_backward_data",
-        "aten::nll_loss",
-    ),
-    "attention": ("scaled_dot_product", "flash_attention"),
-    "optimizer (AdamW)": ("aten::_fused_adamw", "aten::_foreach", "aten::adamw"),
-    "zero-fill and copies": ("aten::fill_", "aten::zero_", "aten::copy_", "aten::clone", "aten::index"),
-}
+def phase_split(model, tokenizer, pairs, cfg) -> dict:
+    """Wall-clock split of full-FT steps into forward (with the answer-only loss), backward and optimizer,
+    timed with ``perf_counter`` (torch.profiler's per-op overhead distorts a model of many small ops),
+    and the time the model FLOPs (6·params·tokens) would take at the measured matmul rate."""
+    import time
 
+    import torch
 
-def profile_steps(model, tokenizer, pairs, cfg) -> dict:
-    """Self-CPU time of ``cfg.max_steps`` training steps by group, and the matmuls' own GFLOP/s."""
-    from torch.profiler import ProfilerActivity, profile
+    from flearning.training.dataset import LengthGroupedBatches, build_examples, collate
+    from flearning.training.trainer import answer_loss
 
-    from flearning.training import train
-
-    train(copy.deepcopy(model), tokenizer, pairs, cfg.model_copy(update={"max_steps": 1}), progress=False)
-    with profile(activities=[ProfilerActivity.CPU], with_flops=True) as prof:
-        train(model, tokenizer, pairs, cfg, progress=False)
-    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
-    total = sum(e.self_cpu_time_total for e in events)
-    shares = dict.fromkeys([*GROUPS, "other element-wise and framework"], 0.0)
-    mm_time = mm_flops = 0.0
-    for e in events:
-        group = next((g for g, keys in GROUPS.items() if any(k in e.key for k in keys)), None)
-        shares[group or "other element-wise and framework"] += e.self_cpu_time_total / total
-        if group == "matmul":
-            mm_time += e.self_cpu_time_total
-            mm_flops += e.flops or 0
-    top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
+    examples = build_examples(tokenizer, pairs, add_eos=cfg.add_eos)
+    sampler = LengthGroupedBatches([len(e) for e in examples], cfg.batch_size, cfg.seed)
+    batches = [collate([examples[i] for i in b], tokenizer.pad_token_id) for b in sampler][
+        : cfg.max_steps + 1
+    ]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, fused=True)
+    model.train()
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}
+    tokens = 0
+    for i, batch in enumerate(batches):  # the first step (optimizer state allocation) is not timed
+        t0 = time.perf_counter()
+        loss = answer_loss(model, batch)
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        if i:
+            phases["forward"] += t1 - t0
+            phases["backward"] += t2 - t1
+            phases["optimizer"] += t3 - t2
+            tokens += int(batch["attention_mask"].sum())
+    total = sum(phases.values())
     return {
-        "steps": cfg.max_steps,
-        "time_share": shares,
-        "matmul_gflops_achieved": mm_flops / (mm_time * 1e-6) / 1e9 if mm_time else None,
-        "top_ops": [{"op": e.key, "share": e.self_cpu_time_total / total, "calls": e.count} for e in top],
+        "steps": len(batches) - 1,
+        "tokens": tokens,
+        "seconds": phases,
+        "share": {k: v / total for k, v in phases.items()},
+        "tokens_per_second": tokens / total,
     }
 
 
@@ -87,7 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--profile-steps", type=int, default=4, help="full-FT steps profiled (0: none)")
+    parser.add_argument("--split-steps", type=int, default=8, help="full-FT steps timed by phase (0: none)")
     args = parser.parse_args()
 
     from flearning.data import load_records
@@ -107,14 +108,15 @@ def main() -> None:
     rows["lora"] = measure(copy.deepcopy(model), tokenizer, pairs, lora_cfg)
     gflops_after = matmul_gflops()  # the machine is shared: bracket the training runs
     roof = (gflops + gflops_after) / 2
-    profiled = None
-    if args.profile_steps:
-        profiled = profile_steps(
+    split = None
+    if args.split_steps:
+        split = phase_split(
             copy.deepcopy(model),
             tokenizer,
             pairs,
-            full_cfg.model_copy(update={"max_steps": args.profile_steps}),
+            full_cfg.model_copy(update={"max_steps": args.split_steps}),
         )
+        split["matmul_bound_seconds"] = 6 * params * split["tokens"] / (roof * 1e9)
 
     for name, row in rows.items():
         achieved = 6 * params * row["tokens_per_second"] / 1e9
@@ -133,7 +135,7 @@ def main() -> None:
         "lora": rows["lora"],
         "full_ft_fraction_of_matmul": rows["full_ft"]["fraction_of_matmul"],
         "lora_fraction_of_matmul": rows["lora"]["fraction_of_matmul"],
-        "full_ft_profile": profiled,
+        "full_ft_phases": split,
         "machine": machine(),
     }
     path = write_json("train_throughput.json", payload)
@@ -143,15 +145,15 @@ def main() -> None:
         print(
             f"{name:8} {row['tokens_per_second']:10.1f} {row['model_gflops_6pt']:14.1f} {row['fraction_of_matmul']:10.2f}"
         )
-    if profiled:
-        print(f"full FT, {profiled['steps']} profiled steps: share of CPU time")
-        for group, share in profiled["time_share"].items():
-            print(f"  {group:34} {100 * share:5.1f} %")
-        if profiled["matmul_gflops_achieved"]:
-            print(
-                f"  matmuls' own rate {profiled['matmul_gflops_achieved']:.0f} GFLOP/s "
-                f"({profiled['matmul_gflops_achieved'] / roof:.2f} of the {roof:.0f} GFLOP/s square-matmul roof)"
-            )
+    if split:
+        total = sum(split["seconds"].values())
+        print(f"full FT, {split['steps']} steps timed by phase ({split['tokens_per_second']:.0f} tokens/s):")
+        for phase, seconds in split["seconds"].items():
+            print(f"  {phase:10} {seconds:6.2f} s  {100 * split['share'][phase]:5.1f} %")
+        print(
+            f"  the model FLOPs at the matmul rate would take {split['matmul_bound_seconds']:.2f} s "
+            f"of these {total:.2f} s"
+        )
     print(json.dumps({k: payload[k] for k in ("full_ft_fraction_of_matmul", "lora_fraction_of_matmul")}))
     print(f"wrote {path}")
 
