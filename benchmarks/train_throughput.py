@@ -88,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", default="train_throughput.json", help="result file in benchmarks/results/")
     parser.add_argument("--split-steps", type=int, default=8, help="full-FT steps timed by phase (0: none)")
     args = parser.parse_args()
 
@@ -138,7 +139,7 @@ def main() -> None:
         "full_ft_phases": split,
         "machine": machine(),
     }
-    path = write_json("train_throughput.json", payload)
+    path = write_json(args.out, payload)
     print(f"fp32 matmul: {gflops:.1f} / {gflops_after:.1f} GFLOP/s (before/after); params {params:,}")
     print(f"{'stage':8} {'tokens/s':>10} {'GFLOP/s (6PT)':>14} {'of matmul':>10}")
     for name, row in rows.items():
