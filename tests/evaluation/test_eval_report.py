@@ -8,7 +8,7 @@ import json
 import pytest
 
 from flearning.evaluation import METRIC_DEFINITIONS, METRICS, EvalResult, write_report
-from flearning.evaluation.report import format_cell
+from flearning.evaluation.report import format_cell, plot_sweep
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -100,6 +100,20 @@ def test_sweep_outputs(tmp_path, results):
     assert points[1]["metrics"]["reliability"]["mean"] == pytest.approx(50.0)
     assert (out / "sweep.png").read_bytes().startswith(PNG_SIGNATURE)
     assert "sweep.png" in (out / "summary.md").read_text()
+
+
+def test_sweep_plot_draws_each_baseline_as_a_dashed_line_at_its_mean(results):
+    from flearning.evaluation.results import aggregate
+
+    sweep_summary = {
+        "flearning-ft": [(0.1, aggregate([_run([0.0, 1.0], 0)])), (0.3, aggregate([_run([1.0, 1.0], 0)]))]
+    }
+    fig = plot_sweep(sweep_summary, "λ", "t", {"ft": aggregate(results["ft"])})
+    reliability = next(ax for ax in fig.axes if ax.get_title() == "Reliability")
+    (line,) = [ln for ln in reliability.get_lines() if ln.get_label() == "ft (no λ)"]
+    assert line.get_linestyle() == "--"
+    assert list(line.get_ydata()) == pytest.approx([75.0, 75.0])  # ft's mean over its two seeds
+    assert "ft (no λ)" in [t.get_text() for t in fig.legends[0].get_texts()]
 
 
 def test_new_directory_appears_whole(tmp_path, results):

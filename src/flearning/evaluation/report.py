@@ -185,14 +185,19 @@ def plot_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title
 
 
 def plot_sweep(
-    sweep_summary: Mapping[str, Sequence[tuple[float, Mapping[str, Any]]]], parameter: str, title: str
+    sweep_summary: Mapping[str, Sequence[tuple[float, Mapping[str, Any]]]],
+    parameter: str,
+    title: str,
+    baselines: Mapping[str, Mapping[str, Any]] | None = None,
 ):
-    """One panel per metric: metric (%) against the sweep parameter, one line per method.
+    """One panel per metric: metric (%) against the sweep parameter, one line per method, and a dashed
+    horizontal line per baseline (a method without the parameter, e.g. ``ft`` for λ).
 
     Args:
         sweep_summary: ``{method: [(value, aggregate summary), ...]}`` sorted by value.
         parameter: the x axis name (``λ``).
         title: figure title.
+        baselines: ``{name: aggregate summary}`` drawn as reference lines.
     Returns:
         A matplotlib ``Figure``.
     """
@@ -220,6 +225,15 @@ def plot_sweep(
                     label=method,
                     color=f"C{j % 10}",
                 )
+        for k, (name, entry) in enumerate((baselines or {}).items()):
+            if entry.get(metric, {}).get("mean") is not None:
+                ax.axhline(
+                    entry[metric]["mean"],
+                    linestyle="--",
+                    linewidth=1.2,
+                    color=f"C{(len(sweep_summary) + k) % 10}",
+                    label=f"{name} (no {parameter})",
+                )
         ax.set_title(METRIC_LABELS[metric], fontsize=10)
         ax.set_xlabel(parameter)
         ax.set_ylabel("n-gram entropy (bits x100)" if metric == "fluency" else "score (%)")
@@ -232,7 +246,7 @@ def plot_sweep(
             handles,
             labels,
             loc="outside lower center",
-            ncols=min(len(sweep_summary), 6),
+            ncols=min(len(labels), 6),
             fontsize=8,
             title="method",
         )
@@ -275,6 +289,7 @@ def write_report(
     title: str = "F-Learning evaluation",
     sweep: SweepData | None = None,
     sweep_parameter: str = "λ",
+    sweep_baselines: Sequence[str] = (),
 ) -> Path:
     """Write every report file for ``results`` into ``out_dir``.
 
@@ -289,6 +304,7 @@ def write_report(
         title: report title.
         sweep: optional ``{method: {λ: EvalResult or [EvalResult per seed]}}`` for metric-vs-λ data.
         sweep_parameter: name of the swept parameter (x axis).
+        sweep_baselines: names in ``results`` drawn as horizontal reference lines on the sweep plot.
     Returns:
         The output directory.
     """
@@ -348,8 +364,9 @@ def write_report(
         }
         sweep_text = _dumps(sweep_doc, indent=2) + "\n"
         files["sweep.json"] = lambda p: p.write_text(sweep_text, encoding="utf-8")
+        baselines = {name: summaries[name] for name in sweep_baselines if name in summaries}
         files["sweep.png"] = lambda p: plot_sweep(
-            sweep_summary, sweep_parameter, f"{title}: metrics vs {sweep_parameter}"
+            sweep_summary, sweep_parameter, f"{title}: metrics vs {sweep_parameter}", baselines
         ).savefig(p, format="png", dpi=120)
 
     if out_dir.exists():

@@ -496,7 +496,11 @@ class Bench:
                     sweep.setdefault(r.method, {}).setdefault(r.lam, []).append(r.result())
             multi_lambda = {m: v for m, v in sweep.items() if len(v) > 1}
             write_report(
-                by_label, self.out / dataset, title=f"flearn bench: {dataset}", sweep=multi_lambda or None
+                by_label,
+                self.out / dataset,
+                title=f"flearn bench: {dataset}",
+                sweep=multi_lambda or None,
+                sweep_baselines=sorted({label(r) for r in runs if r.lam is None}),  # ft, lora, ft-c
             )
             methods = {name: aggregate(results) for name, results in by_label.items()}
             summary["datasets"][dataset] = {
