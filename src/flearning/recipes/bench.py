@@ -43,6 +43,8 @@ from flearning.training.config import LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
+PRIMED = "primed (θ)"  # the label of the primed model's own evaluation
+
 SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 PAPER_METRICS = ("reliability", "generality", "locality")
 # F-Learning method -> the baseline it is compared with (paired, same records and seeds).
@@ -415,7 +417,7 @@ class Bench:
                 )
                 info = dict(info, metrics=primed_eval.summary())
                 self.primes.setdefault(dataset, []).append(info)
-                self.runs.append(RunRecord(dataset, seed, "primed (θ)", None, "eval", primed_eval.records))
+                self.runs.append(RunRecord(dataset, seed, PRIMED, None, "eval", primed_eval.records))
                 chosen = (
                     self._choose_lambdas(dataset, seed, validation, theta, theta_key, bar)
                     if self.cfg.lambdas == "auto"
@@ -500,7 +502,8 @@ class Bench:
                 self.out / dataset,
                 title=f"flearn bench: {dataset}",
                 sweep=multi_lambda or None,
-                sweep_baselines=sorted({label(r) for r in runs if r.lam is None}),  # ft, lora, ft-c
+                # ft, lora, ft-c as reference lines (θ itself would squash the axes)
+                sweep_baselines=sorted({label(r) for r in runs if r.lam is None and r.method != PRIMED}),
             )
             methods = {name: aggregate(results) for name, results in by_label.items()}
             summary["datasets"][dataset] = {
