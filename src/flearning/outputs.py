@@ -12,7 +12,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -88,20 +88,31 @@ def normalise_permissions(root: Path) -> None:
         os.chmod(path, (0o777 if executable else 0o666) & ~mask)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a file via a temporary sibling and ``os.replace``."""
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(tmp)`` on a temporary sibling of ``path``, flush it to disk, give it the permissions a
+    plain new file would get, and rename it into place: ``path`` is the old file or the new one, never
+    half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        write(Path(tmp))
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a UTF-8 text file atomically (``atomic_write``)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # errno → what the user reads. These are the write failures a user can fix (free space, permissions,

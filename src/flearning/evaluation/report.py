@@ -30,7 +30,7 @@ from flearning.evaluation.definitions import (
     PERCENT_METRICS,
 )
 from flearning.evaluation.results import EvalResult, aggregate
-from flearning.outputs import umask
+from flearning.outputs import atomic_write, umask
 
 SweepData = Mapping[str, Mapping[float, "EvalResult | Sequence[EvalResult]"]]
 
@@ -257,19 +257,6 @@ def plot_sweep(
 # ------------------------------------------------------------------------------------------- writing
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Run ``write(tmp)`` on a temporary sibling of ``path``, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_default(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -373,7 +360,7 @@ def write_report(
         if not out_dir.is_dir():
             raise NotADirectoryError(f"{out_dir} exists and is not a directory")
         for name, write in files.items():
-            _atomic_write(out_dir / name, write)
+            atomic_write(out_dir / name, write)
         return out_dir
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
