@@ -26,12 +26,17 @@ from common import REPO, machine, matmul_gflops, write_json  # noqa: E402
 
 
 def measure(model, tokenizer, pairs, cfg) -> dict:
+    import time
+
     from flearning.training import train
 
     # One warm-up step (allocations, thread pools), then the measured run.
+    start = time.perf_counter()
     train(copy.deepcopy(model), tokenizer, pairs, cfg.model_copy(update={"max_steps": 1}), progress=False)
+    warmup = time.perf_counter() - start
     result = train(model, tokenizer, pairs, cfg, progress=False)
     return {
+        "warmup_seconds": warmup,
         "steps": result.steps,
         "seconds": result.seconds,
         "tokens": result.tokens,
