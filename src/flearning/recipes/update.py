@@ -364,13 +364,14 @@ def _run(s: _Setup, *, progress: bool) -> UpdateResult:
     old_ds, new_ds, old_pairs, new_pairs, base_fp = s.old_ds, s.new_ds, s.old_pairs, s.new_pairs, s.base_fp
     theta, model_source, out, work, timings = s.theta, s.model_source, s.out, s.work, s.timings
     before = reference = None
-    if cfg.evaluate:
-        from flearning.evaluation import evaluate, reference_predictions
+
+    def evaluate_on_new_facts(evaluated, when: str):
+        """Every metric on the new facts, Locality against θ (the model before the update)."""
+        from flearning.evaluation import evaluate
 
         start = time.perf_counter()
-        reference = reference_predictions(model, tokenizer, new_ds.records, batch_size=cfg.eval_batch_size)
-        before = evaluate(
-            model,
+        result = evaluate(
+            evaluated,
             tokenizer,
             new_ds.records,
             reference=reference,
@@ -378,7 +379,16 @@ def _run(s: _Setup, *, progress: bool) -> UpdateResult:
             generation=cfg.generation,
             progress=progress,
         )
-        timings["evaluate_before"] = time.perf_counter() - start
+        timings[f"evaluate_{when}"] = time.perf_counter() - start
+        return result
+
+    if cfg.evaluate:
+        from flearning.evaluation import reference_predictions
+
+        start = time.perf_counter()
+        reference = reference_predictions(model, tokenizer, new_ds.records, batch_size=cfg.eval_batch_size)
+        timings["reference"] = time.perf_counter() - start
+        before = evaluate_on_new_facts(model, "before")
 
     old_file, new_file = cfg.data_files()
     vector_meta = {
@@ -424,21 +434,7 @@ def _run(s: _Setup, *, progress: bool) -> UpdateResult:
     if not finite:
         raise NonFiniteModelError("the updated model has non-finite weights; nothing was written")
 
-    after = None
-    if cfg.evaluate:
-        from flearning.evaluation import evaluate
-
-        start = time.perf_counter()
-        after = evaluate(
-            updated,
-            tokenizer,
-            new_ds.records,
-            reference=reference,
-            batch_size=cfg.eval_batch_size,
-            generation=cfg.generation,
-            progress=progress,
-        )
-        timings["evaluate_after"] = time.perf_counter() - start
+    after = evaluate_on_new_facts(updated, "after") if cfg.evaluate else None
 
     summary = {
         "method": method.name,
