@@ -75,13 +75,6 @@ def is_main_process() -> bool:
     return s is None or s.is_main_process
 
 
-def wait_for_everyone() -> None:
-    """A barrier across the launched processes (nothing with one process)."""
-    s = state()
-    if s is not None:
-        s.wait_for_everyone()
-
-
 def same_on_every_process(value: T) -> T:
     """The main process's ``value`` on every process (a decision each process would otherwise take on
     its own, e.g. to stop early after an evaluation whose result could differ in the last bit)."""

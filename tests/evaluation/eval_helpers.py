@@ -7,6 +7,7 @@ import math
 import torch
 
 from flearning.data.records import KnowledgeRecord, PromptAnswer
+from flearning.evaluation.definitions import METRICS
 from tiny import tiny_llama
 
 
@@ -61,17 +62,7 @@ def assert_same_records(batched: list[dict], single: list[dict], tol: float = 1e
     worst = 0.0
     for a, b in zip(batched, single, strict=True):
         assert a["id"] == b["id"]
-        for key in (
-            "reliability",
-            "generality",
-            "locality",
-            "portability",
-            "old_retention",
-            "efficacy",
-            "paraphrase",
-            "gen_exact_match",
-            "fluency",
-        ):
+        for key in METRICS:
             if a[key] is None or b[key] is None:
                 assert a[key] is None and b[key] is None, (a["id"], key, a[key], b[key])
             else:
