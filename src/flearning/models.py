@@ -103,25 +103,32 @@ def load_from_gguf(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]
     return detach_quantizer(model), tokenizer
 
 
+def convert_embedded(name: str, out: Path) -> None:
+    """Write an embedded model as a plain fp32 safetensors directory (config, weights, tokenizer) into
+    ``out``. ``ensure_embedded`` calls it on a temporary directory, under the conversion lock."""
+    model, tokenizer = load_from_gguf(name)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+
+
 def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
     """Return the converted safetensors directory of an embedded model, converting it on first use.
 
     Conversion writes into a temporary directory beside the target and renames it into place, so the
     cache holds a complete model or nothing; a file lock keeps two processes from converting at once.
     """
-    target = cache_root() / "models" / name
+    models_dir = cache_root() / "models"
+    target = models_dir / name
     if (target / _DONE_MARKER).is_file():
         return target
-    with _file_lock(cache_root() / "models" / f".{name}.lock"):
+    with _file_lock(models_dir / f".{name}.lock"):
         if (target / _DONE_MARKER).is_file():  # another process finished while we waited
             return target
         log.info("converting the embedded model %s from GGUF once (about 30 s) into %s", name, target)
-        model, tokenizer = load_from_gguf(name)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is readable like any download cache
         try:
-            model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
+            convert_embedded(name, tmp)
             (tmp / _DONE_MARKER).write_text(EMBEDDED_MODELS[name].description + "\n")
             if target.exists():  # a stale, incomplete directory from an older version
                 shutil.rmtree(target)
