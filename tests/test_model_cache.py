@@ -159,6 +159,25 @@ def test_failed_conversion_leaves_no_trace(cache, monkeypatch, previous):
     assert (other / "model.safetensors").read_bytes() == b"weights" and (other / DONE).is_file()
 
 
+def test_stale_temp_dirs_of_killed_conversions_are_removed(cache, monkeypatch, tiny_model_dir):
+    models_dir = cache / "models"
+    stale = models_dir / f".{DEFAULT_MODEL}.k1ll_ed9"  # what a killed conversion leaves
+    stale.mkdir(parents=True)
+    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    unrelated = [models_dir / f".{DEFAULT_MODEL}.v2.abcdefgh", models_dir / ".other.abcdefgh"]
+    for path in unrelated:
+        path.mkdir()
+    (models_dir / f".{DEFAULT_MODEL}.lock").touch()
+    monkeypatch.setattr(models, "convert_embedded", copy_conversion(tiny_model_dir))
+
+    target = ensure_embedded()
+
+    assert not stale.exists()
+    assert all(path.is_dir() for path in unrelated)
+    assert leftovers(models_dir) == sorted([DEFAULT_MODEL, *(p.name for p in unrelated)])
+    assert (target / DONE).is_file()
+
+
 def test_a_running_conversions_temp_dir_is_left_alone(cache, monkeypatch, tiny_model_dir):
     """While another converter holds the lock, its temporary directory is not stale: we wait, and then
     use what it made."""

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -111,11 +112,34 @@ def convert_embedded(name: str, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _is_conversion_temp_dir(path: Path, name: str) -> bool:
+    """``.{name}.XXXXXXXX``: a temporary directory of ``ensure_embedded`` (never the lock file, never
+    another model's: mkdtemp's random part holds no dot, so ``.{name}.v2.XXXXXXXX`` does not match)."""
+    pattern = rf"\.{re.escape(name)}\.[a-z0-9_]+"
+    return re.fullmatch(pattern, path.name) is not None and path.is_dir() and not path.is_symlink()
+
+
+def remove_stale_temp_dirs(models_dir: Path, name: str) -> list[Path]:
+    """Remove what killed conversions of ``name`` left behind (a temporary directory is about 0.5 GB).
+
+    Only call this holding the conversion lock: then nobody else is converting, so every temporary
+    directory of ``name`` is stale.
+    """
+    if not models_dir.is_dir():
+        return []
+    stale = [p for p in models_dir.iterdir() if _is_conversion_temp_dir(p, name)]
+    for path in stale:
+        log.info("removing %s, left behind by an interrupted conversion", path)
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
+
+
 def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
     """Return the converted safetensors directory of an embedded model, converting it on first use.
 
     Conversion writes into a temporary directory beside the target and renames it into place, so the
     cache holds a complete model or nothing; a file lock keeps two processes from converting at once.
+    Holding the lock, it also removes temporary directories that killed conversions left behind.
     """
     models_dir = cache_root() / "models"
     target = models_dir / name
@@ -124,6 +148,7 @@ def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
     with _file_lock(models_dir / f".{name}.lock"):
         if (target / _DONE_MARKER).is_file():  # another process finished while we waited
             return target
+        remove_stale_temp_dirs(models_dir, name)
         log.info("converting the embedded model %s from GGUF once (about 30 s) into %s", name, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is readable like any download cache
