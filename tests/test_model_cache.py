@@ -1,4 +1,4 @@
-"""The embedded model's cache entry: one conversion under a lock, written atomically.
+"""The embedded model's cache entry: one conversion under a lock, written atomically, readable by all.
 
 The GGUF conversion (~30 s) is replaced by a tiny random Llama: these tests are about the cache, not the
 model, and stay fast.
@@ -11,6 +11,7 @@ import fcntl
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import textwrap
@@ -199,3 +200,17 @@ def test_a_running_conversions_temp_dir_is_left_alone(cache, monkeypatch, tiny_m
         fcntl.flock(lock, fcntl.LOCK_UN)
     waiter.join(10)
     assert result == [models_dir / DEFAULT_MODEL]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask-022", "umask-002"])
+def test_converted_files_get_normal_permissions(cache, monkeypatch, mask):
+    monkeypatch.setattr(models, "load_from_gguf", lambda name: (tiny_llama(), tiny_tokenizer()))
+    old = os.umask(mask)
+    try:
+        target = ensure_embedded()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(target.stat().st_mode) == 0o777 & ~mask
+    files = [p for p in target.rglob("*") if p.is_file()]
+    assert "model.safetensors" in {p.name for p in files}  # written 0600 by safetensors
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in files} == {p.name: 0o666 & ~mask for p in files}

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flearning.errors import FlearnError
+from flearning.outputs import normalise_permissions
 
 if TYPE_CHECKING:
     import torch
@@ -151,10 +152,11 @@ def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
         remove_stale_temp_dirs(models_dir, name)
         log.info("converting the embedded model %s from GGUF once (about 30 s) into %s", name, target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700; the cache is readable like any download cache
         try:
             convert_embedded(name, tmp)
             (tmp / _DONE_MARKER).write_text(EMBEDDED_MODELS[name].description + "\n")
+            # mkdtemp makes 0700 and safetensors 0600; the cache is readable like any download cache
+            normalise_permissions(tmp)
             if target.exists():  # a stale, incomplete directory from an older version
                 shutil.rmtree(target)
             os.replace(tmp, target)
