@@ -24,6 +24,58 @@ def test_bad_file_exits_2_with_every_problem(tmp_path, capsys):
     assert err == f"error: invalid dataset: 1 problem\n  {path}:record 1:ground_truth: missing\n"
 
 
+def _malformed(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n  {"src": "a",}\n]')
+    return path
+
+
+def _missing_field(tmp_path):
+    recs = [counterfact_record(0), counterfact_record(1)]
+    del recs[1]["ground_truth"]
+    return write_json(tmp_path / "cf.json", recs)
+
+
+def _wrong_type(tmp_path):
+    return write_json(tmp_path / "cf.json", [counterfact_record(0), counterfact_record(1, target_new=5)])
+
+
+def _empty(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text("")
+    return path
+
+
+# (make the file, extra arguments, the problem line after the path); texts as in test_data_errors.py
+BAD_INPUTS = {
+    "malformed-json": (
+        _malformed,
+        [],
+        ": malformed JSON at line 2, column 15: Expecting property name enclosed in double quotes",
+    ),
+    "missing-field": (_missing_field, [], ":record 1:ground_truth: missing"),
+    "wrong-typed-field": (_wrong_type, [], ":record 1:target_new: expected a string, got a number"),
+    "empty-file": (_empty, [], ": file is empty"),
+    "unknown-format": (
+        lambda tmp_path: write_json(tmp_path / "d.json", [counterfact_record(0)]),
+        ["--format", "wikidata"],
+        ": unknown format 'wikidata' (known: zsre, counterfact, counterfact-rome, jsonl)",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_with_the_exact_message(tmp_path, capsys, case):
+    make, extra, problem = BAD_INPUTS[case]
+    path = make(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    assert main(["-q", "data", "check", str(path), *extra, "--model", "none"]) == 2
+    out, err = capsys.readouterr()
+    assert err == f"error: invalid dataset: 1 problem\n  {path}{problem}\n"
+    assert out == ""
+    assert sorted(tmp_path.rglob("*")) == before  # nothing written
+
+
 def test_unknown_format_exits_2(capsys):
     assert (
         main(["-q", "data", "check", str(SAMPLES / "facts.jsonl"), "--format", "nope", "--model", "none"])
