@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 
@@ -23,10 +21,8 @@ def test_conversion_runs_once_and_matches_gguf_logits(monkeypatch):
     monkeypatch.setattr(models, "load_from_gguf", lambda name: pytest.fail("converted twice"))
     assert ensure_embedded() == path
 
-    start = time.perf_counter()
+    # How long this load takes is measured by benchmarks/model_load.py, not asserted here.
     converted, tok = load_model()
-    second_load = time.perf_counter() - start
-    assert second_load < 5.0  # the target is < 2 s; leave room for a loaded CI machine
 
     reference, ref_tok = load_from_gguf("smollm2-135m")
     ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
