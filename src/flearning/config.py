@@ -15,7 +15,14 @@ from flearning.errors import ConfigError, FlearnError, Problem
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.models import DEFAULT_MODEL
 from flearning.recipes.methods import METHODS
-from flearning.training.config import LoraSettings, TrainConfig
+from flearning.training.config import (
+    ConfigBool,
+    ConfigFloat,
+    ConfigInt,
+    LoraSettings,
+    Scheduler,
+    TrainConfig,
+)
 
 # Defaults for the embedded SmolLM2-135M. Full-FT stages keep the paper's lr 5e-5 × 3 epochs.
 # LoRA stages need a much larger step to move at all on a 135M model (DESIGN.md §3 measured LoRA at
@@ -25,15 +32,35 @@ LORA_STAGE = {"lr": 1e-3, "epochs": 5.0, "batch_size": 8}
 
 
 def default_stage(
-    kind: str, lora: LoraSettings, seed: int, overrides: dict[str, Any] | None = None
+    kind: str,
+    lora: LoraSettings,
+    seed: int,
+    overrides: dict[str, Any] | None = None,
+    *,
+    section: str | None = None,
+    source: str = "configuration",
 ) -> TrainConfig:
-    """A stage's TrainConfig: the defaults of its kind, then the user's overrides."""
+    """A stage's TrainConfig: the defaults of its kind, then the user's overrides.
+
+    Raises:
+        ConfigError: the settings do not make a valid stage; each problem names ``source`` and the
+            field as ``section.field`` (e.g. ``run.yaml:learn.scheduler: ...``).
+    """
     base = dict(FULL_STAGE if kind == "full" else LORA_STAGE)
     base["seed"] = seed
     base.update(overrides or {})
     if kind == "lora":
         base["lora"] = lora
-    return TrainConfig(**base)
+    try:
+        return TrainConfig(**base)
+    except ValidationError as ex:
+        problems = validation_problems(ex, source)
+        if section:
+            problems = [
+                Problem(p.source, p.record, f"{section}.{p.field}" if p.field else section, p.message)
+                for p in problems
+            ]
+        raise ConfigError(problems) from ex
 
 
 class StageOverrides(BaseModel):
@@ -41,17 +68,17 @@ class StageOverrides(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    lr: float | None = Field(None, gt=0, allow_inf_nan=False)
-    epochs: float | None = Field(None, gt=0, allow_inf_nan=False)
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    grad_accum: int | None = Field(None, ge=1)
-    scheduler: str | None = None
-    warmup_ratio: float | None = Field(None, ge=0, lt=1)
-    weight_decay: float | None = Field(None, ge=0)
-    max_grad_norm: float | None = Field(None, gt=0)
-    add_eos: bool | None = None
-    freeze_embeddings: bool | None = None
+    lr: ConfigFloat | None = Field(None, gt=0)
+    epochs: ConfigFloat | None = Field(None, gt=0)
+    max_steps: ConfigInt | None = Field(None, ge=1)
+    batch_size: ConfigInt | None = Field(None, ge=1)
+    grad_accum: ConfigInt | None = Field(None, ge=1)
+    scheduler: Scheduler | None = None
+    warmup_ratio: ConfigFloat | None = Field(None, ge=0, lt=1)
+    weight_decay: ConfigFloat | None = Field(None, ge=0)
+    max_grad_norm: ConfigFloat | None = Field(None, gt=0)
+    add_eos: ConfigBool | None = None
+    freeze_embeddings: ConfigBool | None = None
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)
@@ -67,24 +94,24 @@ class UpdateConfig(BaseModel):
     old: Path | None = None
     new: Path | None = None
     format: str | None = None
-    limit: int | None = Field(None, ge=1)
+    limit: ConfigInt | None = Field(None, ge=1)
     method: str = "flearning-ft"
-    lam: float = Field(0.7, alias="lambda", allow_inf_nan=False)
+    lam: ConfigFloat = Field(0.7, alias="lambda")
     forget: StageOverrides = Field(default_factory=StageOverrides)
     learn: StageOverrides = Field(default_factory=StageOverrides)
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    linf_bound: float = Field(5e-4, gt=0, allow_inf_nan=False)
+    linf_bound: ConfigFloat = Field(5e-4, gt=0)
     # NumPy (seeded with the others) takes 0 <= seed < 2**32.
-    seed: int = Field(0, ge=0, lt=2**32)
+    seed: ConfigInt = Field(0, ge=0, lt=2**32)
     # Optimizer steps between checkpoints of a training stage in <out>.partial/ (0: only when a stage
     # ends or is interrupted). Does not change the result.
-    checkpoint_every: int = Field(100, ge=0)
-    evaluate: bool = True
-    eval_batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
-    generation: bool = True
+    checkpoint_every: ConfigInt = Field(100, ge=0)
+    evaluate: ConfigBool = True
+    eval_batch_size: ConfigInt = Field(DEFAULT_BATCH_SIZE, ge=1)
+    generation: ConfigBool = True
     out: Path | None = None
-    overwrite: bool = False
-    trust_remote_code: bool = False
+    overwrite: ConfigBool = False
+    trust_remote_code: ConfigBool = False
 
     @field_validator("method")
     @classmethod
@@ -177,6 +204,11 @@ def validation_problems(ex: ValidationError, source: str) -> list[Problem]:
     ]
 
 
+def config_source(path: Path | None) -> str:
+    """How problems of a configuration name where it came from: its file, else the command line."""
+    return str(path) if path else "command line"
+
+
 def load_config(
     model: type[BaseModel], path: Path | None, overrides: list[str], cli: dict[str, Any] | None = None
 ):
@@ -184,7 +216,7 @@ def load_config(
 
     Relative paths inside a YAML file are taken relative to the current directory, like CLI paths.
     """
-    source = str(path) if path else "command line"
+    source = config_source(path)
     data = read_yaml(path) if path else {}
     data = _merge(data, {k: v for k, v in (cli or {}).items() if v is not None})
     extra, problems = parse_overrides(overrides)

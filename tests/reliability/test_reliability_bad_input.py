@@ -5,17 +5,22 @@ from __future__ import annotations
 
 import errno
 import json
+import math
+import types
+import typing
 from pathlib import Path
 
 import pytest
 import torch
+from pydantic import ValidationError
 from reliability_helpers import update_args, write_facts
 
 from flearning.cli import main
-from flearning.config import UpdateConfig, load_config
-from flearning.errors import FlearnError
-from flearning.recipes.update import work_dir_for
+from flearning.config import StageOverrides, UpdateConfig, load_config
+from flearning.errors import ConfigError, FlearnError
+from flearning.recipes.update import stage_plan, work_dir_for
 from flearning.training import TrainConfig, train
+from flearning.training.config import LoraSettings
 from tiny import tiny_llama
 
 
@@ -74,6 +79,120 @@ def test_yaml_numbers_without_a_dot_are_floats(tmp_path):
     assert cfg.learn.weight_decay == 1e-2
 
 
+def test_quoted_yaml_numbers_are_floats(tmp_path):
+    """A quoted ``"5e-5"`` is a string to YAML too; it becomes the same float as the unquoted form."""
+    config = tmp_path / "run.yaml"
+    config.write_text("lambda: '3e-1'\nlearn:\n  lr: \"5e-5\"\nforget:\n  lr: '1E-4'\n")
+    cfg = load_config(UpdateConfig, config, ['learn.weight_decay="1e-2"'])
+    assert cfg.learn.lr == 5e-05 and isinstance(cfg.learn.lr, float)
+    assert cfg.forget.lr == 1e-04 and cfg.lam == 0.3 and cfg.learn.weight_decay == 1e-02
+
+
+def test_wrong_types_are_refused_not_coerced_all_at_once(tmp_path):
+    """pydantic's lax mode would take ``true`` as 1, ``"yes"`` as true and ``"1_0"`` as 10."""
+    config = tmp_path / "run.yaml"
+    config.write_text(
+        'overwrite: "yes"\nevaluate: "off"\nseed: true\nlearn:\n  epochs: true\n  batch_size: true\n'
+        '  lr: "1_0"\nlora:\n  r: "1_0"\n  dropout: false\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(UpdateConfig, config, ["generation=0", "limit=yes", "forget.add_eos=1"])
+    assert str(info.value) == "\n".join(
+        [
+            "invalid configuration: 11 problems",
+            f"  {config}:limit: Input should be an integer, not a boolean",
+            f"  {config}:forget.add_eos: Input should be true or false, not 1",
+            f"  {config}:learn.lr: Input should be a number, got the text '1_0'",
+            f"  {config}:learn.epochs: Input should be a number, not a boolean",
+            f"  {config}:learn.batch_size: Input should be an integer, not a boolean",
+            f"  {config}:lora.r: Input should be an integer, got the text '1_0'",
+            f"  {config}:lora.dropout: Input should be a number, not a boolean",
+            f"  {config}:seed: Input should be an integer, not a boolean",
+            f"  {config}:evaluate: Input should be true or false, not 'off'",
+            f"  {config}:generation: Input should be true or false, not 0",
+            f"  {config}:overwrite: Input should be true or false, not 'yes'",
+        ]
+    )
+
+
+def test_booleans_from_yaml_and_the_command_line_still_work(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("overwrite: false\ngeneration: false\nlearn:\n  add_eos: false\n")
+    cfg = load_config(
+        UpdateConfig, config, ["overwrite=true", "forget.freeze_embeddings=true"], {"evaluate": False}
+    )
+    assert (cfg.overwrite, cfg.evaluate, cfg.generation) == (True, False, False)
+    assert cfg.learn.add_eos is False and cfg.forget.freeze_embeddings is True
+    cfg = load_config(UpdateConfig, None, ["learn.batch_size=4", "seed='7'", "learn.epochs=2"], {"seed": 3})
+    assert (cfg.learn.batch_size, cfg.seed, cfg.learn.epochs) == (4, 7, 2.0)
+    assert isinstance(cfg.learn.epochs, float)
+
+
+def _base_types(annotation) -> set:
+    """``float`` for ``float``, ``Annotated[float, ...]`` and ``Optional[...]`` of those."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _base_types(args[0])
+    if origin in (typing.Union, types.UnionType):
+        return set().union(*(_base_types(a) for a in args))
+    return {annotation}
+
+
+@pytest.mark.parametrize("model", [UpdateConfig, StageOverrides, TrainConfig, LoraSettings])
+def test_every_config_number_and_switch_refuses_what_lax_mode_would_coerce(model):
+    """Every number field of every config model refuses inf, NaN, 1e400, booleans and ``"1_0"``; every
+    switch refuses 1, 0, ``"yes"``, ``"off"``. A field added later with a plain float/int/bool fails here."""
+    checked = []
+    for name, field in model.model_fields.items():
+        kinds = _base_types(field.annotation)
+        if kinds & {float, int}:
+            bad = [math.inf, -math.inf, math.nan, "1e400", "1_0", " 3", True, False]
+        elif bool in kinds:
+            bad = [1, 0, 1.0, "yes", "off", "true"]
+        else:
+            continue
+        key = field.alias or name
+        for value in bad:
+            with pytest.raises(ValidationError) as info:
+                model.model_validate({key: value})
+            assert [e["loc"] for e in info.value.errors()] == [(key,)], (key, value)
+        checked.append(key)
+    assert len(checked) >= 3, checked
+
+
+def test_unknown_scheduler_exits_2_naming_the_field(tiny_model_dir, facts, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, err = run_cli(update_args(tiny_model_dir, facts, out, "ft", "learn.scheduler=bogus"), capsys)
+    assert code == 2
+    assert err == (
+        "error: invalid configuration: 1 problem\n"
+        "  command line:learn.scheduler: Input should be 'linear' or 'constant'\n"
+    )
+    assert_nothing_written(out)
+
+
+def test_invalid_stage_settings_are_a_config_error_naming_file_and_field():
+    """Stage settings that got past the config's own checks (here: built without validation) are
+    reported as a ConfigError by stage_plan, never as a pydantic traceback."""
+    cfg = UpdateConfig.model_construct(
+        method="flearning-ft",
+        learn=StageOverrides.model_construct(scheduler="bogus", lr=-1.0),
+        forget=StageOverrides.model_construct(batch_size=0),
+        lora=LoraSettings(),
+        seed=0,
+        linf_bound=5e-4,
+        lam=0.7,
+    )
+    with pytest.raises(ConfigError) as info:
+        stage_plan(cfg, source="run.yaml")
+    assert str(info.value) == (
+        "invalid configuration: 2 problems\n"
+        "  run.yaml:learn.lr: Input should be greater than 0\n"
+        "  run.yaml:learn.scheduler: Input should be 'linear' or 'constant'"
+    )
+    assert info.value.exit_code == 2
+
+
 @pytest.mark.parametrize(
     "text", [b"\xff\xfe\x00garbage", b"[[[[" * 400 + b"]]]]" * 400, b"- a\n- b\n", b"a: [1\n"]
 )
@@ -92,12 +211,29 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(
-    "override", ["lambda=.nan", "lambda=.inf", "lambda=-.inf", "learn.lr=.nan", "linf_bound=.inf"]
+    "override",
+    [
+        "lambda=.nan",
+        "lambda=.inf",
+        "lambda=-.inf",
+        "learn.lr=.nan",
+        "linf_bound=.inf",
+        "learn.weight_decay=.inf",
+        "learn.weight_decay=1e400",
+        "learn.max_grad_norm=.inf",
+        "forget.warmup_ratio=.nan",
+        "lora.alpha=.inf",
+        "lora.dropout=.nan",
+    ],
 )
 def test_non_finite_numbers_are_refused(override, tiny_model_dir, facts, tmp_path, capsys):
     out = tmp_path / "out"
     code, err = run_cli(update_args(tiny_model_dir, facts, out, "flearning-ft", override), capsys)
-    assert code == 2 and "finite number" in err
+    field = override.partition("=")[0]
+    assert code == 2
+    assert err == (
+        f"error: invalid configuration: 1 problem\n  command line:{field}: Input should be a finite number\n"
+    )
     assert_nothing_written(out)
 
 

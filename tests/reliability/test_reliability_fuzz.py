@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from flearning.config import UpdateConfig, load_config
 from flearning.data import FORMATS, load_dataset
 from flearning.errors import FlearnError
+from flearning.recipes.update import stage_plan
+from flearning.training import TrainConfig
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
@@ -151,14 +153,28 @@ overrides = st.lists(
 
 
 def check_config(cfg: UpdateConfig) -> None:
-    """What a config that loaded promises."""
+    """What a config that loaded promises, down to the stages' TrainConfigs it makes."""
     assert isinstance(cfg, UpdateConfig)
     assert isinstance(cfg.lam, float) and math.isfinite(cfg.lam)
-    assert 0 <= cfg.seed < 2**32
+    assert 0 <= cfg.seed < 2**32 and not isinstance(cfg.seed, bool)
     for stage in (cfg.learn, cfg.forget):
         for name in ("lr", "epochs", "warmup_ratio", "weight_decay", "max_grad_norm"):
             value = getattr(stage, name)
             assert value is None or (isinstance(value, float) and math.isfinite(value))
+        for name in ("max_steps", "batch_size", "grad_accum"):
+            value = getattr(stage, name)
+            assert value is None or (type(value) is int and value >= 1)
+        for name in ("add_eos", "freeze_embeddings"):
+            assert getattr(stage, name) in (None, True, False)
+    assert math.isfinite(cfg.lora.alpha) and math.isfinite(cfg.lora.dropout) and type(cfg.lora.r) is int
+    for name in ("evaluate", "generation", "overwrite", "trust_remote_code"):
+        assert type(getattr(cfg, name)) is bool
+    # Every setting was checked when the config loaded: building the stages cannot fail after that.
+    plan = stage_plan(cfg)
+    stages = [plan.learn] + ([plan.forget] if plan.forget is not None else [])
+    for train_cfg in stages:
+        assert isinstance(train_cfg, TrainConfig)
+        assert all(math.isfinite(v) for v in (train_cfg.lr, train_cfg.epochs, train_cfg.weight_decay))
 
 
 @pytest.fixture(scope="module")
@@ -168,6 +184,14 @@ def fuzz_dir(tmp_path_factory) -> Path:
 
 @FUZZ
 @given(doc=config_documents(), pairs=overrides, use_file=st.booleans())
+# found by hand before the fuzzer could: each was accepted (or crashed building the stages)
+@example(doc=b"", pairs=["learn.weight_decay=1e400"], use_file=False)
+@example(doc=b"", pairs=["learn.weight_decay=.inf"], use_file=False)
+@example(doc=b"forget:\n  max_grad_norm: .inf\n", pairs=[], use_file=True)
+@example(doc=b"", pairs=["lora.alpha=.inf"], use_file=False)
+@example(doc=b"", pairs=["learn.scheduler=bogus"], use_file=False)
+@example(doc=b"learn:\n  epochs: true\n  batch_size: true\nseed: true\n", pairs=[], use_file=True)
+@example(doc=b'overwrite: "yes"\nevaluate: "off"\nlearn:\n  lr: "1_0"\n', pairs=[], use_file=True)
 def test_config_entry_point_raises_only_flearn_errors(fuzz_dir, doc, pairs, use_file):
     path = fuzz_dir / "config.yaml"
     path.write_bytes(doc)

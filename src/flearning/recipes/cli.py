@@ -56,8 +56,8 @@ def update_command(
     """
     from rich.console import Console
 
-    from flearning.config import UpdateConfig, load_config
-    from flearning.recipes.update import update
+    from flearning.config import UpdateConfig, config_source, load_config
+    from flearning.recipes.update import stage_plan, update
     from flearning.reporting import update_table
 
     cli = {
@@ -77,6 +77,7 @@ def update_command(
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other")
     cfg = load_config(UpdateConfig, config, overrides or [], cli)
+    stage_plan(cfg, source=config_source(config))  # the stages' settings are valid (else exit 2)
     if dry_run:
         from flearning.memory import dry_run_report
 

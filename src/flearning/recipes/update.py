@@ -66,14 +66,21 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def stage_plan(cfg: UpdateConfig) -> StagePlan:
-    """Both stages' TrainConfigs for the configured method."""
+def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
+    """Both stages' TrainConfigs for the configured method.
+
+    Raises:
+        ConfigError: a stage's settings are invalid, naming ``source`` (the config file) and the field.
+    """
     method = get_method(cfg.method)
-    full = default_stage("full", cfg.lora, cfg.seed, cfg.learn.given())
-    lora = default_stage("lora", cfg.lora, cfg.seed, cfg.learn.given())
+    learn = cfg.learn.given()
+    full = default_stage("full", cfg.lora, cfg.seed, learn, section="learn", source=source)
+    lora = default_stage("lora", cfg.lora, cfg.seed, learn, section="learn", source=source)
     forget = None
     if method.forget is not None:
-        forget = default_stage(method.forget, cfg.lora, cfg.seed, cfg.forget.given())
+        forget = default_stage(
+            method.forget, cfg.lora, cfg.seed, cfg.forget.given(), section="forget", source=source
+        )
     return StagePlan(learn=learn_config(method, full, lora, cfg.linf_bound), forget=forget, lam=cfg.lam)
 
 
@@ -283,7 +290,7 @@ def update(
     note = ""
     if out is not None:
         identity = run_identity(method, plan, base_fp, old_pairs, new_pairs)
-        with write_errors_as_flearn(work_dir_for(out), what="the work directory"):
+        with write_errors_as_flearn(work_dir_for(out), what=f"the work directory of {out}"):
             work = on_main_process(open_work_dir, out, identity, resume)
         note = (
             f"The previous output (if any) is untouched; finished training stages (if any) are kept in {work}: "
