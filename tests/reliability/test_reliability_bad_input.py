@@ -471,9 +471,26 @@ def test_out_of_memory_is_reported_with_what_to_change(tokenizer, monkeypatch):
     monkeypatch.setattr(LlamaForCausalLM, "forward", _oom)
     with pytest.raises(FlearnError) as info:
         train(tiny_llama(), tokenizer, [("a", "b")] * 4, TrainConfig(batch_size=4), progress=False)
-    message = str(info.value)
-    assert "out of memory while training (batch size 4)" in message
-    assert "smaller --batch-size" in message and "grad_accum" in message and "LoRA" in message
+    assert str(info.value) == (
+        "out of memory while training (batch size 4, grad_accum 1): CUDA out of memory. Tried to allocate "
+        "20.00 GiB. Try a smaller batch_size with a larger grad_accum to keep the effective batch of 4 "
+        "(flearn update: learn.batch_size=2 learn.grad_accum=2, forget.* likewise; flearn prime: "
+        "--batch-size 2), LoRA stages (method flearning-lora or flearning-lora-ft), or an accelerate "
+        "config that shards the model (configs/accelerate/)."
+    )
+    # an odd batch keeps its effective size exactly: 3 × 2 → 1 × 6
+    with pytest.raises(FlearnError) as info:
+        train(
+            tiny_llama(), tokenizer, [("a", "b")] * 4, TrainConfig(batch_size=3, grad_accum=2), progress=False
+        )
+    assert "effective batch of 6 (flearn update: learn.batch_size=1 learn.grad_accum=6," in str(info.value)
+    # already at batch size 1: no batch advice, the other two remain
+    with pytest.raises(FlearnError) as info:
+        train(tiny_llama(), tokenizer, [("a", "b")] * 4, TrainConfig(batch_size=1), progress=False)
+    assert str(info.value).endswith(
+        "20.00 GiB. Try LoRA stages (method flearning-lora or flearning-lora-ft), or an accelerate config "
+        "that shards the model (configs/accelerate/)."
+    )
 
 
 def test_out_of_memory_in_update_exits_2(tiny_model_dir, facts, tmp_path, capsys, monkeypatch):
@@ -482,7 +499,10 @@ def test_out_of_memory_in_update_exits_2(tiny_model_dir, facts, tmp_path, capsys
     monkeypatch.setattr(LlamaForCausalLM, "forward", _oom)
     out = tmp_path / "out"
     code, err = run_cli(update_args(tiny_model_dir, facts, out, "ft"), capsys)
-    assert code == 2 and "out of memory" in err and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
+    # the advice names keys flearn update takes (12 facts → one batch of 8 at learn.batch_size default)
+    assert "out of memory while training (batch size 8, grad_accum 1)" in err
+    assert "flearn update: learn.batch_size=4 learn.grad_accum=2, forget.* likewise" in err
     assert not out.exists()
 
 

@@ -103,10 +103,23 @@ def freeze_embeddings(model: torch.nn.Module) -> None:
 
 
 def _oom_error(ex: BaseException, cfg: TrainConfig) -> FlearnError:
+    """What to change, by the names each command takes: a stage's ``batch_size``/``grad_accum`` keys
+    (``flearn update``: ``learn.*``/``forget.*``), ``flearn prime``'s ``--batch-size``."""
+    b, g = cfg.batch_size, cfg.grad_accum
+    if b > 1:
+        # halve the micro-batch (or go to 1 when it is odd), keeping batch_size × grad_accum exact
+        half, more = (b // 2, g * 2) if b % 2 == 0 else (1, g * b)
+        batch = (
+            f"a smaller batch_size with a larger grad_accum to keep the effective batch of {b * g} "
+            f"(flearn update: learn.batch_size={half} learn.grad_accum={more}, forget.* likewise; "
+            f"flearn prime: --batch-size {half}), "
+        )
+    else:
+        batch = ""
     return FlearnError(
-        f"out of memory while training (batch size {cfg.batch_size}): {ex}. Try a smaller --batch-size "
-        "with grad_accum to keep the effective batch, LoRA stages (method flearning-lora or "
-        "flearning-lora-ft), or an accelerate config that shards the model (configs/accelerate/)."
+        f"out of memory while training (batch size {b}, grad_accum {g}): {ex}. Try {batch}LoRA stages "
+        "(method flearning-lora or flearning-lora-ft), or an accelerate config that shards the model "
+        "(configs/accelerate/)."
     )
 
 
