@@ -449,6 +449,43 @@ def test_nan_loss_exits_2_and_writes_nothing(facts, tmp_path, tokenizer, capsys)
     assert_nothing_written(out)
 
 
+def test_inf_loss_at_a_later_step_names_it_and_leaves_nothing(
+    tiny_model_dir, facts, tmp_path, capsys, monkeypatch
+):
+    """The loss becomes inf at learning step 3, after the forget stage finished and two learning
+    checkpoints were taken (checkpoint_every=1): the error names step and batch, and the output, its
+    temporary directory and the work directory with those checkpoints are all gone."""
+    import flearning.training.trainer as trainer
+
+    real = trainer.answer_loss
+    calls = []
+    seen: dict[str, list[str]] = {}
+    out = tmp_path / "out"
+
+    def loss(model, batch):
+        calls.append(1)
+        value = real(model, batch)
+        if len(calls) == 4 + 3:  # forget: 4 steps of one batch; then learning step 3
+            work = work_dir_for(out)
+            seen["learn"] = sorted(p.name for p in (work / "learn").iterdir())
+            seen["work"] = sorted(p.name for p in work.iterdir())
+            return value * float("inf")
+        return value
+
+    monkeypatch.setattr(trainer, "answer_loss", loss)
+    code, err = run_cli(update_args(tiny_model_dir, facts, out, "flearning-ft", "checkpoint_every=1"), capsys)
+    assert code == 2
+    assert err == (
+        "error: learn (flearning-ft): loss became inf at optimizer step 3 (epoch 2, batch 1); nothing was "
+        "written. Lower the learning rate or check the data.\n"
+    )
+    # there was something to remove: Δ_old of the finished forget stage and the step-2 learning checkpoint
+    assert seen["learn"] == ["step-00000002"]  # the latest only
+    assert {"identity.json", "knowledge_vector", "forget.json", "learn"} <= set(seen["work"])
+    assert_nothing_written(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["facts.jsonl", "tiny-model"]
+
+
 def test_non_finite_weights_after_arithmetic_exit_2_and_write_nothing(
     tiny_model_dir, facts, tmp_path, capsys
 ):

@@ -103,6 +103,11 @@ def test_rerun_after_an_interruption_resumes_and_writes_the_same_model(
     assert not work.exists()  # removed once the output is in place
     run, ref_run = (json.loads((d / "run.json").read_text()) for d in (out, reference))
     assert run["final_loss"] == ref_run["final_loss"] and run["tokens"] == ref_run["tokens"]
+    # the whole loss trace of each stage, the steps run before the interruption included
+    stages = ["forget", "learn"] if method.startswith("flearning") else ["learn"]
+    assert list(run["losses"]) == stages
+    assert [len(run["losses"][s]) for s in stages] == ([4, 6] if len(stages) == 2 else [6])
+    assert run["losses"] == ref_run["losses"]
 
 
 def test_a_killed_process_resumes_from_the_last_periodic_checkpoint(tiny_model_dir, facts, tmp_path):
@@ -148,6 +153,15 @@ def test_a_partial_run_of_other_settings_is_refused_naming_the_difference(
     assert "holds an interrupted update of a different run" in err
     assert "lambda: 0.7 → 0.3" in err and "stages.learn.lr: 0.01 → 0.001" in err and "--restart" in err
     assert work_dir_for(out).is_dir()  # refused, not destroyed
+    # --resume refuses it the same way, naming exactly what differs
+    resume = [*update_args(tiny_model_dir, facts, out, "flearning-ft", "lambda=0.3"), "--resume"]
+    assert main(resume) == 2
+    assert capsys.readouterr().err == (
+        f"error: {work_dir_for(out)} holds an interrupted update of a different run (lambda: 0.7 → 0.3). "
+        "Rerun it with the settings it was made with to resume it, or pass --restart to discard it and "
+        "start afresh.\n"
+    )
+    assert work_dir_for(out).is_dir() and not out.exists()
     trace.calls.clear()
     assert main([*update_args(tiny_model_dir, facts, out, "flearning-ft", "lambda=0.3"), "--restart"]) == 0
     assert [d.split()[0] for d, _ in trace.calls] == ["forget:", "learn"]
@@ -163,13 +177,22 @@ def test_resume_flag_requires_something_to_resume(tiny_model_dir, facts, tmp_pat
 
 
 def test_same_config_and_seed_give_identical_reports(tiny_model_dir, facts, tmp_path):
-    """Two runs, same command: report/summary.json and run.json equal byte for byte once timing keys are
-    dropped (the JSON is re-serialised the way it was written, so key order counts too)."""
+    """Two runs, same command, the first in a fresh process (so no in-process cache or state can hide
+    nondeterminism): report/summary.json and run.json equal byte for byte once timing keys are dropped
+    (the JSON is re-serialised the way it was written, so key order counts too), and the same model."""
     out = tmp_path / "out"
     args = update_args(tiny_model_dir, facts, out, "flearning-lora-ft", "--overwrite", evaluate=True)
     texts = []
     for attempt in range(2):
-        assert main(args) == 0
+        if attempt == 0:
+            env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+            script = f"import sys\nfrom flearning.cli import main\nsys.exit(main({args!r}))\n"
+            first = subprocess.run(
+                [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900
+            )
+            assert first.returncode == 0, first.stderr
+        else:
+            assert main(args) == 0
         texts.append({name: (out / name).read_text() for name in ("run.json", "report/summary.json")})
         if attempt == 0:
             shutil.copytree(out, tmp_path / "first")

@@ -6,7 +6,7 @@ Output directory (written atomically):
     update_vector/                                     θ* − θ: apply it to θ to replay the whole update
     adapter/                                           the LoRA adapter of a LoRA learning stage
     report/                                            evaluation of θ (before) and θ* (after)
-    run.json                                           resolved config, versions, hashes, timings, metrics
+    run.json                                           resolved config, versions, hashes, timings, losses, metrics
     README.md                                          model card
 
 Resuming. While it runs, an update keeps its finished work in ``<out>.partial/`` beside the output:
@@ -475,6 +475,8 @@ def _run(s: _Setup, *, progress: bool) -> UpdateResult:
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         "tokens": outcome.tokens,
         "final_loss": {k: (v[-1] if v else None) for k, v in outcome.losses.items()},
+        # each stage's loss at every optimizer step: a resumed run's trace equals an uninterrupted one's
+        "losses": outcome.losses,
         "metrics_before": before.summary() if before else None,
         "metrics_after": after.summary() if after else None,
     }
