@@ -1,6 +1,7 @@
 """No file that f-learning writes is a pickle: every file of an ``flearn update`` output, of its work
-directory (training checkpoints, Δ_old) and of a bench (cache included) is safetensors, JSON, text or
-PNG, checked by content, not by name."""
+directory (training checkpoints, Δ_old), of a bench (cache included), of ``flearn prime``,
+``flearn vector compute/apply/scale`` and ``flearn eval`` is safetensors, JSON, text or PNG, checked by
+content, not by name."""
 
 from __future__ import annotations
 
@@ -128,6 +129,45 @@ def test_bench_writes_no_pickle(tiny_model_dir, tmp_path):
     assert written["summary.json"] == "json"
     assert any(k.startswith("cache/prime/") and v == "safetensors" for k, v in written.items())
     assert any(k.startswith("cache/forget/") and v == "safetensors" for k, v in written.items())
+
+
+def test_vector_prime_and_eval_outputs_hold_no_pickle(tiny_model_dir, tmp_path):
+    """``flearn prime``, ``flearn vector compute`` (in memory and streamed), ``apply`` (both), ``scale``
+    and ``flearn eval``: every file each writes is safetensors, JSON, text or PNG."""
+    facts = write_facts(tmp_path / "facts.jsonl")
+    primed = tmp_path / "primed"
+    base = ["--no-progress"]
+    commands = {
+        primed: ["prime", "--model", tiny_model_dir, "--data", facts, "--out", primed, "--lr", "1e-2"]
+        + ["--max-epochs", "1", "--threshold", "0.99", *base],
+        tmp_path / "vec": ["vector", "compute", "--base", tiny_model_dir, "--finetuned", primed]
+        + ["--out", tmp_path / "vec", "--no-stream"],
+        tmp_path / "vec-streamed": ["vector", "compute", "--base", tiny_model_dir, "--finetuned", primed]
+        + ["--out", tmp_path / "vec-streamed", "--stream"],
+        tmp_path / "applied": ["vector", "apply", "--model", tiny_model_dir, "--vector", tmp_path / "vec"]
+        + ["--lambda=-0.7", "--out", tmp_path / "applied", "--no-stream"],
+        tmp_path / "applied-streamed": ["vector", "apply", "--model", tiny_model_dir]
+        + ["--vector", tmp_path / "vec-streamed", "--lambda=-0.7", "--out", tmp_path / "applied-streamed"]
+        + ["--stream"],
+        tmp_path / "scaled": ["vector", "scale", tmp_path / "vec", "--by", "0.5"]
+        + ["--out", tmp_path / "scaled"],
+        tmp_path / "report": ["eval", "--model", tmp_path / "applied", "--reference", tiny_model_dir]
+        + ["--data", facts, "--batch-size", "4", "--fluency", "--fluency-tokens", "3", "--out"]
+        + [tmp_path / "report", *base],
+    }
+    for out, args in commands.items():
+        assert main([str(a) for a in args]) == 0, args
+        written = kinds(out)
+        assert set(written.values()) <= {"safetensors", "json", "jsonl", "text", "png"}, written
+    # nothing else was written beside them (no temporary directory, no stray file)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["facts.jsonl", "tiny-model", *(out.name for out in commands)]
+    )
+    assert kinds(primed)["model.safetensors"] == "safetensors" and kinds(primed)["prime.json"] == "json"
+    assert kinds(tmp_path / "vec")["vector.safetensors"] == "safetensors"
+    assert kinds(tmp_path / "applied")["model.safetensors"] == "safetensors"
+    assert kinds(tmp_path / "report")["summary.json"] == "json"
+    assert "png" in kinds(tmp_path / "report").values()
 
 
 def test_the_check_catches_pickles(tmp_path):
