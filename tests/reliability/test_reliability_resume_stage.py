@@ -5,6 +5,7 @@ matter) and gradient accumulation; an incompatible checkpoint is refused, naming
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,3 +251,59 @@ def test_refuses_a_checkpoint_made_by_other_library_versions(interrupted, tokeni
     monkeypatch.setattr(ckpt, "code_versions", lambda: {**real(), "torch": "0.0.1"})
     with pytest.raises(FlearnError, match=r"other library versions \(torch: .* → 0\.0\.1\)"):
         run(tokenizer, CONFIGS["full"], checkpoint=Checkpointing(interrupted))
+
+
+def _save_step_3(directory, value: float):
+    return ckpt.save_checkpoint(
+        directory,
+        identity=ckpt.StageIdentity(config={}, data_hash="d", model_fingerprint="m"),
+        position=ckpt.Position(step=3, losses=[3.0, 2.0, value]),
+        params={"w": torch.full((2,), value)},
+        optimizer=None,
+        scheduler=None,
+        rng=ckpt.capture_rng(),
+    )
+
+
+def test_a_failed_rename_of_a_same_step_checkpoint_keeps_the_old_one(tmp_path, monkeypatch):
+    """Saving step 3 again (as after a resume) moves the old step-3 checkpoint aside, puts the new one
+    in place, then deletes the old: a failure at that rename puts the old one back."""
+    import errno
+    import os
+
+    directory = tmp_path / "ckpt"
+    _save_step_3(directory, 1.0)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name.startswith(".tmp-"):  # the new checkpoint going in place
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(FlearnError, match=r"no space left on device \(disk full\)"):
+        _save_step_3(directory, 2.0)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert ckpt.checkpoint_dirs(directory) == [(3, False, directory / "step-00000003")]
+    kept = ckpt.load_checkpoint(ckpt.latest_checkpoint(directory))
+    assert torch.equal(kept.params["w"], torch.full((2,), 1.0)) and kept.position.losses == [3.0, 2.0, 1.0]
+    assert sorted(p.name for p in directory.iterdir()) == ["step-00000003"]  # no temporary, no aside
+
+    _save_step_3(directory, 2.0)  # now it works: the new one replaces it
+    assert torch.equal(ckpt.load_checkpoint(directory / "step-00000003").params["w"], torch.full((2,), 2.0))
+    assert sorted(p.name for p in directory.iterdir()) == ["step-00000003"]
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_replacement_still_counts(tmp_path):
+    """Killed between moving the old checkpoint aside and renaming the new one in: the old one is still
+    found (and resumed from); the next save puts its checkpoint in place, then removes the aside."""
+    directory = tmp_path / "ckpt"
+    _save_step_3(directory, 1.0)
+    aside = directory / ".old-step-00000003"
+    (directory / "step-00000003").rename(aside)
+    assert ckpt.checkpoint_dirs(directory) == [(3, False, aside)]
+    assert ckpt.load_checkpoint(ckpt.latest_checkpoint(directory)).position.losses == [3.0, 2.0, 1.0]
+    _save_step_3(directory, 2.0)
+    assert sorted(p.name for p in directory.iterdir()) == ["step-00000003"]
+    assert ckpt.checkpoint_dirs(directory) == [(3, False, directory / "step-00000003")]
+    assert ckpt.load_checkpoint(directory / "step-00000003").position.losses == [3.0, 2.0, 2.0]

@@ -54,6 +54,9 @@ MODEL_FILE = "model.safetensors"
 STATE_FILE = "state.safetensors"
 JSON_FILE = "state.json"
 _NAME = re.compile(r"^step-(\d{8})(-final)?$")
+# A checkpoint of the same step as one being saved is moved aside under this prefix until the new one is
+# in place; a process killed in between leaves it there, and it still counts while the new one is absent.
+_ASIDE = ".old-"
 
 
 @dataclass(frozen=True)
@@ -321,13 +324,19 @@ def _join_optimizer(tensors: Mapping[str, torch.Tensor], data: Mapping[str, Any]
 
 
 def checkpoint_dirs(directory: Path) -> list[tuple[int, bool, Path]]:
-    """(step, final, path) of the complete checkpoints in ``directory``, oldest first."""
+    """(step, final, path) of the complete checkpoints in ``directory``, oldest first (one moved aside
+    by an interrupted replacement counts while its replacement is absent)."""
     directory = Path(directory)
     if not directory.is_dir():
         return []
     found = []
     for path in directory.iterdir():
-        match = _NAME.match(path.name)
+        name = path.name
+        if name.startswith(_ASIDE):
+            name = name[len(_ASIDE) :]
+            if (directory / name).exists():
+                continue  # its replacement is in place
+        match = _NAME.match(name)
         if match and (path / JSON_FILE).is_file():
             found.append((int(match.group(1)), bool(match.group(2)), path))
     return sorted(found)
@@ -423,16 +432,28 @@ def save_checkpoint(
             (tmp / JSON_FILE).write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
             for f in (MODEL_FILE, STATE_FILE, JSON_FILE):
                 _fsync_file(tmp / f)
+            aside = None
             if target.exists():  # the same step saved again (e.g. after a resume): replace it
-                shutil.rmtree(target)
-            os.replace(tmp, target)
+                aside = directory / f"{_ASIDE}{name}"
+                if aside.exists():  # left by an earlier replacement whose new checkpoint is in place
+                    shutil.rmtree(aside)
+                os.replace(target, aside)
+            try:
+                os.replace(tmp, target)
+            except BaseException:
+                if aside is not None:  # the old one goes back: a checkpoint of this step is always there
+                    os.replace(aside, target)
+                raise
             _fsync_dir(directory)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+    # only now that the new checkpoint is in place: the older ones (and one moved aside) go
     for _, _, old in checkpoint_dirs(directory):
         if old != target:
             shutil.rmtree(old, ignore_errors=True)
+    for aside in directory.glob(f"{_ASIDE}*"):
+        shutil.rmtree(aside, ignore_errors=True)
     log.debug("checkpoint written: %s", target)
     return target
 
