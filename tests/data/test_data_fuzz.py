@@ -137,7 +137,7 @@ def fuzz_dir(tmp_path_factory) -> Path:
 
 
 # The autouse cache fixture of conftest only sets environment variables: sharing it across examples is fine.
-@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(doc=documents())
 def test_only_input_errors_escape(fuzz_dir, doc):
     suffix, data, fmt = doc
