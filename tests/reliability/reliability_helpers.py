@@ -52,6 +52,36 @@ def update_args(
     return args
 
 
+def bench_args(model_dir: Path, facts: Path, out: Path, *methods: str) -> list[str]:
+    """``flearn bench`` on a tiny model: one dataset ("toy", 6 edits), one seed, one epoch per stage."""
+    return [
+        "bench",
+        "--model",
+        str(model_dir),
+        "--data",
+        f"toy={facts}",
+        "--methods",
+        ",".join(methods),
+        "--n",
+        "6",
+        "--seeds",
+        "1",
+        "--lambda",
+        "0.5",
+        "--out",
+        str(out),
+        "--no-progress",
+        "prime.lr=1e-2",
+        "prime.max_epochs=1",
+        "full.lr=1e-2",
+        "full.epochs=1",
+        "forget_full.lr=1e-2",
+        "forget_full.epochs=1",
+        "generation=false",
+        "eval_batch_size=4",
+    ]
+
+
 def assert_same_model(a: Path, b: Path) -> None:
     """Same tensors (torch.equal) and the same safetensors bytes."""
     ta, tb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))

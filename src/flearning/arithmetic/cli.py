@@ -48,6 +48,25 @@ def _summary(vector: KnowledgeVector) -> str:
     )
 
 
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output that cannot be written before any work: a file, a non-empty directory without
+    --overwrite, a path under a file, a directory the system does not let us write (FlearnError, exit 2)."""
+    from flearning.arithmetic.io import check_writable_target
+    from flearning.outputs import check_output_dir
+
+    check_writable_target(out.expanduser(), overwrite=overwrite)
+    check_output_dir(out, overwrite=True)  # the parent: writable, not a file; a non-empty out was checked
+
+
+def _writing(out: Path, what: str):
+    """Report a failure to write ``out`` (disk full, read-only, ...) as a FlearnError naming it (exit 2)."""
+    from flearning.outputs import write_errors_as_flearn
+
+    return write_errors_as_flearn(
+        out.expanduser().absolute(), what=what, note="Nothing was written; a previous output is untouched."
+    )
+
+
 def _inside(path: Path, other: Path) -> bool:
     """Whether ``path`` is ``other`` or lies below it."""
     return path == other or other in path.parents
@@ -81,16 +100,15 @@ def compute_command(
         raise FlearnError(
             "give exactly one of --finetuned DIR (full fine-tuning) or --lora-adapter DIR (LoRA)"
         )
-    from flearning.arithmetic.io import check_writable_target
-
+    _check_out(out, overwrite)  # fail before minutes of loading
     source = _local_model(base, stream)
     if source is not None:
-        _compute_streamed(source, base, out, finetuned, lora_adapter, method, keep_zero, overwrite)
+        with _writing(out, "the vector"):
+            _compute_streamed(source, base, out, finetuned, lora_adapter, method, keep_zero, overwrite)
         return
     from flearning.arithmetic.vector import KnowledgeVector
     from flearning.models import load_model, model_fingerprint
 
-    check_writable_target(out, overwrite=overwrite)  # fail before minutes of loading
     model, _ = load_model(base)
     fingerprint = model_fingerprint(model)
     if finetuned is not None:
@@ -114,7 +132,8 @@ def compute_command(
             hyperparameters={"adapter": str(lora_adapter)},
             drop_zero=not keep_zero,
         )
-    vector.save(out, overwrite=overwrite)
+    with _writing(out, "the vector"):
+        vector.save(out, overwrite=overwrite)
     typer.echo(f"{_summary(vector)} -> {out}")
 
 
@@ -243,6 +262,7 @@ def apply_command(
     from flearning.models import load_model, resolve_model
 
     lam = check_scalar(lam, "--lambda")
+    _check_out(out, overwrite)
     adapter = streaming.is_lora_adapter(vector_path)
     if adapter and stream is False:
         raise FlearnError(
@@ -252,9 +272,10 @@ def apply_command(
     sharded_vector = not adapter and read_record(vector_path)[1]["format_version"] == SHARDED_FORMAT_VERSION
     source = _local_model(model_path, True if (adapter or sharded_vector) and stream is None else stream)
     if source is not None:
-        result = streaming.stream_apply(
-            source, vector_path, lam, out, check_base=check_base, overwrite=overwrite
-        )
+        with _writing(out, "the model"):
+            result = streaming.stream_apply(
+                source, vector_path, lam, out, check_base=check_base, overwrite=overwrite
+            )
         typer.echo(
             f"applied {'LoRA adapter' if adapter else 'vector'} {vector_path} with lambda={lam} to "
             f"{model_path} -> {out} (streamed: {result.num_tensors} tensors, {result.num_params:,} "
@@ -275,7 +296,7 @@ def apply_command(
 
     model, tokenizer = load_model(source)
     vector.apply_to(model, lam, check_base=check_base)
-    with atomic_directory(out_abs, overwrite=overwrite) as tmp:
+    with _writing(out, "the model"), atomic_directory(out_abs, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         provenance = {
@@ -297,14 +318,14 @@ def scale_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
 ) -> None:
     """Write a new vector S·Δ."""
-    from flearning.arithmetic.io import check_writable_target
     from flearning.arithmetic.ops import check_scalar
     from flearning.arithmetic.vector import KnowledgeVector
 
     by = check_scalar(by, "--by")
-    check_writable_target(out.expanduser(), overwrite=overwrite)
+    _check_out(out, overwrite)
     scaled = KnowledgeVector.load(vector_path) * by
-    scaled.save(out, overwrite=overwrite)
+    with _writing(out, "the vector"):
+        scaled.save(out, overwrite=overwrite)
     typer.echo(f"{_summary(scaled)} -> {out}")
 
 

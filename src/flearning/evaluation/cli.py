@@ -44,7 +44,11 @@ def eval_command(
         show_default=False,
     ),
     out: Path = typer.Option(
-        ..., "--out", "-o", help="Report directory (created or updated).", show_default=False
+        ...,
+        "--out",
+        "-o",
+        help="Report directory (created, or replaced as a whole; other files in it are kept).",
+        show_default=False,
     ),
     model: str | None = typer.Option(
         None,
@@ -81,14 +85,14 @@ def eval_command(
     from rich.console import Console
 
     from flearning.data import load_dataset
-    from flearning.errors import FlearnError
     from flearning.evaluation.batched import evaluate
     from flearning.evaluation.reference import reference_predictions
     from flearning.evaluation.report import write_report
     from flearning.models import DEFAULT_MODEL, cache_root, load_model
+    from flearning.outputs import check_output_dir, write_errors_as_flearn
 
-    if out.exists() and not out.is_dir():
-        raise FlearnError(f"{out}: output path exists and is not a directory")
+    # before any work: a file, a path under a file, a place we cannot write (the report is replaced whole)
+    check_output_dir(out, overwrite=True)
     console = Console(stderr=False)
     # Load the data first: a bad file is reported before any model is loaded.
     dataset = load_dataset(data, fmt, limit=limit)
@@ -129,7 +133,9 @@ def eval_command(
     )
     method = name or Path(model or DEFAULT_MODEL).name
     title = f"{method} on {data.name} ({len(records)} records)"
-    write_report({method: [result]}, out, title=title)
+    note = "Nothing was written; a previous report is untouched."
+    with write_errors_as_flearn(out.expanduser().absolute(), what="the report", note=note):
+        write_report({method: [result]}, out, title=title)
     console.print(summary_table(result.summary(), title))
     if ref is None:
         console.print("[yellow]note[/]: no --reference given, so Locality was not measured")

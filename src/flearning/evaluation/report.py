@@ -8,6 +8,11 @@ Layout of ``out_dir``::
     summary.csv     the same table
     metrics.png     bar chart of methods x metrics
     sweep.json, sweep.png   metric vs λ, when sweep data is given
+
+The directory is always replaced as a whole: the report is written into a temporary directory beside it
+and renamed into place, so it holds the previous report or the new one, never a mix. Other files an
+existing report directory held are carried over; report files of the previous report that the new one
+does not write (a ``sweep.png`` of an earlier sweep) are not.
 """
 
 from __future__ import annotations
@@ -16,9 +21,6 @@ import csv
 import io
 import json
 import math
-import os
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,7 +32,17 @@ from flearning.evaluation.definitions import (
     PERCENT_METRICS,
 )
 from flearning.evaluation.results import EvalResult, aggregate
-from flearning.outputs import atomic_write, umask
+from flearning.outputs import atomic_directory, carry_over, refuse_current_directory
+
+REPORT_FILES = (
+    "records.jsonl",
+    "summary.json",
+    "summary.md",
+    "summary.csv",
+    "metrics.png",
+    "sweep.json",
+    "sweep.png",
+)
 
 SweepData = Mapping[str, Mapping[float, "EvalResult | Sequence[EvalResult]"]]
 
@@ -278,11 +290,11 @@ def write_report(
     sweep_parameter: str = "λ",
     sweep_baselines: Sequence[str] = (),
 ) -> Path:
-    """Write every report file for ``results`` into ``out_dir``.
+    """Write every report file for ``results`` into ``out_dir``, atomically.
 
-    If ``out_dir`` does not exist, everything is written into a temporary sibling directory that is then
-    renamed into place (the report appears complete or not at all); otherwise each file is replaced
-    atomically.
+    Everything is written into a temporary sibling directory that then replaces ``out_dir`` (the report
+    appears complete or not at all; a failure leaves the previous report untouched). Files of an existing
+    ``out_dir`` that are not report files (``REPORT_FILES``) are carried over.
 
     Args:
         results: method name -> one ``EvalResult`` per seed (seed taken from ``EvalResult.seed``, else
@@ -294,6 +306,9 @@ def write_report(
         sweep_baselines: names in ``results`` drawn as horizontal reference lines on the sweep plot.
     Returns:
         The output directory.
+    Raises:
+        NotADirectoryError: ``out_dir`` is a file.
+        FlearnError: ``out_dir`` is (or holds) the current directory.
     """
     if not results:
         raise ValueError("write_report() needs at least one method")
@@ -301,6 +316,9 @@ def write_report(
         if not runs:
             raise ValueError(f"method {name!r} has no results")
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} exists and is not a directory")
+    refuse_current_directory(out_dir)
     summaries = {name: aggregate(list(runs)) for name, runs in results.items()}
 
     files: dict[str, Callable[[Path], None]] = {}
@@ -356,20 +374,8 @@ def write_report(
             sweep_summary, sweep_parameter, f"{title}: metrics vs {sweep_parameter}", baselines
         ).savefig(p, format="png", dpi=120)
 
-    if out_dir.exists():
-        if not out_dir.is_dir():
-            raise NotADirectoryError(f"{out_dir} exists and is not a directory")
-        for name, write in files.items():
-            atomic_write(out_dir / name, write)
-        return out_dir
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
+        carry_over(out_dir, tmp, skip=REPORT_FILES)
         for name, write in files.items():
             write(tmp / name)
-        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes it private (0700)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

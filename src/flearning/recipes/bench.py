@@ -47,6 +47,8 @@ PRIMED = "primed (θ)"  # the label of the primed model's own evaluation
 
 SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 PAPER_METRICS = ("reliability", "generality", "locality")
+# What a bench's output directory holds besides one report directory per dataset.
+RESERVED_NAMES = ("cache", "summary.json", "table.md")
 # F-Learning method -> the baseline it is compared with (paired, same records and seeds).
 COMPARISONS = {"flearning-ft": "ft", "flearning-lora": "lora", "flearning-lora-ft": "flearning-ft"}
 
@@ -121,6 +123,22 @@ class BenchConfig(BaseModel):
         if not methods:
             raise ValueError("no methods")
         return methods
+
+    @field_validator("data")
+    @classmethod
+    def _dataset_names(cls, data: dict[str, Path]) -> dict[str, Path]:
+        # each name is a report directory in out/, beside cache/, summary.json and table.md
+        bad = [
+            name
+            for name in data
+            if name in RESERVED_NAMES or not name or name.startswith(".") or "/" in name or "\\" in name
+        ]
+        if bad:
+            raise ValueError(
+                f"dataset names {bad} cannot name a report directory (not empty, no '/', no leading '.', "
+                f"none of {', '.join(RESERVED_NAMES)})"
+            )
+        return data
 
     @field_validator("lambdas")
     @classmethod
@@ -212,7 +230,7 @@ class Bench:
     def __init__(self, cfg: BenchConfig, *, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
-        self.out = Path(cfg.out) if cfg.out else Path("runs/bench")
+        self.out = default_out(cfg)
         self.cache = Cache(self.out / "cache")
         self.runs: list[RunRecord] = []
         self.primes: dict[str, list[dict[str, Any]]] = {}
@@ -477,8 +495,20 @@ class Bench:
 
     # ---- reports ---------------------------------------------------------------------------------
     def write(self, wall: float) -> dict[str, Any]:
+        """Write the per-dataset reports, ``summary.json`` and ``table.md`` together: all are written in a
+        staging directory first and swapped in at the end (``outputs.atomic_entries``), so ``out`` shows
+        the previous bench's results or this one's, never a mix."""
+        from flearning.evaluation.report import REPORT_FILES
+        from flearning.outputs import atomic_entries, carry_over
+
+        with atomic_entries(self.out) as staging:
+            summary = self._write_into(staging, wall)
+            for dataset in self.datasets:  # files of the user's beside a previous report stay
+                carry_over(self.out / dataset, staging / dataset, skip=REPORT_FILES)
+        return summary
+
+    def _write_into(self, staging: Path, wall: float) -> dict[str, Any]:
         from flearning.evaluation import aggregate, write_report
-        from flearning.outputs import atomic_write_text
 
         summary: dict[str, Any] = {
             "config": self.cfg.model_dump(mode="json"),
@@ -499,7 +529,7 @@ class Bench:
             multi_lambda = {m: v for m, v in sweep.items() if len(v) > 1}
             write_report(
                 by_label,
-                self.out / dataset,
+                staging / dataset,
                 title=f"flearn bench: {dataset}",
                 sweep=multi_lambda or None,
                 # ft, lora, ft-c as reference lines (θ itself would squash the axes)
@@ -516,10 +546,14 @@ class Bench:
             }
             tables.append(paper_table(dataset, methods))
         summary["table_markdown"] = "\n\n".join(tables)
-        self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
-        atomic_write_text(self.out / "table.md", summary["table_markdown"] + "\n")
+        (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (staging / "table.md").write_text(summary["table_markdown"] + "\n")
         return summary
+
+
+def default_out(cfg: BenchConfig) -> Path:
+    """Where a bench writes: ``cfg.out``, else ``runs/bench``."""
+    return Path(cfg.out) if cfg.out else Path("runs/bench")
 
 
 def label(run: RunRecord) -> str:

@@ -71,9 +71,19 @@ def bench_command(
         cfg = BenchConfig.model_validate(fields)
     except ValidationError as ex:
         raise ConfigError(validation_problems(ex, str(config) if config else "command line")) from ex
-    summary = run_bench(cfg, progress=not no_progress)
+    from flearning.outputs import check_output_dir, write_errors_as_flearn
+    from flearning.recipes.bench import default_out
+
+    # reused (its cache makes reruns resume); its entries are replaced, never the directory itself
+    target = check_output_dir(default_out(cfg), overwrite=True, replaced_whole=False)
+    note = (
+        "The previous results are untouched; finished runs are kept in its cache: rerun the same command "
+        "to continue."
+    )
+    with write_errors_as_flearn(target, what="the bench output", note=note):
+        summary = run_bench(cfg, progress=not no_progress)
     typer.echo(summary["table_markdown"])
-    typer.echo(f"bench written to {cfg.out or 'runs/bench'} in {summary['wall_seconds']:.0f} s")
+    typer.echo(f"bench written to {target} in {summary['wall_seconds']:.0f} s")
 
 
 def _floats(text: str) -> list[float]:

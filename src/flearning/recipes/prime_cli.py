@@ -26,7 +26,7 @@ def prime_command(
     from flearning.data import load_dataset
     from flearning.distributed import on_main_process
     from flearning.models import load_model, resolve_model
-    from flearning.outputs import atomic_directory, check_output_dir
+    from flearning.outputs import atomic_directory, check_output_dir, write_errors_as_flearn
     from flearning.recipes.prime import prime
     from flearning.training import TrainConfig
 
@@ -58,7 +58,9 @@ def prime_command(
             tokenizer.save_pretrained(tmp)
             (tmp / "prime.json").write_text(json.dumps(info, indent=2) + "\n")
 
-    on_main_process(write)  # launched as several processes, the main one writes, the others wait
+    note = "Nothing was written; a previous output is untouched."
+    with write_errors_as_flearn(target, what="the primed model", note=note):
+        on_main_process(write)  # launched as several processes, the main one writes, the others wait
     reached = "reached" if result.accuracy >= threshold else "did NOT reach"
     typer.echo(
         f"old-fact accuracy {result.accuracy_before:.3f} → {result.accuracy:.3f} after {result.epochs} "
