@@ -108,14 +108,62 @@ def _register() -> None:
 _register()
 
 
+# Exit codes of an interrupted command: 128 + the signal's number, as a shell reports a process the signal
+# killed. Both run the same clean-up (temporary directories removed, training state saved).
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+class _TerminateAsInterrupt:
+    """While active, SIGTERM (what ``kill``, SLURM and Kubernetes send) raises ``KeyboardInterrupt`` in the
+    main thread, so a terminated command cleans up and saves its training state exactly as after Ctrl-C
+    instead of dying on the spot. Only the first SIGTERM interrupts; later ones are ignored while that
+    clean-up runs (SIGKILL still ends the process). The previous handler is restored on exit. Outside the
+    main thread (where Python cannot set handlers) it does nothing."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous = None
+        self._active = False
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            return
+        self.received = True
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __enter__(self) -> _TerminateAsInterrupt:
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self._active:
+            signal.signal(signal.SIGTERM, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._active = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Console entry point: run the app, print user errors without a traceback, exit 2 on them."""
+    """Console entry point: run the app, print user errors without a traceback, exit 2 on them; exit 130
+    after Ctrl-C (SIGINT) and 143 after SIGTERM, once the command has cleaned up."""
+    with _TerminateAsInterrupt() as terminate:
+        code = _run(argv)
+        if code == EXIT_SIGINT:
+            typer.echo("terminated (SIGTERM)" if terminate.received else "aborted", err=True)
+    return EXIT_SIGTERM if terminate.received and code == EXIT_SIGINT else code
+
+
+def _run(argv: list[str] | None) -> int:
     try:
         # typer turns Ctrl-C into a returned 130 (not an exception) when not standalone
         result = app(args=argv, standalone_mode=False)
         if isinstance(result, int) and not isinstance(result, bool) and result:
-            if result == 130:
-                typer.echo("aborted", err=True)
             return result
     except FlearnError as err:
         typer.echo(f"error: {err}", err=True)
@@ -123,8 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     except typer.Exit as ex:
         return ex.exit_code
     except typer.Abort:
-        typer.echo("aborted", err=True)
-        return 130
+        return EXIT_SIGINT
     except Exception as ex:  # click usage errors (typer may vendor its own click: match by shape)
         if callable(getattr(ex, "show", None)) and isinstance(getattr(ex, "exit_code", None), int):
             ex.show()
