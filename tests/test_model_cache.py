@@ -1,6 +1,6 @@
 """The embedded model's cache entry: one conversion under a lock, written atomically, readable by all.
 
-The GGUF conversion (~30 s) is replaced by a tiny random Llama: these tests are about the cache, not the
+The GGUF conversion (~15 s) is replaced by a tiny random Llama: these tests are about the cache, not the
 model, and stay fast.
 """
 
@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 
 import flearning.models as models
+from flearning.cli import main
+from flearning.errors import FlearnError
 from flearning.models import DEFAULT_MODEL, check_model_dir, ensure_embedded
 from tiny import tiny_llama, tiny_tokenizer
 
@@ -47,6 +49,15 @@ def copy_conversion(source: Path):
 
 def leftovers(models_dir: Path) -> list[str]:
     return sorted(p.name for p in models_dir.iterdir() if p.name != f".{DEFAULT_MODEL}.lock")
+
+
+def write_failure_message(cache: Path, path: Path, reason: str) -> str:
+    """What ``ensure_embedded`` says when writing ``path`` of the conversion failed for ``reason``."""
+    return (
+        f"cannot write the converted embedded model '{DEFAULT_MODEL}' at {path}: {reason}. The embedded "
+        f"model is converted once into the cache ({cache}; about 0.6 GB) and nothing of this attempt was "
+        "kept; to use another place, set FLEARN_CACHE to a writable directory with that much room."
+    )
 
 
 # A process that calls ensure_embedded() once everyone is ready, with a conversion that takes a second
@@ -147,9 +158,15 @@ def test_failed_conversion_leaves_no_trace(cache, monkeypatch, previous):
     monkeypatch.setattr(models, "load_from_gguf", lambda name: (tiny_llama(), tiny_tokenizer()))
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail_half_way(written))
 
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(FlearnError) as raised:
         ensure_embedded()
 
+    assert str(raised.value) == write_failure_message(
+        cache,
+        target / "model.safetensors",  # the final path, not the temporary directory's
+        "no space left on device (disk full); free some space or write to another disk",
+    )
+    assert isinstance(raised.value.__cause__, OSError)
     assert written and written[0].name == "model.safetensors"
     assert written[0].parent.name.startswith(f".{DEFAULT_MODEL}.")  # it was writing into a temp dir ...
     assert not written[0].parent.exists()  # ... which is gone
@@ -160,11 +177,77 @@ def test_failed_conversion_leaves_no_trace(cache, monkeypatch, previous):
     assert (other / "model.safetensors").read_bytes() == b"weights" and (other / DONE).is_file()
 
 
+def half_written_conversion(code: int, written: list[Path]):
+    """A stand-in for ``convert_embedded`` that writes a config and half the weights, then fails with
+    ``code``."""
+
+    def convert(name: str, out: Path) -> None:
+        (out / "config.json").write_text("{}")
+        weights = out / "model.safetensors"
+        weights.write_bytes(b"\0" * 1000)
+        written.append(weights)
+        raise OSError(code, os.strerror(code), str(weights))
+
+    return convert
+
+
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (errno.ENOSPC, "no space left on device (disk full); free some space or write to another disk"),
+        (errno.EACCES, "permission denied; choose a location you can write to"),
+        (errno.EROFS, "read-only file system; choose a writable location"),
+    ],
+    ids=["ENOSPC", "EACCES", "EROFS"],
+)
+def test_write_failure_during_conversion_exits_2_and_leaves_nothing(cache, monkeypatch, capsys, code, reason):
+    """``flearn model info`` on the embedded model when the cache cannot be written: exit code 2, the
+    cache path and the reason, a hint to set FLEARN_CACHE, no traceback, no temporary directory."""
+    written: list[Path] = []
+    monkeypatch.setattr(models, "convert_embedded", half_written_conversion(code, written))
+
+    assert main(["-q", "model", "info"]) == 2
+
+    target = cache / "models" / DEFAULT_MODEL
+    err = capsys.readouterr().err
+    assert err == f"error: {write_failure_message(cache, target / 'model.safetensors', reason)}\n"
+    assert written and written[0].parent.name.startswith(f".{DEFAULT_MODEL}.tmp-")
+    assert not written[0].parent.exists()
+    assert leftovers(cache / "models") == []
+
+
+def test_a_cache_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    cache.write_text("not a directory")
+    monkeypatch.setenv("FLEARN_CACHE", str(cache))
+    monkeypatch.setattr(models, "convert_embedded", lambda name, out: pytest.fail("converted"))
+
+    with pytest.raises(FlearnError) as raised:
+        ensure_embedded()
+
+    assert str(raised.value) == write_failure_message(
+        cache,
+        cache / "models" / DEFAULT_MODEL,
+        f"{cache} is a file, not a directory; choose a location you can write to",
+    )
+    assert cache.read_text() == "not a directory"
+
+
+def test_conversion_log_states_the_measured_time(cache, monkeypatch, tiny_model_dir, caplog):
+    """benchmarks/results/model_load.json: a first load (conversion included) takes about 15 s."""
+    monkeypatch.setattr(models, "convert_embedded", copy_conversion(tiny_model_dir))
+    with caplog.at_level("INFO", logger="flearning.models"):
+        ensure_embedded()
+    assert "from GGUF once (about 15 s) into" in caplog.text
+
+
 def test_stale_temp_dirs_of_killed_conversions_are_removed(cache, monkeypatch, tiny_model_dir):
     models_dir = cache / "models"
-    stale = models_dir / f".{DEFAULT_MODEL}.k1ll_ed9"  # what a killed conversion leaves
-    stale.mkdir(parents=True)
-    (stale / "model.safetensors").write_bytes(b"\0" * 1000)
+    stale = models_dir / f".{DEFAULT_MODEL}.tmp-k1ll_ed9"  # what a killed conversion leaves
+    older = models_dir / f".{DEFAULT_MODEL}.k1ll_ed9"  # ... and what one of an older version left
+    for path in (stale, older):
+        path.mkdir(parents=True)
+        (path / "model.safetensors").write_bytes(b"\0" * 1000)
     unrelated = [models_dir / f".{DEFAULT_MODEL}.v2.abcdefgh", models_dir / ".other.abcdefgh"]
     for path in unrelated:
         path.mkdir()
@@ -173,7 +256,7 @@ def test_stale_temp_dirs_of_killed_conversions_are_removed(cache, monkeypatch, t
 
     target = ensure_embedded()
 
-    assert not stale.exists()
+    assert not stale.exists() and not older.exists()
     assert all(path.is_dir() for path in unrelated)
     assert leftovers(models_dir) == sorted([DEFAULT_MODEL, *(p.name for p in unrelated)])
     assert (target / DONE).is_file()
@@ -184,7 +267,7 @@ def test_a_running_conversions_temp_dir_is_left_alone(cache, monkeypatch, tiny_m
     use what it made."""
     models_dir = cache / "models"
     models_dir.mkdir(parents=True)
-    running = models_dir / f".{DEFAULT_MODEL}.runn1ng0"
+    running = models_dir / f".{DEFAULT_MODEL}.tmp-runn1ng0"
     shutil.copytree(tiny_model_dir, running)
     monkeypatch.setattr(models, "convert_embedded", lambda name, out: pytest.fail("converted twice"))
     result: list[Path] = []

@@ -11,8 +11,15 @@ import torch
 
 from flearning.cli import main
 from flearning.errors import FlearnError
-from flearning.models import check_model_dir, load_model, model_fingerprint, resolve_model
-from tiny import tiny_llama, tiny_tokenizer
+from flearning.models import (
+    check_model_dir,
+    is_causal_lm_class,
+    load_model,
+    model_fingerprint,
+    resolve_model,
+    summarise_keys,
+)
+from tiny import tiny_llama, tiny_tokenizer, toy_facts
 
 
 def test_local_directory_loads_in_fp32_with_pad_token(tiny_model_dir):
@@ -53,6 +60,149 @@ def test_not_a_causal_lm_is_a_clear_error(tmp_path):
     )
     with pytest.raises(FlearnError, match="not a causal language model"):
         load_model(path)
+
+
+TINY_BERT = dict(
+    vocab_size=257, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+)
+CAUSAL_HEAD_HINT = "Use a model saved with a causal-LM head ({} or another *ForCausalLM class)."
+
+
+def save_bert(path: Path, cls_name: str = "BertModel", **config) -> Path:
+    """A tiny random BERT of class ``cls_name`` saved with safetensors, with a tokenizer."""
+    import transformers
+
+    torch.manual_seed(0)
+    model = getattr(transformers, cls_name)(transformers.BertConfig(**TINY_BERT, **config))
+    model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    assert (path / "model.safetensors").is_file()
+    return path
+
+
+def bert_refusal(path: Path) -> str:
+    return (
+        f"{path} is a BertModel checkpoint (architectures ['BertModel']), not a causal language model: "
+        f"the weights of cls.predictions.* would be random. {CAUSAL_HEAD_HINT.format('BertLMHeadModel')}"
+    )
+
+
+def test_a_bert_encoder_is_refused_not_given_a_random_head(tmp_path, capsys):
+    """transformers would load a saved BertModel as BertLMHeadModel with cls.predictions.* freshly random
+    (and is_decoder false): a model that runs and predicts noise."""
+    path = save_bert(tmp_path / "bert")
+    with pytest.raises(FlearnError) as raised:
+        load_model(path)
+    assert str(raised.value) == bert_refusal(path)
+
+    assert main(["-q", "model", "info", "--model", str(path)]) == 2
+    assert capsys.readouterr().err == f"error: {bert_refusal(path)}\n"  # no load report, no traceback
+
+
+def facts_file(path: Path) -> Path:
+    path.write_text("".join(json.dumps(f) + "\n" for f in toy_facts(2)))
+    return path
+
+
+def test_vector_apply_and_eval_refuse_a_bert_model_alike(tmp_path, tiny_model_dir, capsys):
+    bert = save_bert(tmp_path / "bert")
+    facts = facts_file(tmp_path / "facts.jsonl")
+    finetuned = tmp_path / "finetuned"
+    tiny_llama(seed=1).save_pretrained(finetuned)
+    tiny_tokenizer().save_pretrained(finetuned)
+    vector = tmp_path / "vector"
+    assert main(["-q", "vector", "compute", "--base", str(tiny_model_dir), "--finetuned", str(finetuned),
+                 "--out", str(vector)]) == 0  # fmt: skip
+    capsys.readouterr()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    commands = {
+        "vector apply": ["vector", "apply", "--model", str(bert), "--vector", str(vector), "--lambda", "1",
+                         "--out", str(tmp_path / "applied"), "--no-stream"],
+        "eval": ["eval", "--model", str(bert), "--data", str(facts), "--out", str(tmp_path / "report")],
+        "eval --reference": ["eval", "--model", str(tiny_model_dir), "--reference", str(bert), "--data",
+                             str(facts), "--out", str(tmp_path / "report"), "--no-generation"],
+    }  # fmt: skip
+    for command, args in commands.items():
+        assert main(["-q", *args]) == 2, command
+        assert capsys.readouterr().err == f"error: {bert_refusal(bert)}\n", command
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, command
+
+
+@pytest.mark.parametrize("kind", ["bert-mlm", "llama-trunk", "no-lm-head"])
+def test_checkpoints_without_a_real_causal_lm_are_refused(kind, tmp_path):
+    """No weight may be random, and a checkpoint that declares no causal-LM class must be a decoder."""
+    path = tmp_path / kind
+    if kind == "bert-mlm":  # every weight of BertLMHeadModel is there, but it attends to later tokens
+        save_bert(path, "BertForMaskedLM")
+        expected = (
+            f"{path} is a BertForMaskedLM checkpoint (architectures ['BertForMaskedLM']), not a causal "
+            "language model: its config is not a decoder (is_decoder is false): BertLMHeadModel would let "
+            f"every position see the tokens after it. {CAUSAL_HEAD_HINT.format('BertLMHeadModel')}"
+        )
+    elif kind == "llama-trunk":  # tied embeddings: nothing is missing, but no head was saved
+        tiny_llama().model.save_pretrained(path)
+        expected = (
+            f"{path} is a LlamaModel checkpoint (architectures ['LlamaModel']), not a causal language "
+            "model: it was saved without a language-model head; LlamaForCausalLM would make one from its "
+            f"input embeddings. {CAUSAL_HEAD_HINT.format('LlamaForCausalLM')}"
+        )
+    else:  # a LlamaForCausalLM with untied embeddings whose lm_head was lost
+        from safetensors.torch import load_file, save_file
+
+        tiny_llama(tie=False).save_pretrained(path)
+        weights = load_file(path / "model.safetensors")
+        del weights["lm_head.weight"]
+        save_file(weights, path / "model.safetensors", metadata={"format": "pt"})
+        expected = (
+            f"{path} is incomplete for LlamaForCausalLM: the weights of lm_head.weight are not in the "
+            "checkpoint and would be random. Use a complete checkpoint (save_pretrained of the whole "
+            "causal language model)."
+        )
+    tiny_tokenizer().save_pretrained(path)
+    with pytest.raises(FlearnError) as raised:
+        load_model(path)
+    assert str(raised.value) == expected
+
+
+@pytest.mark.parametrize("kind", ["tied", "untied", "no-architectures", "bert-decoder"])
+def test_complete_causal_lms_load(kind, tmp_path):
+    """Tied weights (lm_head = embed_tokens, as in SmolLM2 and the tiny Llamas) are not reported missing;
+    a config without ``architectures`` is judged by its weights; a BERT saved as a decoder is causal."""
+    from transformers import AutoModelForCausalLM
+
+    path = tmp_path / kind
+    if kind == "bert-decoder":
+        save_bert(path, "BertLMHeadModel", is_decoder=True)
+    else:
+        tiny_llama(tie=kind != "untied").save_pretrained(path)
+        tiny_tokenizer().save_pretrained(path)
+    if kind == "no-architectures":
+        config = json.loads((path / "config.json").read_text())
+        del config["architectures"]
+        (path / "config.json").write_text(json.dumps(config))
+    _, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    model, _ = load_model(path)
+    assert type(model).__name__ == ("BertLMHeadModel" if kind == "bert-decoder" else "LlamaForCausalLM")
+
+
+def test_causal_lm_classes_and_key_summaries():
+    for name in (
+        "LlamaForCausalLM",
+        "GPT2LMHeadModel",
+        "ReformerModelWithLMHead",
+        "Gemma3ForConditionalGeneration",
+    ):
+        assert is_causal_lm_class(name), name
+    for name in ("BertModel", "BertForMaskedLM", "LlamaModel", "T5ForConditionalGeneration"):
+        assert not is_causal_lm_class(name), name
+    assert summarise_keys(["lm_head.weight"]) == "lm_head.weight"
+    assert (
+        summarise_keys(["cls.predictions.bias", "cls.predictions.transform.dense.weight"])
+        == "cls.predictions.*"
+    )
+    keys = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(2)] + [f"x{i}.w" for i in range(5)]
+    assert summarise_keys(keys) == "model.layers.*, x0.w, x1.w, x2.w and 2 more"
 
 
 def test_fingerprint_changes_with_one_weight(tiny_model):

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flearning.errors import FlearnError
-from flearning.outputs import normalise_permissions
+from flearning.outputs import normalise_permissions, write_errors_as_flearn
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +95,8 @@ def detach_quantizer(model: PreTrainedModel) -> PreTrainedModel:
 
 
 def load_from_gguf(name: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load an embedded GGUF with transformers (dequantized to fp32; ~20 s, mostly the vocabulary)."""
+    """Load an embedded GGUF with transformers (dequantized to fp32): most of the ~15 s of the first
+    load (benchmarks/results/model_load.json), mostly the vocabulary."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -114,9 +115,10 @@ def convert_embedded(name: str, out: Path) -> None:
 
 
 def _is_conversion_temp_dir(path: Path, name: str) -> bool:
-    """``.{name}.XXXXXXXX``: a temporary directory of ``ensure_embedded`` (never the lock file, never
-    another model's: mkdtemp's random part holds no dot, so ``.{name}.v2.XXXXXXXX`` does not match)."""
-    pattern = rf"\.{re.escape(name)}\.[a-z0-9_]+"
+    """``.{name}.tmp-XXXXXXXX`` (or ``.{name}.XXXXXXXX``, as older versions named it): a temporary
+    directory of ``ensure_embedded`` (never the lock file, never another model's: mkdtemp's random part
+    holds no dot, so ``.{name}.v2.XXXXXXXX`` does not match)."""
+    pattern = rf"\.{re.escape(name)}\.(?:tmp-)?[a-z0-9_]+"
     return re.fullmatch(pattern, path.name) is not None and path.is_dir() and not path.is_symlink()
 
 
@@ -141,17 +143,30 @@ def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
     Conversion writes into a temporary directory beside the target and renames it into place, so the
     cache holds a complete model or nothing; a file lock keeps two processes from converting at once.
     Holding the lock, it also removes temporary directories that killed conversions left behind.
+    A failure to write the cache (disk full, read-only, no permission) is a ``FlearnError`` naming the
+    cache path and the reason, with the temporary directory removed.
     """
     models_dir = cache_root() / "models"
     target = models_dir / name
     if (target / _DONE_MARKER).is_file():
         return target
+    note = (
+        f"The embedded model is converted once into the cache ({cache_root()}; about 0.6 GB) and nothing "
+        "of this attempt was kept; to use another place, set FLEARN_CACHE to a writable directory with "
+        "that much room."
+    )
+    with write_errors_as_flearn(target, what=f"the converted embedded model '{name}'", note=note):
+        return _convert_into_cache(name, models_dir, target)
+
+
+def _convert_into_cache(name: str, models_dir: Path, target: Path) -> Path:
     with _file_lock(models_dir / f".{name}.lock"):
         if (target / _DONE_MARKER).is_file():  # another process finished while we waited
             return target
         remove_stale_temp_dirs(models_dir, name)
-        log.info("converting the embedded model %s from GGUF once (about 30 s) into %s", name, target)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=models_dir))
+        log.info("converting the embedded model %s from GGUF once (about 15 s) into %s", name, target)
+        # ".NAME.tmp-XXXXXXXX": error messages show the final path for a file written in it
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=models_dir))
         try:
             convert_embedded(name, tmp)
             (tmp / _DONE_MARKER).write_text(EMBEDDED_MODELS[name].description + "\n")
@@ -226,21 +241,102 @@ def load_model(
     except (OSError, ValueError) as ex:
         raise FlearnError(f"cannot load model '{spec}': {ex}") from ex
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            source,
-            config=config,
-            dtype=dtype or torch.float32,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-        )
+        with _quiet_load_report():
+            model, loading_info = AutoModelForCausalLM.from_pretrained(
+                source,
+                config=config,
+                dtype=dtype or torch.float32,
+                use_safetensors=True,
+                trust_remote_code=trust_remote_code,
+                output_loading_info=True,
+            )
     except ValueError as ex:
         raise FlearnError(f"'{spec}' is not a causal language model ({type(config).__name__}): {ex}") from ex
     except OSError as ex:
         raise FlearnError(f"cannot load model '{spec}': {ex}") from ex
+    check_causal_lm(source, config, type(model).__name__, loading_info)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     prepare_tokenizer(tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def is_causal_lm_class(name: str) -> bool:
+    """Whether an ``architectures`` entry names a causal-LM class: ``*ForCausalLM``, ``*LMHeadModel``
+    or another class transformers loads for ``AutoModelForCausalLM`` (e.g. ``ReformerModelWithLMHead``,
+    ``Gemma3ForConditionalGeneration``)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return True
+    for classes in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values():
+        if name in ((classes,) if isinstance(classes, str) else classes):
+            return True
+    return False
+
+
+def summarise_keys(keys: list[str], shown: int = 4) -> str:
+    """``cls.predictions.bias, cls.predictions.transform.dense.weight, ...`` → ``cls.predictions.*``:
+    weight names grouped by their first component, each group shown by its common prefix."""
+    groups: dict[str, list[list[str]]] = {}
+    for key in sorted(keys):
+        parts = key.split(".")
+        groups.setdefault(parts[0], []).append(parts)
+    names = []
+    for members in groups.values():
+        if len(members) == 1:
+            names.append(".".join(members[0]))
+            continue
+        common = os.path.commonprefix(members)
+        names.append(".".join(common) + ".*")
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def check_causal_lm(source: str, config, loaded_class: str, loading_info: dict) -> None:
+    """Refuse a checkpoint that ``AutoModelForCausalLM`` loads but that is not a causal LM.
+
+    transformers loads, for instance, a saved ``BertModel`` as ``BertLMHeadModel`` with a freshly random
+    ``cls.predictions.*`` head (and a bidirectional encoder): a model that runs but predicts noise. Refused:
+
+    * any weight the checkpoint lacks (``missing_keys``: it would be random; tied weights such as an
+      ``lm_head`` tied to the embeddings are not missing), or whose shape differs (``mismatched_keys``);
+    * a config whose ``architectures`` names no causal-LM class (``is_causal_lm_class``), unless the
+      config says it is a decoder (``is_decoder``): a ``BertForMaskedLM`` has every weight
+      ``BertLMHeadModel`` needs but attends to later tokens. A config without ``architectures`` is
+      judged by its weights alone.
+    """
+    missing = list(loading_info.get("missing_keys") or [])
+    missing += [key for key, *_ in (loading_info.get("mismatched_keys") or [])]
+    architectures = list(getattr(config, "architectures", None) or [])
+    declared_causal = not architectures or any(is_causal_lm_class(a) for a in architectures)
+    is_decoder = bool(getattr(config, "is_decoder", False))
+    if not missing and (declared_causal or is_decoder):
+        return
+    hint = f"Use a model saved with a causal-LM head ({loaded_class} or another *ForCausalLM class)."
+    if declared_causal or is_decoder:
+        raise FlearnError(
+            f"{source} is incomplete for {loaded_class}: the weights of {summarise_keys(missing)} are not "
+            f"in the checkpoint and would be random. Use a complete checkpoint (save_pretrained of the "
+            "whole causal language model)."
+        )
+    what = (
+        f"{source} is a {architectures[0]} checkpoint (architectures {architectures}), "
+        "not a causal language model"
+    )
+    if missing:
+        raise FlearnError(f"{what}: the weights of {summarise_keys(missing)} would be random. {hint}")
+    if hasattr(config, "is_decoder"):  # e.g. BertForMaskedLM: an encoder with every weight of the LM head
+        reason = (
+            f"its config is not a decoder (is_decoder is false): {loaded_class} would let every "
+            "position see the tokens after it"
+        )
+    else:  # e.g. a LlamaModel with tied embeddings
+        reason = (
+            f"it was saved without a language-model head; {loaded_class} would make one from its "
+            "input embeddings"
+        )
+    raise FlearnError(f"{what}: {reason}. {hint}")
 
 
 def _quiet_loading() -> None:
@@ -250,6 +346,24 @@ def _quiet_loading() -> None:
 
     if logging.getLogger("flearning").getEffectiveLevel() > logging.DEBUG:
         hf_logging.disable_progress_bar()
+
+
+@contextmanager
+def _quiet_load_report():
+    """transformers logs a load report (missing, unexpected weights) and warnings such as "add
+    is_decoder=True"; ``check_causal_lm`` turns what matters of it into one clear error, so the report is
+    kept for ``flearn -v``."""
+    from transformers.utils import logging as hf_logging
+
+    if logging.getLogger("flearning").getEffectiveLevel() <= logging.DEBUG:
+        yield
+        return
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:

@@ -305,6 +305,15 @@ def _model_dir(kind: str, tmp_path: Path, tokenizer) -> Path:
         T5Model(
             T5Config(d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, vocab_size=300)
         ).save_pretrained(path)
+    elif kind == "bert":  # transformers would load it as BertLMHeadModel with a random cls.predictions.*
+        from transformers import BertConfig, BertModel
+
+        torch.manual_seed(0)
+        config = BertConfig(
+            vocab_size=300, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+        )
+        BertModel(config).save_pretrained(path, safe_serialization=True)
+        assert (path / "model.safetensors").is_file()
     else:
         tiny_llama().save_pretrained(path)
     if kind == "broken-config":
@@ -325,6 +334,12 @@ def _model_dir(kind: str, tmp_path: Path, tokenizer) -> Path:
         ("empty", "no config.json"),
         ("broken-config", "not a valid JSON file"),
         ("not-causal", "is not a causal language model (T5Config)"),
+        (
+            "bert",
+            "{path} is a BertModel checkpoint (architectures ['BertModel']), not a causal language model: "
+            "the weights of cls.predictions.* would be random. Use a model saved with a causal-LM head "
+            "(BertLMHeadModel or another *ForCausalLM class).",
+        ),
         ("pickle-only", "weights are only in pickle format"),
         ("no-tokenizer", "cannot load the model or its tokenizer"),
     ],
@@ -333,7 +348,9 @@ def test_bad_model_paths(kind, message, facts, tmp_path, tokenizer, capsys):
     model = _model_dir(kind, tmp_path, tokenizer)
     out = tmp_path / "out"
     code, err = run_cli(update_args(model, facts, out), capsys)
-    assert code == 2 and message in err and "Traceback" not in err
+    assert code == 2 and message.format(path=model) in err and "Traceback" not in err
+    if kind == "bert":  # the whole message, and nothing else (no transformers load report)
+        assert err == f"error: {message.format(path=model)}\n"
     assert_nothing_written(out)
 
 
