@@ -5,11 +5,15 @@ training reaches, counting model FLOPs as 6·params·tokens (forward 2, backward
 the issue specifies; for LoRA the weight-gradient third is not computed, so 4·params·tokens is the
 work actually needed and is reported too.
 
+With ``--compile`` the full-FT and LoRA stages also run with ``compile: true`` (regional
+torch.compile of the decoder block); their warm-up, which holds the compilation, is reported as
+``warmup_seconds`` next to the eager one.
+
 Where the time goes: full-FT steps run again in a plain loop (same loss, same fused AdamW), timing
 forward, backward and optimizer separately, and the time the model FLOPs would take at the measured
 matmul rate.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 16] [--batch-size 16] [--split-steps 8]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 16] [--batch-size 16] [--split-steps 8] [--compile]
 """
 
 from __future__ import annotations
@@ -95,7 +99,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", default="train_throughput.json", help="result file in benchmarks/results/")
     parser.add_argument("--split-steps", type=int, default=8, help="full-FT steps timed by phase (0: none)")
+    parser.add_argument("--compile", action="store_true", help="also measure the stages with compile: true")
     args = parser.parse_args()
+    if args.compile:  # a first-time user's compilation, not one served from an earlier run's disk cache
+        import os
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="flearn-inductor-")
 
     from flearning.data import load_records
     from flearning.models import count_parameters, load_model
@@ -112,6 +122,14 @@ def main() -> None:
     rows["full_ft"] = measure(copy.deepcopy(model), tokenizer, pairs, full_cfg)
     lora_cfg = TrainConfig(lr=1e-3, batch_size=args.batch_size, max_steps=args.steps, lora=LoraSettings())
     rows["lora"] = measure(copy.deepcopy(model), tokenizer, pairs, lora_cfg)
+    if args.compile:
+        compiled = {"compile": True}
+        rows["full_ft_compiled"] = measure(
+            copy.deepcopy(model), tokenizer, pairs, full_cfg.model_copy(update=compiled)
+        )
+        rows["lora_compiled"] = measure(
+            copy.deepcopy(model), tokenizer, pairs, lora_cfg.model_copy(update=compiled)
+        )
     gflops_after = matmul_gflops()  # the machine is shared: bracket the training runs
     roof = (gflops + gflops_after) / 2
     split = None
@@ -128,7 +146,7 @@ def main() -> None:
         achieved = 6 * params * row["tokens_per_second"] / 1e9
         row["model_gflops_6pt"] = achieved
         row["fraction_of_matmul"] = achieved / roof
-        if name == "lora":
+        if name.startswith("lora"):
             row["fraction_of_matmul_4pt"] = 4 * params * row["tokens_per_second"] / 1e9 / roof
 
     payload = {
@@ -141,15 +159,22 @@ def main() -> None:
         "lora": rows["lora"],
         "full_ft_fraction_of_matmul": rows["full_ft"]["fraction_of_matmul"],
         "lora_fraction_of_matmul": rows["lora"]["fraction_of_matmul"],
+        **{
+            f"{name}_fraction_of_matmul": rows[name]["fraction_of_matmul"]
+            for name in ("full_ft_compiled", "lora_compiled")
+            if name in rows
+        },
+        **{name: rows[name] for name in ("full_ft_compiled", "lora_compiled") if name in rows},
         "full_ft_phases": split,
         "machine": machine(),
     }
     path = write_json(args.out, payload)
     print(f"fp32 matmul: {gflops:.1f} / {gflops_after:.1f} GFLOP/s (before/after); params {params:,}")
-    print(f"{'stage':8} {'tokens/s':>10} {'GFLOP/s (6PT)':>14} {'of matmul':>10}")
+    print(f"{'stage':16} {'tokens/s':>10} {'GFLOP/s (6PT)':>14} {'of matmul':>10} {'warm-up s':>10}")
     for name, row in rows.items():
         print(
-            f"{name:8} {row['tokens_per_second']:10.1f} {row['model_gflops_6pt']:14.1f} {row['fraction_of_matmul']:10.2f}"
+            f"{name:16} {row['tokens_per_second']:10.1f} {row['model_gflops_6pt']:14.1f} "
+            f"{row['fraction_of_matmul']:10.2f} {row['warmup_seconds']:10.1f}"
         )
     if split:
         total = sum(split["seconds"].values())
@@ -160,7 +185,7 @@ def main() -> None:
             f"  the model FLOPs at the matmul rate would take {split['matmul_bound_seconds']:.2f} s "
             f"of these {total:.2f} s"
         )
-    print(json.dumps({k: payload[k] for k in ("full_ft_fraction_of_matmul", "lora_fraction_of_matmul")}))
+    print(json.dumps({k: v for k, v in payload.items() if k.endswith("_fraction_of_matmul")}))
     print(f"wrote {path}")
 
 

@@ -79,6 +79,7 @@ class StageOverrides(BaseModel):
     max_grad_norm: ConfigFloat | None = Field(None, gt=0)
     add_eos: ConfigBool | None = None
     freeze_embeddings: ConfigBool | None = None
+    compile: ConfigBool | None = None
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

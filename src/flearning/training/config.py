@@ -101,6 +101,10 @@ class TrainConfig(BaseModel):
     # ft-c (Zhu et al. 2020): after every optimizer step each weight is projected back into
     # [θ₀ − ε, θ₀ + ε]. None = unconstrained.
     linf_bound: ConfigFloat | None = Field(None, gt=0)
+    # Regional torch.compile (inductor) of the repeated decoder block: faster steps after a one-off
+    # compilation that later stages of the same process reuse; results differ from eager ones in the
+    # last bits (fused kernels). See training.trainer.compile_blocks and the README's Benchmarks.
+    compile: ConfigBool = False
 
     @model_validator(mode="after")
     def _lora_and_bound_exclusive(self) -> TrainConfig:
