@@ -298,3 +298,16 @@ def test_an_output_holding_the_current_directory_is_refused(
         "so write it into a new subdirectory instead\n"
     )
     assert sorted(p.name for p in out.iterdir()) == ["sub"] and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("name", ["cache", "summary.json", "table.md", ".hidden", "a/b", ""])
+def test_bench_dataset_names_cannot_replace_the_cache_or_the_summary(name, facts):
+    """Each dataset's report directory is swapped into the bench directory: a dataset called "cache"
+    would replace the cache."""
+    from pydantic import ValidationError
+
+    from flearning.recipes.bench import BenchConfig
+
+    with pytest.raises(ValidationError, match="cannot name a report directory"):
+        BenchConfig.model_validate({"data": {name: str(facts)}})
+    assert BenchConfig.model_validate({"data": {"toy": str(facts)}}).data == {"toy": facts}
