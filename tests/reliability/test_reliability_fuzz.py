@@ -1,6 +1,6 @@
-"""Fuzzing the two entry points that read user input: the run configuration (YAML file + key=value
-overrides) and the data files. Whatever they are given, they return a valid object or raise
-``FlearnError``; nothing else escapes (no traceback for a user's mistake)."""
+"""Fuzzing the entry points that read user input: the run configuration and the bench configuration (YAML
+file + key=value overrides) and the data files. Whatever they are given, they return a valid object or
+raise ``FlearnError``; nothing else escapes (no traceback for a user's mistake)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from flearning.config import UpdateConfig, load_config
+from flearning.config import UpdateConfig, default_stage, load_config
 from flearning.data import FORMATS, load_dataset
-from flearning.errors import FlearnError
+from flearning.errors import ConfigError, FlearnError
+from flearning.recipes.bench import PROFILES, BenchConfig, PrimeSettings, load_bench_config
 from flearning.recipes.update import stage_plan
 from flearning.training import TrainConfig
 
@@ -81,21 +82,25 @@ values = st.recursive(
 )
 
 
+UPDATE_SECTIONS = {"learn": STAGE_KEYS, "forget": STAGE_KEYS, "lora": LORA_KEYS}
+
+
 @st.composite
-def config_documents(draw) -> bytes:
+def config_documents(draw, top_keys=TOP_KEYS, sections=UPDATE_SECTIONS, value_strategy=values) -> bytes:
     """A YAML file: mostly a mapping of known keys to random values, sometimes mangled or random bytes."""
     kind = draw(st.sampled_from(["mapping", "mapping", "mapping", "mangled", "bytes", "scalar"]))
     if kind == "bytes":
         return draw(st.binary(max_size=200))
     if kind == "scalar":
-        return yaml.safe_dump(draw(values)).encode()
+        return yaml.safe_dump(draw(value_strategy)).encode()
     doc = {}
-    for key in draw(st.lists(st.sampled_from(TOP_KEYS) | st.text(max_size=6), max_size=6)):
-        if key in ("learn", "forget", "lora") and draw(st.booleans()):
-            keys = LORA_KEYS if key == "lora" else STAGE_KEYS
-            doc[key] = {k: draw(values) for k in draw(st.lists(st.sampled_from(keys), max_size=4))}
+    for key in draw(st.lists(st.sampled_from(top_keys) | st.text(max_size=6), max_size=6)):
+        if key in sections and draw(st.booleans()):
+            doc[key] = {
+                k: draw(value_strategy) for k in draw(st.lists(st.sampled_from(sections[key]), max_size=4))
+            }
         else:
-            doc[key] = draw(values)
+            doc[key] = draw(value_strategy)
     text = yaml.safe_dump(doc, allow_unicode=draw(st.booleans()))
     if kind == "mangled":
         cut = draw(st.integers(0, len(text)))
@@ -124,32 +129,39 @@ def config_documents(draw) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
 
-overrides = st.lists(
-    st.builds(
-        lambda k, sep, v: f"{k}{sep}{v}",
-        st.sampled_from(DOTTED) | st.text(max_size=8),
-        st.sampled_from(["=", "=", "=", "", "=="]),
-        st.sampled_from(
-            [
-                "5e-5",
-                "1e-2",
-                ".nan",
-                "[q_proj, v_proj]",
-                "{a: 1}",
-                "true",
-                "-3",
-                "x",
-                "",
-                "[",
-                "!!binary aGk=",
-                "1e400",
-                "2e9",
-            ]
-        )
-        | st.text(max_size=8),
-    ),
-    max_size=4,
+OVERRIDE_VALUES = st.sampled_from(
+    [
+        "5e-5",
+        "1e-2",
+        ".nan",
+        "[q_proj, v_proj]",
+        "{a: 1}",
+        "true",
+        "-3",
+        "x",
+        "",
+        "[",
+        "!!binary aGk=",
+        "1e400",
+        "2e9",
+    ]
 )
+
+
+def override_lists(dotted: list[str]):
+    """Lists of ``key=value`` overrides: known dotted keys or random text, mostly YAML-ish values."""
+    return st.lists(
+        st.builds(
+            lambda k, sep, v: f"{k}{sep}{v}",
+            st.sampled_from(dotted) | st.text(max_size=8),
+            st.sampled_from(["=", "=", "=", "", "=="]),
+            OVERRIDE_VALUES | st.text(max_size=8),
+        ),
+        max_size=4,
+    )
+
+
+overrides = override_lists(DOTTED)
 
 
 def check_config(cfg: UpdateConfig) -> None:
@@ -203,6 +215,100 @@ def test_config_entry_point_raises_only_flearn_errors(fuzz_dir, doc, pairs, use_
         return
     event("loaded")
     check_config(cfg)
+
+
+# ---- the bench configuration -----------------------------------------------------------------------
+
+PRIME_KEYS = list(PrimeSettings.model_fields)
+BENCH_STAGES = ("full", "lora_stage", "forget_full", "forget_lora")
+BENCH_SECTIONS = {
+    "prime": PRIME_KEYS,
+    **dict.fromkeys(BENCH_STAGES, [*STAGE_KEYS, "compile"]),
+    "lora": LORA_KEYS,
+    "data": ["zsre", "cache", "summary.json", "", ".hidden", "a/b"],
+}
+BENCH_KEYS = list(BenchConfig.model_fields)
+BENCH_DOTTED = (
+    BENCH_KEYS
+    + [f"prime.{k}" for k in PRIME_KEYS]
+    + [f"{s}.{k}" for s in BENCH_STAGES for k in STAGE_KEYS]
+    + [f"lora.{k}" for k in LORA_KEYS]
+)
+# λ lists, seed lists and "auto" besides the values of the run configuration
+bench_values = (
+    values
+    | st.just("auto")
+    | st.lists(
+        st.floats()
+        | st.integers(-(2**33), 2**33)
+        | st.booleans()
+        | st.sampled_from(["5e-5", "'1e-1'", ".inf", "1e400", "auto", "1_0"]),
+        max_size=4,
+    )
+)
+
+
+def floats_in(node):
+    """Every float in a dumped configuration (nested dicts and lists)."""
+    if isinstance(node, float):
+        yield node
+    elif isinstance(node, dict):
+        for value in node.values():
+            yield from floats_in(value)
+    elif isinstance(node, list | tuple):
+        for value in node:
+            yield from floats_in(value)
+
+
+def check_bench_config(cfg: BenchConfig) -> None:
+    """What a bench configuration that loaded promises, down to the TrainConfigs of its stages."""
+    assert isinstance(cfg, BenchConfig)
+    assert all(math.isfinite(v) for v in floats_in(cfg.model_dump())), cfg
+    for value in (cfg.n, cfg.n_val, cfg.eval_batch_size, cfg.prime.batch_size, *cfg.seeds):
+        assert type(value) is int
+    assert cfg.seeds and all(0 <= seed < 2**32 for seed in cfg.seeds)
+    assert cfg.lambda_grid and all(type(v) is float for v in cfg.lambda_grid)
+    if cfg.lambdas == "auto":
+        assert cfg.n_val >= 1
+    else:
+        assert cfg.lambdas and all(type(v) is float for v in cfg.lambdas)
+    for name in ("generation", "fluency", "trust_remote_code"):
+        assert type(getattr(cfg, name)) is bool
+    # as Bench.setup and Bench.primed build them: cannot fail once the config loaded
+    for seed in cfg.seeds[:2]:
+        TrainConfig(lr=cfg.prime.lr, epochs=cfg.prime.max_epochs, batch_size=cfg.prime.batch_size, seed=seed)
+        for kind, stage in zip(("full", "lora", "full", "lora"), BENCH_STAGES, strict=True):
+            train_cfg = default_stage(kind, cfg.lora, seed, getattr(cfg, stage).given())
+            assert all(math.isfinite(v) for v in (train_cfg.lr, train_cfg.epochs, train_cfg.weight_decay))
+
+
+@FUZZ
+@given(
+    doc=config_documents(BENCH_KEYS, BENCH_SECTIONS, bench_values),
+    pairs=override_lists(BENCH_DOTTED),
+    use_file=st.booleans(),
+    profile=st.none() | st.sampled_from([*PROFILES, "nope"]),
+)
+# found by hand: each was accepted before the bench configuration took the strict types
+@example(doc=b"linf_bound: .inf\nlocality_tolerance: 1e400\n", pairs=[], use_file=True, profile=None)
+@example(doc=b"", pairs=["lambda_grid=[0.1, .inf]", "locality_tolerance=.nan"], use_file=False, profile=None)
+@example(
+    doc=b"n: true\ngeneration: 'yes'\nprime:\n  max_epochs: true\n", pairs=[], use_file=True, profile=None
+)
+@example(doc=b"", pairs=["lambda_grid=[]", "seeds=[-1]"], use_file=False, profile="quick")
+def test_bench_config_entry_point_raises_only_config_errors(fuzz_dir, doc, pairs, use_file, profile):
+    """The bench configuration (profile < YAML file < key=value overrides): a valid ``BenchConfig`` whose
+    every float is finite, or a ``ConfigError`` (exit 2, every problem named); never another exception."""
+    path = fuzz_dir / "bench.yaml"
+    path.write_bytes(doc)
+    try:
+        cfg = load_bench_config(path if use_file else None, pairs, profile=profile)
+    except ConfigError as err:
+        event("ConfigError")
+        assert str(err) and err.exit_code == 2
+        return
+    event("loaded")
+    check_bench_config(cfg)
 
 
 json_values = st.recursive(

@@ -29,17 +29,35 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetPydanticSchema,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError, core_schema
 
-from flearning.config import StageOverrides, default_stage
+from flearning.config import (
+    StageOverrides,
+    _merge,
+    config_source,
+    default_stage,
+    parse_overrides,
+    read_yaml,
+    validation_problems,
+)
 from flearning.data.records import KnowledgeRecord
-from flearning.errors import FlearnError
+from flearning.errors import ConfigError, FlearnError, Problem
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.models import DEFAULT_MODEL
 from flearning.recipes.methods import METHODS, get_method
-from flearning.training.config import LoraSettings, TrainConfig
+from flearning.training.config import ConfigBool, ConfigFloat, ConfigInt, LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +83,51 @@ def default_data() -> dict[str, Path]:
     return {"zsre": samples / "zsre-200.json", "counterfact": samples / "counterfact-200.json"}
 
 
+# A seed of a bench run (NumPy, seeded with the others, takes 0 <= seed < 2**32).
+Seed = Annotated[ConfigInt, Field(ge=0, lt=2**32)]
+
+
+def _auto_or_numbers(value: Any, numbers: ValidatorFunctionWrapHandler) -> Any:
+    """``lambdas``: the text ``auto``, else a list checked item by item like every float of a config (a
+    problem names the item, ``lambdas.1``, instead of one per member of a union)."""
+    if value == "auto":
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise PydanticCustomError(
+            "lambdas_type", "Input should be 'auto' or a list of numbers, not {value}", {"value": repr(value)}
+        )
+    return numbers(value)
+
+
+def _lambdas_schema(source: Any, handler: Any) -> core_schema.CoreSchema:
+    return core_schema.no_info_wrap_validator_function(
+        _auto_or_numbers,
+        handler.generate_schema(list[ConfigFloat]),
+        serialization=core_schema.wrap_serializer_function_ser_schema(
+            lambda value, serialize: serialize(value), schema=handler(source)
+        ),
+    )
+
+
+Lambdas = Annotated[list[ConfigFloat] | Literal["auto"], GetPydanticSchema(_lambdas_schema)]
+
+
 class PrimeSettings(BaseModel):
+    """How θ is primed (also ``flearn prime``'s options): stop at ``threshold`` accuracy on the old facts,
+    or after ``max_epochs``."""
+
     model_config = ConfigDict(extra="forbid")
 
-    lr: float = Field(1e-4, gt=0, allow_inf_nan=False)
-    max_epochs: float = Field(15, gt=0)
-    threshold: float = Field(0.9, ge=0, le=1)
-    batch_size: int = Field(8, ge=1)
+    lr: ConfigFloat = Field(1e-4, gt=0)
+    max_epochs: ConfigFloat = Field(15, gt=0)
+    threshold: ConfigFloat = Field(0.9, ge=0, le=1)
+    batch_size: ConfigInt = Field(8, ge=1)
+
+
+class PrimeOptions(PrimeSettings):
+    """``flearn prime``'s numeric options: the bench's prime settings and the seed."""
+
+    seed: Seed = 0
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -95,24 +151,26 @@ class BenchConfig(BaseModel):
     model: str = DEFAULT_MODEL
     data: dict[str, Path] = Field(default_factory=default_data)
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
-    n: int = Field(200, ge=1)
-    n_val: int = Field(0, ge=0)
-    seeds: list[int] = Field(default_factory=lambda: [0])
-    lambdas: list[float] | Literal["auto"] = Field(default_factory=lambda: [0.7])
-    lambda_grid: list[float] = Field(default_factory=lambda: [0.1, 0.3, 0.7, 1.0, 1.5, 3.0])
-    locality_tolerance: float = Field(5.0, ge=0)
+    n: ConfigInt = Field(200, ge=1)
+    n_val: ConfigInt = Field(0, ge=0)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    lambdas: Lambdas = Field(default_factory=lambda: [0.7])
+    lambda_grid: list[ConfigFloat] = Field(
+        default_factory=lambda: [0.1, 0.3, 0.7, 1.0, 1.5, 3.0], min_length=1
+    )
+    locality_tolerance: ConfigFloat = Field(5.0, ge=0)
     prime: PrimeSettings = Field(default_factory=PrimeSettings)
     full: StageOverrides = Field(default_factory=StageOverrides)
     lora_stage: StageOverrides = Field(default_factory=StageOverrides)
     forget_full: StageOverrides = Field(default_factory=StageOverrides)
     forget_lora: StageOverrides = Field(default_factory=StageOverrides)
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    linf_bound: float = Field(5e-4, gt=0)
-    eval_batch_size: int = Field(DEFAULT_BATCH_SIZE, ge=1)
-    generation: bool = True
-    fluency: bool = False
+    linf_bound: ConfigFloat = Field(5e-4, gt=0)
+    eval_batch_size: ConfigInt = Field(DEFAULT_BATCH_SIZE, ge=1)
+    generation: ConfigBool = True
+    fluency: ConfigBool = False
     out: Path | None = None
-    trust_remote_code: bool = False
+    trust_remote_code: ConfigBool = False
 
     @field_validator("methods")
     @classmethod
@@ -142,16 +200,53 @@ class BenchConfig(BaseModel):
 
     @field_validator("lambdas")
     @classmethod
-    def _finite(cls, value):
-        if value != "auto" and (not value or not all(math.isfinite(v) for v in value)):
-            raise ValueError("lambdas must be 'auto' or a non-empty list of finite numbers")
+    def _some_lambda(cls, value: list[float] | str, info: ValidationInfo) -> list[float] | str:
+        if not value:  # each item was checked as a finite number already
+            raise PydanticCustomError("too_short", "Input should be 'auto' or at least one λ")
+        # n_val is checked first; when it is invalid itself, its own problem is the one reported
+        if value == "auto" and info.data.get("n_val", 1) < 1:
+            raise PydanticCustomError("auto_lambda", "auto needs a validation split (n_val >= 1)")
         return value
 
-    @model_validator(mode="after")
-    def _auto_needs_validation(self) -> BenchConfig:
-        if self.lambdas == "auto" and self.n_val < 1:
-            raise ValueError("lambdas: auto needs a validation split (n_val >= 1)")
-        return self
+
+def load_bench_config(
+    path: Path | None,
+    overrides: list[str],
+    cli: dict[str, Any] | None = None,
+    profile: str | None = None,
+) -> BenchConfig:
+    """``flearn bench``'s configuration: (profile) < (YAML file) < (explicit CLI options) < (key=value
+    overrides). An override changes one key of a section (``prime.max_epochs=3`` keeps the file's
+    ``prime.lr``); a CLI option replaces the whole value (``--data`` replaces the file's datasets).
+
+    Raises:
+        ConfigError: every problem at once (an unknown profile, overrides that do not parse, unknown keys,
+            wrong types, values out of range), each as ``source:field: why``.
+        FlearnError: the config file cannot be read.
+    """
+    source = config_source(path)
+    fields = read_yaml(path) if path else {}
+    fields.update({k: v for k, v in (cli or {}).items() if v is not None})  # --data replaces the file's data
+    extra, problems = parse_overrides(overrides)
+    if profile is not None and profile not in PROFILES:
+        problems.append(
+            Problem(
+                "command line",
+                None,
+                "--profile",
+                f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}",
+            )
+        )
+        profile = None
+    fields = config_from_profile(profile, _merge(fields, extra))
+    try:
+        config = BenchConfig.model_validate(fields)
+    except ValidationError as ex:
+        problems += validation_problems(ex, source)
+        config = None
+    if problems or config is None:
+        raise ConfigError(problems)
+    return config
 
 
 def config_from_profile(profile: str | None, fields: dict[str, Any]) -> dict[str, Any]:
@@ -159,13 +254,7 @@ def config_from_profile(profile: str | None, fields: dict[str, Any]) -> dict[str
         return fields
     if profile not in PROFILES:
         raise FlearnError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
-    merged = copy.deepcopy(PROFILES[profile])
-    for key, value in fields.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
-        else:
-            merged[key] = value
-    return merged
+    return _merge(copy.deepcopy(PROFILES[profile]), fields)
 
 
 def digest(*parts: Any) -> str:

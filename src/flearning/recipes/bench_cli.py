@@ -45,9 +45,7 @@ def bench_command(
 
     Example: flearn bench --profile quick --out runs/bench-quick
     """
-    from flearning.config import parse_overrides, read_yaml, validation_problems
-    from flearning.errors import ConfigError
-    from flearning.recipes.bench import BenchConfig, config_from_profile, run_bench
+    from flearning.recipes.bench import default_out, load_bench_config, run_bench
 
     cli = {
         "model": model,
@@ -59,20 +57,9 @@ def bench_command(
         "seeds": list(range(seeds)) if seeds else None,
         "lambdas": None if lam is None else ("auto" if lam == "auto" else _floats(lam)),
     }
-    fields = read_yaml(config) if config else {}
-    fields.update({k: v for k, v in cli.items() if v is not None})
-    extra, problems = parse_overrides(overrides or [])
-    if problems:
-        raise ConfigError(problems)
-    fields = config_from_profile(profile, {**fields, **extra})
-    from pydantic import ValidationError
-
-    try:
-        cfg = BenchConfig.model_validate(fields)
-    except ValidationError as ex:
-        raise ConfigError(validation_problems(ex, str(config) if config else "command line")) from ex
+    # every problem of the file, the options and the overrides at once (exit 2)
+    cfg = load_bench_config(config, overrides or [], cli, profile)
     from flearning.outputs import check_output_dir, write_errors_as_flearn
-    from flearning.recipes.bench import default_out
 
     # reused (its cache makes reruns resume); its entries are replaced, never the directory itself
     target = check_output_dir(default_out(cfg), overwrite=True, replaced_whole=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -28,9 +29,8 @@ def prime_command(
     from flearning.models import load_model, resolve_model
     from flearning.outputs import atomic_directory, check_output_dir, write_errors_as_flearn
     from flearning.recipes.prime import prime
-    from flearning.training import TrainConfig
 
-    cfg = TrainConfig(lr=lr, epochs=max_epochs, batch_size=batch_size, seed=seed)
+    cfg = _stage_config(lr=lr, max_epochs=max_epochs, threshold=threshold, batch_size=batch_size, seed=seed)
     dataset = load_dataset(data, fmt, limit=limit)
     source = resolve_model(model)
     target = check_output_dir(
@@ -65,4 +65,27 @@ def prime_command(
     typer.echo(
         f"old-fact accuracy {result.accuracy_before:.3f} → {result.accuracy:.3f} after {result.epochs} "
         f"epochs ({reached} {threshold}); primed model written to {target}"
+    )
+
+
+def _stage_config(**options: Any):
+    """The priming stage's TrainConfig from the options, each checked like a config's setting (a finite
+    number, in range, a seed NumPy takes): every problem at once, naming its option (``--lr``), exit 2."""
+    from pydantic import ValidationError
+
+    from flearning.errors import ConfigError, Problem
+    from flearning.recipes.bench import PrimeOptions
+    from flearning.training import TrainConfig
+
+    try:
+        checked = PrimeOptions(**options)
+    except ValidationError as ex:
+        raise ConfigError(
+            [
+                Problem("command line", None, "--" + str(err["loc"][0]).replace("_", "-"), err["msg"])
+                for err in ex.errors()
+            ]
+        ) from ex
+    return TrainConfig(
+        lr=checked.lr, epochs=checked.max_epochs, batch_size=checked.batch_size, seed=checked.seed
     )
