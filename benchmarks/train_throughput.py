@@ -13,7 +13,7 @@ Where the time goes: full-FT steps run again in a plain loop (same loss, same fu
 forward, backward and optimizer separately, and the time the model FLOPs would take at the measured
 matmul rate.
 
-    .venv/bin/python benchmarks/train_throughput.py [--steps 16] [--batch-size 16] [--split-steps 8] [--compile]
+    .venv/bin/python benchmarks/train_throughput.py [--steps 16] [--batch-size 64] [--split-steps 8] [--compile]
 """
 
 from __future__ import annotations
@@ -34,9 +34,11 @@ def measure(model, tokenizer, pairs, cfg) -> dict:
 
     from flearning.training import train
 
-    # One warm-up step (allocations, thread pools), then the measured run.
+    # A warm-up epoch (allocations, thread pools; with compile, the compilation of every batch shape the
+    # stage meets), then the measured run.
     start = time.perf_counter()
-    train(copy.deepcopy(model), tokenizer, pairs, cfg.model_copy(update={"max_steps": 1}), progress=False)
+    warm = cfg.model_copy(update={"max_steps": None, "epochs": 1.0})
+    train(copy.deepcopy(model), tokenizer, pairs, warm, progress=False)
     warmup = time.perf_counter() - start
     result = train(model, tokenizer, pairs, cfg, progress=False)
     return {
@@ -96,7 +98,7 @@ def phase_split(model, tokenizer, pairs, cfg) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=16)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--out", default="train_throughput.json", help="result file in benchmarks/results/")
     parser.add_argument("--split-steps", type=int, default=8, help="full-FT steps timed by phase (0: none)")
     parser.add_argument("--compile", action="store_true", help="also measure the stages with compile: true")
