@@ -66,3 +66,13 @@ def test_compiled_lora_stage_matches_eager(tokenizer):
     for name, p in compiled.model.named_parameters():
         if "lora_" in name:
             assert (p - eager_lora[name]).abs().max().item() <= 1e-2 * cfg.lr, name
+
+
+def test_update_stages_take_compile_from_their_own_settings():
+    from flearning.config import UpdateConfig, load_config
+    from flearning.recipes.update import stage_plan
+
+    cfg = load_config(UpdateConfig, None, ["method=flearning-lora-ft", "learn.compile=true"])
+    plan = stage_plan(cfg)
+    assert plan.learn.compile is True and plan.forget.compile is False
+    assert stage_plan(load_config(UpdateConfig, None, [])).learn.compile is False  # off by default
