@@ -76,3 +76,11 @@ def test_update_stages_take_compile_from_their_own_settings():
     plan = stage_plan(cfg)
     assert plan.learn.compile is True and plan.forget.compile is False
     assert stage_plan(load_config(UpdateConfig, None, [])).learn.compile is False  # off by default
+
+
+def test_compile_off_leaves_the_stage_keys_of_earlier_versions_unchanged():
+    # checkpoints, work directories and bench caches are keyed on this dump: an eager stage must hash
+    # as it did before the setting existed, and a compiled one differently
+    assert "compile" not in TrainConfig().model_dump(mode="json")
+    assert TrainConfig(compile=True).model_dump(mode="json")["compile"] is True
+    assert TrainConfig(**TrainConfig(compile=True).model_dump()).compile is True

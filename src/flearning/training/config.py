@@ -6,7 +6,15 @@ import math
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import AllowInfNan, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import (
+    AllowInfNan,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    model_serializer,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 ALL_LINEAR = "all-linear"
@@ -105,6 +113,15 @@ class TrainConfig(BaseModel):
     # compilation that later stages of the same process reuse; results differ from eager ones in the
     # last bits (fused kernels). See training.trainer.compile_blocks and the README's Benchmarks.
     compile: ConfigBool = False
+
+    @model_serializer(mode="wrap")
+    def _without_default_compile(self, handler) -> dict[str, Any]:
+        # ``compile`` came after checkpoints, work directories and bench caches were keyed on this dump:
+        # left out while off, an eager stage keeps the key it had before the setting existed.
+        data = handler(self)
+        if not self.compile:
+            data.pop("compile", None)
+        return data
 
     @model_validator(mode="after")
     def _lora_and_bound_exclusive(self) -> TrainConfig:

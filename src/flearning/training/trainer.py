@@ -234,6 +234,7 @@ def train(
         num_warmup_steps=int(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+    trained = model  # what the caller gets back: the module itself (peft-wrapped for LoRA), never a copy
     if cfg.compile:
         model = compile_blocks(model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -280,8 +281,6 @@ def train(
         torch.are_deterministic_algorithms_enabled(),
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
-    if cfg.compile:
-        torch.use_deterministic_algorithms(True, warn_only=True)
     start = time.perf_counter()
     seconds_before = pos.seconds
     bar = tqdm(
@@ -294,6 +293,8 @@ def train(
     finished = saved is not None and saved.complete
     updating = False  # True while an optimizer step is half applied: no checkpoint can be taken then
     try:
+        if cfg.compile:
+            torch.use_deterministic_algorithms(True, warn_only=True)
         while not finished and pos.step < total_steps:
             # accelerate's loader re-sets its sampler's epoch from its own counter: set both.
             if hasattr(loader, "set_epoch"):
@@ -368,7 +369,7 @@ def train(
                 break
             if on_epoch_end is not None:
                 model.eval()
-                stop = same_on_every_process(bool(on_epoch_end(pos.epoch, _original(accelerator, model))))
+                stop = same_on_every_process(bool(on_epoch_end(pos.epoch, trained)))
                 model.train()
                 if stop:
                     break
@@ -409,7 +410,7 @@ def train(
         torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
     seconds = pos.seconds
     model.eval()
-    unwrapped = _original(accelerator, model)
+    unwrapped = trained
     epochs_done = pos.step / steps_per_epoch
     losses = pos.losses
     log.info(
@@ -424,17 +425,13 @@ def train(
     return TrainResult(unwrapped, pos.step, epochs_done, seconds, pos.tokens, list(losses))
 
 
-def _original(accelerator, model: torch.nn.Module) -> torch.nn.Module:
-    """The module the caller passed in (or its peft wrapper): without DDP wrappers or compiled regions."""
-    return accelerator.unwrap_model(model, keep_torch_compile=False)
-
-
 def _is_compile_failure(ex: BaseException) -> bool:
+    """The backend (inductor) failed; an error of the traced code itself is not the compiler's."""
     try:
-        from torch._dynamo.exc import BackendCompilerFailed, TorchRuntimeError
-    except ImportError:  # pragma: no cover - every supported torch has them
+        from torch._dynamo.exc import BackendCompilerFailed
+    except ImportError:  # pragma: no cover - every supported torch has it
         return False
-    return isinstance(ex, (BackendCompilerFailed, TorchRuntimeError))
+    return isinstance(ex, BackendCompilerFailed)
 
 
 def _restore(saved: ckpt.Checkpoint, named, optimizer, scheduler, accelerator) -> None:
