@@ -5,6 +5,7 @@ Every problem in a config is reported at once, as ``source:field: what is wrong`
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,40 @@ class UpdateConfig(BaseModel):
         return self.old, self.new
 
 
+class _CoreSchemaLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's core-schema scalars instead of YAML 1.1's: only
+    ``true``/``false`` are booleans (not ``yes``, ``on``, ``off``), integers are plain decimals (no
+    ``1_000``, no octal ``010`` = 8), and ``5e-5`` is a float (YAML 1.1 wanted a dot). Anything else
+    stays text, which the strict setting types then refuse with a message."""
+
+
+_IMPLICIT_11 = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"}
+_CoreSchemaLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag not in _IMPLICIT_11]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+for _tag, _pattern, _first in (
+    ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+    ("tag:yaml.org,2002:int", r"^[-+]?[0-9]+$", "-+0123456789"),
+    (
+        "tag:yaml.org,2002:float",
+        r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+        "-+0123456789.",
+    ),
+):
+    _CoreSchemaLoader.add_implicit_resolver(_tag, re.compile(_pattern), list(_first))
+
+
+# YAML 1.1's integer constructor reads a leading 0 as octal; the core schema's integers are decimal
+_CoreSchemaLoader.add_constructor(
+    "tag:yaml.org,2002:int", lambda loader, node: int(loader.construct_scalar(node), 10)
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_CoreSchemaLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_overrides(pairs: list[str], source: str = "command line") -> tuple[dict[str, Any], list[Problem]]:
     """``a.b=value`` strings into a nested dict; values are parsed as YAML scalars (so ``5e-5``,
     ``true`` and ``[q_proj, v_proj]`` have their natural types)."""
@@ -145,7 +180,7 @@ def parse_overrides(pairs: list[str], source: str = "command line") -> tuple[dic
             problems.append(Problem(source, None, item, "expected key=value"))
             continue
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = _load_yaml(raw) if raw.strip() else None
         except (yaml.YAMLError, RecursionError) as ex:
             problems.append(Problem(source, None, key, f"cannot parse value {raw!r}: {_yaml_reason(ex)}"))
             continue
@@ -187,7 +222,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except ValueError as ex:  # e.g. a NUL byte in the path
         raise FlearnError(f"{path}: cannot read config: {ex}") from ex
     try:
-        loaded = yaml.safe_load(text)
+        loaded = _load_yaml(text)
     except (yaml.YAMLError, RecursionError) as ex:
         raise ConfigError([Problem(str(path), None, None, f"not valid YAML: {_yaml_reason(ex)}")]) from ex
     if loaded is None:

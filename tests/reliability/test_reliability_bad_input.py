@@ -88,6 +88,26 @@ def test_quoted_yaml_numbers_are_floats(tmp_path):
     assert cfg.forget.lr == 1e-04 and cfg.lam == 0.3 and cfg.learn.weight_decay == 1e-02
 
 
+def test_yaml_reads_core_schema_scalars_not_yaml_1_1_ones(tmp_path):
+    """Unquoted, YAML 1.1 (PyYAML's default) would read ``yes``/``off`` as booleans, ``1_000`` as 1000
+    and ``010`` as octal 8: configs read them as YAML 1.2 does (text, text, decimal 10)."""
+    config = tmp_path / "run.yaml"
+    config.write_text("overwrite: yes\nevaluate: off\nseed: 1_000\nlimit: 010\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(UpdateConfig, config, ["learn.compile=on", "checkpoint_every=0x10"])
+    assert str(info.value) == "\n".join(
+        [
+            "invalid configuration: 5 problems",
+            f"  {config}:learn.compile: Input should be true or false, not 'on'",
+            f"  {config}:seed: Input should be an integer, got the text '1_000'",
+            f"  {config}:checkpoint_every: Input should be an integer, got the text '0x10'",
+            f"  {config}:evaluate: Input should be true or false, not 'off'",
+            f"  {config}:overwrite: Input should be true or false, not 'yes'",
+        ]
+    )
+    assert load_config(UpdateConfig, config, ["overwrite=true", "evaluate=false", "seed=7"]).limit == 10
+
+
 def test_wrong_types_are_refused_not_coerced_all_at_once(tmp_path):
     """pydantic's lax mode would take ``true`` as 1, ``"yes"`` as true and ``"1_0"`` as 10."""
     config = tmp_path / "run.yaml"
@@ -100,7 +120,7 @@ def test_wrong_types_are_refused_not_coerced_all_at_once(tmp_path):
     assert str(info.value) == "\n".join(
         [
             "invalid configuration: 11 problems",
-            f"  {config}:limit: Input should be an integer, not a boolean",
+            f"  {config}:limit: Input should be an integer, got the text 'yes'",
             f"  {config}:forget.add_eos: Input should be true or false, not 1",
             f"  {config}:learn.lr: Input should be a number, got the text '1_0'",
             f"  {config}:learn.epochs: Input should be a number, not a boolean",
