@@ -115,11 +115,17 @@ EXIT_SIGTERM = 143
 
 
 class _TerminateAsInterrupt:
-    """While active, SIGTERM (what ``kill``, SLURM and Kubernetes send) raises ``KeyboardInterrupt`` in the
-    main thread, so a terminated command cleans up and saves its training state exactly as after Ctrl-C
-    instead of dying on the spot. Only the first SIGTERM interrupts; later ones are ignored while that
-    clean-up runs (SIGKILL still ends the process). The previous handler is restored on exit. Outside the
-    main thread (where Python cannot set handlers) it does nothing."""
+    """While installed, SIGTERM (what ``kill``, SLURM and Kubernetes send) raises ``KeyboardInterrupt`` in
+    the main thread, so a terminated command cleans up and saves its training state exactly as after
+    Ctrl-C instead of dying on the spot.
+
+    Only the first SIGTERM interrupts. A second one, while that clean-up runs (it may hang, e.g. in a
+    DDP broadcast whose peers are gone) or after something swallowed the ``KeyboardInterrupt``, restores
+    the default action and re-sends SIGTERM to this process: it dies as an unhandled SIGTERM would (killed
+    by signal 15), no SIGKILL needed. A SIGTERM inherited as ignored (``nohup``-like launchers) stays
+    ignored, as Python leaves an ignored SIGINT alone. ``restore`` puts the previous handler back (it may
+    be called more than once). Outside the main thread (where Python cannot set handlers) it does nothing.
+    """
 
     def __init__(self) -> None:
         self.received = False
@@ -127,21 +133,30 @@ class _TerminateAsInterrupt:
         self._active = False
 
     def _handle(self, signum, frame) -> None:
-        if self.received:
+        import os
+        import signal
+
+        if self.received:  # the second SIGTERM: stop waiting for the clean-up
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
             return
         self.received = True
         raise KeyboardInterrupt("SIGTERM")
 
-    def __enter__(self) -> _TerminateAsInterrupt:
+    def install(self) -> None:
         import signal
         import threading
 
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-            self._active = True
-        return self
+        if threading.current_thread() is not threading.main_thread():
+            return
+        previous = signal.getsignal(signal.SIGTERM)
+        if previous == signal.SIG_IGN:
+            return
+        self._previous = previous
+        self._active = True  # before the handler: a SIGTERM right after it must find it restorable
+        signal.signal(signal.SIGTERM, self._handle)
 
-    def __exit__(self, *exc: object) -> None:
+    def restore(self) -> None:
         import signal
 
         if self._active:
@@ -151,11 +166,23 @@ class _TerminateAsInterrupt:
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: run the app, print user errors without a traceback, exit 2 on them; exit 130
-    after Ctrl-C (SIGINT) and 143 after SIGTERM, once the command has cleaned up."""
-    with _TerminateAsInterrupt() as terminate:
-        code = _run(argv)
-        if code == EXIT_SIGINT:
-            typer.echo("terminated (SIGTERM)" if terminate.received else "aborted", err=True)
+    after Ctrl-C (SIGINT) and 143 after SIGTERM, once the command has cleaned up.
+
+    An interrupt that lands outside the command (while ``_run`` reports an error, after it returned, or
+    while the handler is restored) is caught here too, so it never escapes as a traceback.
+    """
+    terminate = _TerminateAsInterrupt()
+    try:
+        try:
+            terminate.install()
+            code = _run(argv)
+        finally:
+            terminate.restore()
+    except KeyboardInterrupt:
+        terminate.restore()  # in case the interrupt landed inside the first restore
+        code = EXIT_SIGINT
+    if code == EXIT_SIGINT:
+        typer.echo("terminated (SIGTERM)" if terminate.received else "aborted", err=True)
     return EXIT_SIGTERM if terminate.received and code == EXIT_SIGINT else code
 
 

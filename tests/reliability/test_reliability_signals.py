@@ -177,3 +177,148 @@ def test_the_sigterm_handler_is_restored_after_a_command(tmp_path, capsys):
     assert main(["update", "--config", str(tmp_path / "missing.yaml"), f"out={tmp_path / 'out'}"]) == 2
     assert "cannot read config" in capsys.readouterr().err
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+# ``flearn`` with one more command, ``hang``: it writes how SIGTERM is handled to ``MARKER.running`` and
+# waits for ``MARKER.go``; a KeyboardInterrupt it swallows and then hangs, as a clean-up stuck in a DDP
+# broadcast whose peers are gone would, after touching ``MARKER.interrupted``.
+HANG = textwrap.dedent("""
+    import signal, sys, time
+    from pathlib import Path
+    import flearning.cli as cli
+    marker = sys.argv[1]
+    @cli.app.command("hang")
+    def hang() -> None:
+        Path(marker + ".running").write_text(str(signal.getsignal(signal.SIGTERM)))
+        try:
+            while not Path(marker + ".go").exists():
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            Path(marker + ".interrupted").touch()
+            time.sleep(120)
+    sys.exit(cli.main(["hang"]))
+""")
+
+
+def start_hang(tmp_path: Path, preexec_fn) -> tuple[subprocess.Popen, str, Path]:
+    marker, log = str(tmp_path / "hang"), tmp_path / "stderr.txt"
+    with open(log, "w") as stderr:
+        process = subprocess.Popen(
+            [sys.executable, "-c", HANG, marker],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            preexec_fn=preexec_fn,
+        )
+    return process, marker, log
+
+
+def wait_for(process: subprocess.Popen, path: Path, log: Path) -> None:
+    deadline = time.monotonic() + 60
+    while not path.exists():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"no {path.name} after 60 s"
+        time.sleep(0.01)
+
+
+def test_a_second_sigterm_kills_a_command_whose_clean_up_hangs(tmp_path):
+    process, marker, log = start_hang(tmp_path, _default_sigint)
+    try:
+        wait_for(process, Path(marker + ".running"), log)
+        process.send_signal(signal.SIGTERM)
+        wait_for(process, Path(marker + ".interrupted"), log)  # the first one interrupted, and was swallowed
+        time.sleep(0.2)
+        assert process.poll() is None
+        process.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert process.wait(timeout=10) == -signal.SIGTERM  # killed by SIGTERM, as without a handler
+        assert time.monotonic() - started < 5
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert "Traceback" not in log.read_text()
+
+
+def _ignore_sigterm() -> None:
+    _default_sigint()
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def test_an_inherited_ignored_sigterm_stays_ignored(tmp_path):
+    process, marker, log = start_hang(tmp_path, _ignore_sigterm)
+    try:
+        wait_for(process, Path(marker + ".running"), log)
+        assert Path(marker + ".running").read_text() == str(signal.SIG_IGN)  # no handler of flearn's
+        process.send_signal(signal.SIGTERM)  # discarded by the kernel at once
+        Path(marker + ".go").touch()
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert not Path(marker + ".interrupted").exists()
+    assert log.read_text() == ""
+
+
+def sigterm_to_self() -> None:
+    """Send SIGTERM to this (the pytest) process, only while flearn's handler turns it into a
+    KeyboardInterrupt (raised here, by os.kill)."""
+    import os
+
+    handler = signal.getsignal(signal.SIGTERM)
+    assert getattr(handler, "__qualname__", "") == "_TerminateAsInterrupt._handle", handler
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.fixture
+def in_main_thread() -> None:
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("signal handlers are set only in the main thread")
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_IGN:
+        pytest.skip("SIGTERM is ignored in this process")
+
+
+def test_a_sigterm_while_an_error_is_reported_exits_143(tmp_path, capsys, monkeypatch, in_main_thread):
+    import typer
+
+    before = signal.getsignal(signal.SIGTERM)
+    real = typer.echo
+
+    def echo(message=None, **kwargs):
+        if str(message).startswith("error: "):  # inside _run's `except FlearnError`
+            sigterm_to_self()
+        real(message, **kwargs)
+
+    monkeypatch.setattr(typer, "echo", echo)
+    try:
+        code = main(["update", "--config", str(tmp_path / "missing.yaml"), f"out={tmp_path / 'out'}"])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped main")
+    assert code == 143
+    assert capsys.readouterr().err == "terminated (SIGTERM)\n"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_sigterm_after_the_command_returned_exits_143(tmp_path, capsys, monkeypatch, in_main_thread):
+    import flearning.cli as cli
+
+    before = signal.getsignal(signal.SIGTERM)
+    real = cli._run
+    codes: list[int] = []
+
+    def run_then_sigterm(argv):
+        codes.append(real(argv))
+        sigterm_to_self()
+        return codes[-1]
+
+    monkeypatch.setattr(cli, "_run", run_then_sigterm)
+    try:
+        code = main(["update", "--config", str(tmp_path / "missing.yaml"), f"out={tmp_path / 'out'}"])
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt escaped main")
+    assert codes == [2] and code == 143
+    missing = tmp_path / "missing.yaml"
+    assert capsys.readouterr().err == (
+        f"error: {missing}: cannot read config: No such file or directory\nterminated (SIGTERM)\n"
+    )
+    assert signal.getsignal(signal.SIGTERM) is before
