@@ -16,8 +16,8 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -60,31 +60,43 @@ def write_failure_message(cache: Path, path: Path, reason: str) -> str:
     )
 
 
-# A process that calls ensure_embedded() once everyone is ready, with a conversion that takes a second
-# and logs itself, and prints when it entered ensure_embedded and what it returned.
+# A process that calls ensure_embedded() with a conversion that logs itself. Its flock first tries
+# without blocking and, when the lock is taken, touches ``blocked-PID`` before it waits; the conversion
+# waits (up to 60 s) until such a marker shows the other process blocked on the lock. So the second process
+# always arrives during the conversion, however slowly either starts: no timing assumption.
 CONVERTER = textwrap.dedent(
     """
-    import json, os, shutil, sys, time
+    import fcntl, json, os, shutil, sys, time
     from pathlib import Path
 
     import flearning.models as models
 
-    source, log, ready, go = map(Path, sys.argv[1:5])
+    source, log, markers = map(Path, sys.argv[1:4])
+    real_flock = fcntl.flock
+
+    def flock(fd, operation):
+        if operation == fcntl.LOCK_EX:
+            try:
+                return real_flock(fd, operation | fcntl.LOCK_NB)
+            except BlockingIOError:
+                (markers / f"blocked-{os.getpid()}").touch()
+        return real_flock(fd, operation)
 
     def convert(name, out):
         start = time.time()
-        time.sleep(1.0)  # long enough for the other process to arrive while this one converts
+        deadline = time.monotonic() + 60
+        while not list(markers.glob("blocked-*")):
+            if time.monotonic() > deadline:
+                sys.exit("the other process never waited for the lock")
+            time.sleep(0.01)
         shutil.copytree(source, out, dirs_exist_ok=True)
         with open(log, "a") as fh:
             fh.write(json.dumps({"pid": os.getpid(), "start": start, "end": time.time()}) + "\\n")
 
+    fcntl.flock = flock
     models.convert_embedded = convert
-    ready.touch()
-    while not go.exists():
-        time.sleep(0.005)
-    entered = time.time()
     path = models.ensure_embedded()
-    print(json.dumps({"entered": entered, "path": str(path)}))
+    print(json.dumps({"pid": os.getpid(), "path": str(path)}))
     """
 )
 
@@ -92,27 +104,21 @@ CONVERTER = textwrap.dedent(
 def test_two_processes_convert_once(tmp_path, cache, tiny_model_dir):
     script = tmp_path / "convert.py"
     script.write_text(CONVERTER)
-    log, go = tmp_path / "conversions.jsonl", tmp_path / "go"
-    ready = [tmp_path / f"ready-{i}" for i in range(2)]
+    log, markers = tmp_path / "conversions.jsonl", tmp_path / "markers"
+    markers.mkdir()
     env = {**os.environ, "FLEARN_CACHE": str(cache)}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(tiny_model_dir), str(log), str(r), str(go)],
+            [sys.executable, str(script), str(tiny_model_dir), str(log), str(markers)],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for r in ready
+        for _ in range(2)
     ]
     try:
-        deadline = time.monotonic() + 60
-        while not all(r.exists() for r in ready):
-            assert time.monotonic() < deadline, "the converter processes did not start"
-            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
-            time.sleep(0.01)
-        go.touch()
-        outputs = [p.communicate(timeout=60) for p in procs]
+        outputs = [p.communicate(timeout=120) for p in procs]
     finally:
         for p in procs:
             p.kill()
@@ -121,10 +127,12 @@ def test_two_processes_convert_once(tmp_path, cache, tiny_model_dir):
     conversions = [json.loads(line) for line in log.read_text().splitlines()]
 
     assert len(conversions) == 1
-    # Both entered while the conversion ran: the lock, not the finished marker, kept the second one out.
-    assert max(r["entered"] for r in results) < conversions[0]["end"]
+    # The other one waited for the lock while the conversion ran, and then used its result.
+    [converter] = [p.pid for p in procs if p.pid == conversions[0]["pid"]]
+    [waiter] = [p.pid for p in procs if p.pid != converter]
+    assert sorted(p.name for p in markers.iterdir()) == [f"blocked-{waiter}"]
     target = cache / "models" / DEFAULT_MODEL
-    assert [r["path"] for r in results] == [str(target)] * 2
+    assert sorted((r["pid"], r["path"]) for r in results) == sorted((p.pid, str(target)) for p in procs)
     assert leftovers(cache / "models") == [DEFAULT_MODEL]
     assert (target / DONE).is_file()
     check_model_dir(target)
@@ -241,25 +249,89 @@ def test_conversion_log_states_the_measured_time(cache, monkeypatch, tiny_model_
     assert "from GGUF once (about 15 s) into" in caplog.text
 
 
-def test_stale_temp_dirs_of_killed_conversions_are_removed(cache, monkeypatch, tiny_model_dir):
+NOW = 1_800_000_000.0  # the clock of remove_stale_temp_dirs in these tests (``frozen_clock``)
+
+
+@pytest.fixture
+def frozen_clock(monkeypatch) -> None:
+    monkeypatch.setattr(models, "time", SimpleNamespace(time=lambda: NOW))
+
+
+def set_mtime(path: Path, seconds_ago: float) -> None:
+    """Date ``path`` and everything in it ``seconds_ago`` before ``NOW``."""
+    when = NOW - seconds_ago
+    for item in [*path.rglob("*"), path]:
+        os.utime(item, (when, when), follow_symlinks=False)
+
+
+HOUR = 3600
+
+
+def test_stale_temp_dirs_of_killed_conversions_are_removed(
+    cache, monkeypatch, tiny_model_dir, caplog, frozen_clock
+):
     models_dir = cache / "models"
     stale = models_dir / f".{DEFAULT_MODEL}.tmp-k1ll_ed9"  # what a killed conversion leaves
     older = models_dir / f".{DEFAULT_MODEL}.k1ll_ed9"  # ... and what one of an older version left
     for path in (stale, older):
         path.mkdir(parents=True)
         (path / "model.safetensors").write_bytes(b"\0" * 1000)
+        set_mtime(path, HOUR + 60)
     unrelated = [models_dir / f".{DEFAULT_MODEL}.v2.abcdefgh", models_dir / ".other.abcdefgh"]
     for path in unrelated:
         path.mkdir()
+        set_mtime(path, 2 * HOUR)
     (models_dir / f".{DEFAULT_MODEL}.lock").touch()
     monkeypatch.setattr(models, "convert_embedded", copy_conversion(tiny_model_dir))
 
-    target = ensure_embedded()
+    with caplog.at_level("INFO", logger="flearning.models"):
+        target = ensure_embedded()
 
     assert not stale.exists() and not older.exists()
     assert all(path.is_dir() for path in unrelated)
     assert leftovers(models_dir) == sorted([DEFAULT_MODEL, *(p.name for p in unrelated)])
     assert (target / DONE).is_file()
+    removals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("removing ")]
+    assert removals == [
+        f"removing {path}, left behind by an interrupted conversion (untouched for {HOUR + 60} s)"
+        for path in sorted([stale, older])
+    ]
+
+
+@pytest.mark.parametrize("fresh", ["directory", "one-file"])
+def test_a_recently_changed_temp_dir_is_kept(fresh, cache, monkeypatch, tiny_model_dir, caplog, frozen_clock):
+    """The lock may not hold (NFS without lock support): a temporary directory changed within the hour
+    may be a conversion running on another host, so it is kept, whatever the lock says. Its newest change
+    counts: the directory's own or any file's in it."""
+    models_dir = cache / "models"
+    running = models_dir / f".{DEFAULT_MODEL}.tmp-runn1ng0"
+    (running / "sub").mkdir(parents=True)
+    for name in ("config.json", "sub/model.safetensors"):
+        (running / name).write_bytes(b"\0" * 100)
+    set_mtime(running, 2 * HOUR)
+    if fresh == "directory":
+        set_mtime(running, HOUR - 60)  # everything changed 59 minutes ago
+    else:
+        set_mtime(running / "sub" / "model.safetensors", 30)  # still being written
+    monkeypatch.setattr(models, "convert_embedded", copy_conversion(tiny_model_dir))
+
+    with caplog.at_level("INFO", logger="flearning.models"):
+        target = ensure_embedded()
+
+    assert sorted(str(p.relative_to(running)) for p in running.rglob("*")) == [
+        "config.json",
+        "sub",
+        "sub/model.safetensors",
+    ]
+    assert leftovers(models_dir) == sorted([DEFAULT_MODEL, running.name])
+    assert (target / DONE).is_file()
+    age = HOUR - 60 if fresh == "directory" else 30
+    assert [
+        r.getMessage() for r in caplog.records if r.getMessage().startswith(("keeping ", "removing "))
+    ] == [
+        f"keeping {running}: changed {age} s ago, it may be a conversion running on another host; it is "
+        "removed once untouched for 3600 s"
+    ]
 
 
 def test_a_running_conversions_temp_dir_is_left_alone(cache, monkeypatch, tiny_model_dir):

@@ -1,9 +1,13 @@
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import re
 import runpy
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,8 @@ import torch
 from flearning.cli import main
 from flearning.errors import FlearnError
 from flearning.models import (
+    DECODER_FLAG_MODEL_TYPES,
+    check_causal_lm,
     check_model_dir,
     is_causal_lm_class,
     load_model,
@@ -184,6 +190,140 @@ def test_complete_causal_lms_load(kind, tmp_path):
     assert not info["missing_keys"] and not info["mismatched_keys"]
     model, _ = load_model(path)
     assert type(model).__name__ == ("BertLMHeadModel" if kind == "bert-decoder" else "LlamaForCausalLM")
+
+
+@pytest.mark.parametrize("architectures", [True, False], ids=["BertLMHeadModel", "no-architectures"])
+def test_a_bert_lm_head_that_is_not_a_decoder_is_refused(architectures, tmp_path):
+    """Every weight is there and the class is a causal LM's, but with is_decoder false BertLMHeadModel is
+    bidirectional (transformers only warns "add `is_decoder=True`")."""
+    path = save_bert(tmp_path / "bert-lm-head", "BertLMHeadModel")
+    config = json.loads((path / "config.json").read_text())
+    assert config.get("is_decoder", False) is False
+    if not architectures:
+        del config["architectures"]
+        (path / "config.json").write_text(json.dumps(config))
+    saved_as = (
+        "BertLMHeadModel checkpoint (architectures ['BertLMHeadModel'])"
+        if architectures
+        else "bert checkpoint"
+    )
+    with pytest.raises(FlearnError) as raised:
+        load_model(path)
+    assert str(raised.value) == (
+        f"{path} is a {saved_as} whose config is not a decoder (is_decoder is false): BertLMHeadModel would "
+        "let every position see the tokens after it. If it was trained as a causal language model, set "
+        '"is_decoder": true in its config.json.'
+    )
+
+
+def test_decoder_flag_model_types_are_those_whose_causal_lm_tests_is_decoder():
+    """DECODER_FLAG_MODEL_TYPES lists exactly the causal-LM classes of the installed transformers whose
+    __init__ tests config.is_decoder (warning "add `is_decoder=True`" or asserting it), not those that set
+    it themselves (BartForCausalLM) or never read it (GPTNeoXForCausalLM)."""
+    import inspect
+
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    tested = set()
+    for model_type, names in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
+        for name in (names,) if isinstance(names, str) else names:
+            cls = getattr(transformers, name, None)
+            if cls is None:
+                continue
+            source = inspect.getsource(cls.__init__)
+            if re.search(r"(if not|assert) config\.is_decoder\b", source):
+                tested.add(model_type)
+    assert "bert" in tested and "bart" not in tested and "gpt_neox" not in tested
+    assert tested == DECODER_FLAG_MODEL_TYPES
+
+
+def chatglm_like_config(**overrides):
+    """A remote-code causal LM's config as ChatGLM's: architectures names the base class, auto_map the
+    causal LM."""
+    from transformers import PretrainedConfig
+
+    settings = {
+        "architectures": ["ChatGLMModel"],
+        "auto_map": {
+            "AutoConfig": "configuration_chatglm.ChatGLMConfig",
+            "AutoModel": "modeling_chatglm.ChatGLMForConditionalGeneration",
+            "AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration",
+        },
+        **overrides,
+    }
+    return PretrainedConfig(**settings)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {},  # auto_map says AutoModelForCausalLM loads this class
+        {"auto_map": {"AutoModelForCausalLM": "org/repo--modeling_chatglm.ChatGLMForConditionalGeneration"}},
+        {"auto_map": {}, "architectures": ["ChatGLMForConditionalGeneration"]},  # the loaded class is listed
+    ],
+    ids=["auto_map", "auto_map-from-another-repo", "listed-in-architectures"],
+)
+def test_custom_causal_lms_declared_by_auto_map_or_their_loaded_class_pass(config):
+    info = {"missing_keys": [], "mismatched_keys": []}
+    assert (
+        check_causal_lm("glm", chatglm_like_config(**config), "ChatGLMForConditionalGeneration", info) is None
+    )
+
+
+def test_auto_map_of_another_class_declares_nothing():
+    """A model whose auto_map was not used (a built-in class was loaded instead) is judged as before."""
+    config = chatglm_like_config()
+    info = {"missing_keys": [], "mismatched_keys": []}
+    with pytest.raises(FlearnError) as raised:
+        check_causal_lm("glm", config, "LlamaForCausalLM", info)
+    assert str(raised.value) == (
+        "glm is a ChatGLMModel checkpoint (architectures ['ChatGLMModel']), not a causal language model: it "
+        "was saved without a language-model head; LlamaForCausalLM would make one from its input embeddings. "
+        f"{CAUSAL_HEAD_HINT.format('LlamaForCausalLM')}"
+    )
+
+
+CUSTOM_GLM = textwrap.dedent("""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+
+    class FlearnGLMConfig(LlamaConfig):
+        model_type = "flearn-glm"
+
+
+    class FlearnGLMForConditionalGeneration(LlamaForCausalLM):
+        config_class = FlearnGLMConfig
+""")
+
+
+def test_a_remote_code_causal_lm_named_by_its_auto_map_loads(tmp_path):
+    """ChatGLM's layout, with real custom code: architectures ["FlearnGLMModel"] (its base class) and
+    auto_map's AutoModelForCausalLM the class that is loaded. In a subprocess, so the copied code lands in a
+    modules cache of the test's own (HF_MODULES_CACHE is read when transformers is imported)."""
+    path = tmp_path / "flearn-glm"
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "flearn-glm"
+    config["architectures"] = ["FlearnGLMModel"]
+    config["auto_map"] = {
+        "AutoConfig": "custom_glm.FlearnGLMConfig",
+        "AutoModelForCausalLM": "custom_glm.FlearnGLMForConditionalGeneration",
+    }
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "custom_glm.py").write_text(CUSTOM_GLM)
+    script = (
+        "import sys\nfrom flearning.models import load_model\n"
+        "model, _ = load_model(sys.argv[1], trust_remote_code=True)\nprint(type(model).__name__)\n"
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(path)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "FlearnGLMForConditionalGeneration\n"
+    assert (tmp_path / "modules").is_dir()
 
 
 def test_causal_lm_classes_and_key_summaries():

@@ -16,7 +16,8 @@ import os
 import re
 import shutil
 import tempfile
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -122,19 +123,51 @@ def _is_conversion_temp_dir(path: Path, name: str) -> bool:
     return re.fullmatch(pattern, path.name) is not None and path.is_dir() and not path.is_symlink()
 
 
-def remove_stale_temp_dirs(models_dir: Path, name: str) -> list[Path]:
+# A conversion takes about 15 s and writes all along; a temporary directory untouched for this long is
+# left over from a killed one, even if the lock did not hold (NFS without lock support).
+STALE_TEMP_SECONDS = 3600.0
+
+
+def _newest_mtime(path: Path) -> float:
+    """The newest modification time of ``path`` and of everything in it (symlinks not followed)."""
+    newest = path.lstat().st_mtime
+    for root, dirs, files in os.walk(path):
+        for entry in (*dirs, *files):
+            with suppress(OSError):  # removed meanwhile
+                newest = max(newest, os.lstat(os.path.join(root, entry)).st_mtime)
+    return newest
+
+
+def remove_stale_temp_dirs(models_dir: Path, name: str, *, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove what killed conversions of ``name`` left behind (a temporary directory is about 0.5 GB).
 
-    Only call this holding the conversion lock: then nobody else is converting, so every temporary
-    directory of ``name`` is stale.
+    Call this holding the conversion lock. The lock alone does not prove a temporary directory stale: on
+    NFS without lock support two hosts can both "hold" it. So only a directory whose newest modification
+    time (its own and its files') is more than ``max_age`` seconds old is removed; a younger one may be a
+    conversion running elsewhere and is kept (and logged).
     """
     if not models_dir.is_dir():
         return []
-    stale = [p for p in models_dir.iterdir() if _is_conversion_temp_dir(p, name)]
-    for path in stale:
-        log.info("removing %s, left behind by an interrupted conversion", path)
+    removed = []
+    now = time.time()
+    for path in sorted(p for p in models_dir.iterdir() if _is_conversion_temp_dir(p, name)):
+        try:
+            age = now - _newest_mtime(path)
+        except OSError:  # removed meanwhile
+            continue
+        if age <= max_age:
+            log.info(
+                "keeping %s: changed %.0f s ago, it may be a conversion running on another host; "
+                "it is removed once untouched for %.0f s",
+                path,
+                max(age, 0.0),
+                max_age,
+            )
+            continue
+        log.info("removing %s, left behind by an interrupted conversion (untouched for %.0f s)", path, age)
         shutil.rmtree(path, ignore_errors=True)
-    return stale
+        removed.append(path)
+    return removed
 
 
 def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
@@ -142,7 +175,8 @@ def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
 
     Conversion writes into a temporary directory beside the target and renames it into place, so the
     cache holds a complete model or nothing; a file lock keeps two processes from converting at once.
-    Holding the lock, it also removes temporary directories that killed conversions left behind.
+    Holding the lock, it also removes temporary directories that killed conversions left behind (those
+    untouched for an hour: ``remove_stale_temp_dirs``).
     A failure to write the cache (disk full, read-only, no permission) is a ``FlearnError`` naming the
     cache path and the reason, with the temporary directory removed.
     """
@@ -293,6 +327,52 @@ def summarise_keys(keys: list[str], shown: int = 4) -> str:
     return ", ".join(names[:shown]) + more
 
 
+# Model types whose causal-LM class (BertLMHeadModel, RobertaForCausalLM, ...) is an encoder made causal
+# only by ``is_decoder: true`` in the config: with it false, transformers warns "If you want to use
+# `BertLMHeadModel` as a standalone, add `is_decoder=True`" (reformer's refuses) and every position sees
+# the tokens after it. The classes of MODEL_FOR_CAUSAL_LM_MAPPING whose __init__ tests config.is_decoder
+# (tests/test_models.py checks this list against the installed transformers).
+DECODER_FLAG_MODEL_TYPES = frozenset(
+    {
+        "bert",
+        "bert-generation",
+        "big_bird",
+        "camembert",
+        "data2vec-text",
+        "electra",
+        "ernie",
+        "megatron-bert",
+        "reformer",
+        "rembert",
+        "roberta",
+        "roberta-prelayernorm",
+        "roc_bert",
+        "roformer",
+        "xlm-roberta",
+        "xlm-roberta-xl",
+        "xmod",
+    }
+)
+
+
+def declares_causal_lm(config, loaded_class: str) -> bool:
+    """Whether the config says the checkpoint is a causal LM: no ``architectures`` (judged by its weights
+    alone), an ``architectures`` entry that is a causal-LM class (``is_causal_lm_class``) or the class
+    ``AutoModelForCausalLM`` loaded, or custom code whose ``auto_map`` maps ``AutoModelForCausalLM`` to the
+    class that was loaded (ChatGLM: architectures ``["ChatGLMModel"]``, auto_map
+    ``{"AutoModelForCausalLM": "modeling_chatglm.ChatGLMForConditionalGeneration"}``)."""
+    architectures = list(getattr(config, "architectures", None) or [])
+    if (
+        not architectures
+        or loaded_class in architectures
+        or any(is_causal_lm_class(a) for a in architectures)
+    ):
+        return True
+    auto_map = getattr(config, "auto_map", None)
+    causal = auto_map.get("AutoModelForCausalLM") if isinstance(auto_map, dict) else None
+    return isinstance(causal, str) and causal.rsplit(".", 1)[-1] == loaded_class
+
+
 def check_causal_lm(source: str, config, loaded_class: str, loading_info: dict) -> None:
     """Refuse a checkpoint that ``AutoModelForCausalLM`` loads but that is not a causal LM.
 
@@ -301,24 +381,41 @@ def check_causal_lm(source: str, config, loaded_class: str, loading_info: dict) 
 
     * any weight the checkpoint lacks (``missing_keys``: it would be random; tied weights such as an
       ``lm_head`` tied to the embeddings are not missing), or whose shape differs (``mismatched_keys``);
-    * a config whose ``architectures`` names no causal-LM class (``is_causal_lm_class``), unless the
-      config says it is a decoder (``is_decoder``): a ``BertForMaskedLM`` has every weight
-      ``BertLMHeadModel`` needs but attends to later tokens. A config without ``architectures`` is
-      judged by its weights alone.
+    * a config that does not declare a causal LM (``declares_causal_lm``), unless it says it is a decoder
+      (``is_decoder``): a ``BertForMaskedLM`` has every weight ``BertLMHeadModel`` needs but attends to
+      later tokens;
+    * a config with ``is_decoder`` false of a model type whose causal LM is an encoder made causal by that
+      flag (``DECODER_FLAG_MODEL_TYPES``), even when it declares a causal-LM class: a ``BertLMHeadModel``
+      saved with ``is_decoder`` false is bidirectional.
     """
     missing = list(loading_info.get("missing_keys") or [])
     missing += [key for key, *_ in (loading_info.get("mismatched_keys") or [])]
     architectures = list(getattr(config, "architectures", None) or [])
-    declared_causal = not architectures or any(is_causal_lm_class(a) for a in architectures)
+    declared_causal = declares_causal_lm(config, loaded_class)
     is_decoder = bool(getattr(config, "is_decoder", False))
-    if not missing and (declared_causal or is_decoder):
-        return
+    bidirectional = (
+        getattr(config, "is_decoder", None) is False
+        and getattr(config, "model_type", None) in DECODER_FLAG_MODEL_TYPES
+    )
     hint = f"Use a model saved with a causal-LM head ({loaded_class} or another *ForCausalLM class)."
     if declared_causal or is_decoder:
+        if missing:
+            raise FlearnError(
+                f"{source} is incomplete for {loaded_class}: the weights of {summarise_keys(missing)} are "
+                "not in the checkpoint and would be random. Use a complete checkpoint (save_pretrained of the "
+                "whole causal language model)."
+            )
+        if not bidirectional:
+            return
+        saved_as = (
+            f"{architectures[0]} checkpoint (architectures {architectures})"
+            if architectures
+            else f"{config.model_type} checkpoint"
+        )
         raise FlearnError(
-            f"{source} is incomplete for {loaded_class}: the weights of {summarise_keys(missing)} are not "
-            f"in the checkpoint and would be random. Use a complete checkpoint (save_pretrained of the "
-            "whole causal language model)."
+            f"{source} is a {saved_as} whose config is not a decoder "
+            f"(is_decoder is false): {loaded_class} would let every position see the tokens after it. If it "
+            'was trained as a causal language model, set "is_decoder": true in its config.json.'
         )
     what = (
         f"{source} is a {architectures[0]} checkpoint (architectures {architectures}), "
