@@ -90,6 +90,15 @@ def scenario_settings() -> dict:
                 ),
             },
         ),
+        # compile: true under DDP (regional compilation inside the DDP wrapper): the stage must hand back
+        # the caller's module, with its own parameter names, and train as one compiled process does.
+        "compiled": (
+            "train",
+            {
+                "pairs": EQUAL_PAIRS,
+                "cfg": TrainConfig(lr=LR, max_steps=3, batch_size=PER_RANK_BATCH, seed=8, compile=True),
+            },
+        ),
         # One epoch of 8 facts at 4 per rank should be ONE optimizer step of global batch 8.
         "epochs": (
             "train",

@@ -36,7 +36,16 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 WORKER = HERE / "ddp_worker.py"
 ACCELERATE_CONFIG = REPO / "configs" / "accelerate" / "ddp-cpu.yaml"
-SCENARIOS = ["flearning_ft", "flearning_lora_ft", "accum", "linear", "coverage", "epochs", "loader"]
+SCENARIOS = [
+    "flearning_ft",
+    "flearning_lora_ft",
+    "accum",
+    "linear",
+    "coverage",
+    "epochs",
+    "loader",
+    "compiled",
+]
 LAUNCH_TIMEOUT = 300  # seconds; a launch takes ~10 s here (imports dominate)
 ATOL = 2e-3 * worker.LR
 REL_UPDATE = 1e-4
@@ -160,7 +169,7 @@ def reference(name: str, model_dir: Path) -> dict[str, torch.Tensor]:
         final = run_method(
             get_method(s["method"]), model, tokenizer, s["old"], s["new"], plan, progress=False
         ).model
-    elif name == "linear":  # 8 facts, 4 per rank: every step covers them all, as one batch of 8 does
+    elif name in ("linear", "compiled"):  # 8 facts, 4 per rank: every step covers them all, as a batch of 8
         final = train(
             model, tokenizer, s["pairs"], s["cfg"].model_copy(update=global_batch), progress=False
         ).model
@@ -199,7 +208,7 @@ def start_weights(model_dir) -> dict[str, torch.Tensor]:
     return worker.weights(worker.load(model_dir)[0])
 
 
-@pytest.mark.parametrize("scenario", ["flearning_ft", "flearning_lora_ft", "accum"])
+@pytest.mark.parametrize("scenario", ["flearning_ft", "flearning_lora_ft", "accum", "compiled"])
 def test_two_processes_match_one_process_with_the_same_global_batch(
     scenario, torchrun_out, model_dir, start_weights
 ):
@@ -230,7 +239,7 @@ def test_loss_trace_and_tokens_are_those_of_the_global_batch(torchrun_out, model
 
 
 @pytest.mark.parametrize(
-    "scenario", ["flearning_ft", "flearning_lora_ft", "accum", "linear", "coverage", "epochs"]
+    "scenario", ["flearning_ft", "flearning_lora_ft", "accum", "linear", "coverage", "epochs", "compiled"]
 )
 def test_every_rank_returns_the_same_unwrapped_model_and_only_the_main_process_writes(scenario, torchrun_out):
     infos = rank_infos(torchrun_out, scenario)
