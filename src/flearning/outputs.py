@@ -3,6 +3,9 @@
 Everything is written into a hidden temporary directory beside the target and renamed into place at
 the end. An existing target (with ``overwrite``) is first moved aside and removed only after the new
 one is in place, so a failure at any point leaves the previous good output untouched.
+
+``atomic_entries`` does the same for a set of entries inside a directory that stays (a report in a
+directory of the user's, a bench's results beside its cache): only the entries written are swapped.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePath
 
 from flearning.errors import FlearnError
 
@@ -24,14 +27,21 @@ def check_output_dir(
 ) -> Path:
     """Refuse outputs that would destroy something: a file, a protected input, a non-empty directory
     (unless ``overwrite``), a directory holding the current one (when ``replaced_whole``: it is swapped
-    for a new one), or a place we cannot write to (a parent that is a file or not writable)."""
+    for a new one), or a place we cannot write to (a parent that is a file or not writable).
+
+    ``replaced_whole``: the output directory is swapped for a new one, which is written beside it: the
+    nearest existing parent must be writable, and a protected input may not be inside it. Otherwise
+    (``False``) only entries inside the directory are replaced: an existing directory must be writable
+    itself (its parent is not touched), and it may not be a protected input or inside one.
+    """
     out = Path(out).expanduser().resolve()
     for path in protected or []:
         try:
             p = Path(path).expanduser().resolve()
         except OSError:
             continue
-        if out == p or p.is_relative_to(out):
+        overlaps = p.is_relative_to(out) if replaced_whole else out.is_relative_to(p)
+        if out == p or overlaps:
             raise FlearnError(f"{out}: refusing to write into the input model's directory ({p})")
     if out.exists() and not out.is_dir():
         raise FlearnError(f"{out}: output path exists and is not a directory")
@@ -39,18 +49,26 @@ def check_output_dir(
         raise FlearnError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
     if replaced_whole:
         refuse_current_directory(out)
-    parent = out.parent
-    parent_existing = parent
+    if not replaced_whole and out.is_dir():
+        probe_writable(out, out)  # written inside only: the parent may be read-only
+        return out
+    parent_existing = out.parent
     while not parent_existing.exists():
         parent_existing = parent_existing.parent
-    if not parent_existing.is_dir() or not os.access(parent_existing, os.W_OK | os.X_OK):
-        raise FlearnError(f"{out}: cannot write here ({parent_existing} is not a writable directory)")
+    probe_writable(parent_existing, out)
+    return out
+
+
+def probe_writable(directory: Path, out: Path) -> None:
+    """Refuse (``FlearnError`` naming ``out``) a ``directory`` that is not one we can create entries in:
+    not a directory, not writable, or refusing a new entry when tried."""
+    if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
+        raise FlearnError(f"{out}: cannot write here ({directory} is not a writable directory)")
     try:  # os.access says yes to root everywhere, and knows nothing of /proc or /sys: try it
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent_existing))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=directory))
     except OSError as ex:
         reason = (ex.strerror or str(ex)).lower()
-        raise FlearnError(f"{out}: cannot write here ({parent_existing}: {reason})") from ex
-    return out
+        raise FlearnError(f"{out}: cannot write here ({directory}: {reason})") from ex
 
 
 def refuse_current_directory(out: Path) -> None:
@@ -185,28 +203,52 @@ def write_error_code(ex: BaseException) -> int | None:
 
 
 def _on_output_path(path: Path, where: Path) -> bool:
-    """Whether ``path`` (already mapped by ``final_path``) is ``where``, inside it or one of its parents."""
-    return path == where or where in path.parents or path in where.parents
+    """Whether ``path`` (already mapped by ``final_path``) is ``where``, inside it, one of its parents, or
+    a hidden sibling named after it (``.NAME.lock``, ``.NAME.old-…``) or inside one."""
+    if path == where or where in path.parents or path in where.parents:
+        return True
+    return any(
+        p.parent == where.parent and p.name.startswith(f".{where.name}.") for p in (path, *path.parents)
+    )
 
 
-def write_error_message(ex: BaseException, where: Path | str, *, what: str = "the output") -> str | None:
-    """What to tell the user about ``ex`` raised while writing ``where``, or None when ``ex`` is not a
-    write failure of that output (a bug, or a failure to read something else, keeps its traceback).
+OutputPaths = Path | str | Sequence[Path | str]
 
-    Explained: the failures of ``WRITE_ERRORS`` (wherever they happened), and any ``OSError`` naming a
-    path on the output path (``where``, a file inside it, one of its parents or their temporary
-    directories), with the system's reason. The path shown is the final one, never a temporary name.
+
+def _output_paths(where: OutputPaths) -> list[Path]:
+    if isinstance(where, (str, os.PathLike)):
+        return [Path(where)]
+    return [Path(w) for w in where]
+
+
+def write_error_message(ex: BaseException, where: OutputPaths, *, what: str = "the output") -> str | None:
+    """What to tell the user about ``ex`` raised while writing ``where`` (one path, or the list of paths
+    the writing covers: the output first, then e.g. a work directory), or None when ``ex`` is not a write
+    failure of those (a bug, or a failure to read an input, keeps its traceback).
+
+    Explained: any ``OSError`` naming a path on an output path (a path of ``where``, a file inside it,
+    one of its parents or their temporary directories), with the system's reason (the failures of
+    ``WRITE_ERRORS`` with a hint); and a full disk or quota (ENOSPC, EDQUOT) reported without a path (a
+    plain write, safetensors), which is put on the first path of ``where``. The path shown is the final
+    one, never a temporary name.
     """
-    where_abs = Path(os.path.abspath(Path(where).expanduser()))
+    wheres = [Path(os.path.abspath(w.expanduser())) for w in _output_paths(where)]
+    if not wheres:
+        return None
     filename = getattr(ex, "filename", None) if isinstance(ex, OSError) else None
     if not isinstance(filename, (str, bytes, os.PathLike)) or not filename:
         filename = None  # none, or a file descriptor
-    path = final_path(os.path.abspath(os.fsdecode(filename))) if filename else None
     code = write_error_code(ex)
-    if code is not None:
-        return f"cannot write {what} at {path or where}: {WRITE_ERRORS[code]}; {_HINTS.get(code, _HINT)}."
-    if path is None or not _on_output_path(path, where_abs):
+    if filename is None:  # which file failed is unknown: only a full disk is surely the writing's
+        if code not in (errno.ENOSPC, errno.EDQUOT):
+            return None
+        return f"cannot write {what} at {_output_paths(where)[0]}: {WRITE_ERRORS[code]}; {_HINTS[code]}."
+    path = final_path(os.path.abspath(os.fsdecode(filename)))
+    where_abs = next((w for w in wheres if _on_output_path(path, w)), None)
+    if where_abs is None:
         return None
+    if code is not None:
+        return f"cannot write {what} at {path}: {WRITE_ERRORS[code]}; {_HINTS.get(code, _HINT)}."
     if ex.errno in (errno.EEXIST, errno.ENOTDIR):  # a part of the path is a file
         blocker = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
         if blocker is not None:
@@ -218,10 +260,11 @@ def write_error_message(ex: BaseException, where: Path | str, *, what: str = "th
 
 
 @contextmanager
-def write_errors_as_flearn(where: Path | str, *, what: str = "the output", note: str = "") -> Iterator[None]:
-    """Turn a failure to write ``where`` (disk full, read-only, no permission, a file in the way, a path
-    the system refuses) into a ``FlearnError`` that names the output, says why, and (``note``) what state
-    was left behind. See ``write_error_message`` for what is recognised."""
+def write_errors_as_flearn(where: OutputPaths, *, what: str = "the output", note: str = "") -> Iterator[None]:
+    """Turn a failure to write ``where`` (one path, or every path the block writes: the output first)
+    into a ``FlearnError`` that names the output, says why, and (``note``) what state was left behind:
+    disk full, read-only, no permission, a file in the way, a path the system refuses. An error naming
+    any other path (reading an input) is not reworded. See ``write_error_message``."""
     try:
         yield
     except FlearnError:
@@ -235,64 +278,123 @@ def write_errors_as_flearn(where: Path | str, *, what: str = "the output", note:
         raise FlearnError(message) from ex
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    """Hard-link ``src`` to ``dst`` (instant, no extra space), or copy it where links are not possible."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()
 
 
-def carry_over(previous: Path, new: Path, *, skip: Collection[str] = ()) -> None:
-    """Put into ``new`` the entries of ``previous`` it lacks, but those named in ``skip`` and temporary
-    ones: files and directories an atomically replaced output held beside the files it writes survive the
-    replacement. Files are hard-linked where possible (they are never modified in place)."""
-    previous, new = Path(previous), Path(new)
-    if not previous.is_dir():
-        return
-    for entry in sorted(previous.iterdir()):
-        target = new / entry.name
-        if entry.name in skip or _TEMP_NAME.match(entry.name) or target.exists() or target.is_symlink():
-            continue
-        if entry.is_symlink():
-            os.symlink(os.readlink(entry), target)
-        elif entry.is_dir():
-            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+def _entries_to_swap(staging: Path, parent: Path, rel: PurePath = PurePath()) -> Iterator[PurePath]:
+    """The entries of ``staging`` to put in ``parent``, as paths relative to both: a directory that
+    exists in ``parent`` too is merged into (its own entries are swapped, the directory stays)."""
+    for entry in sorted((staging / rel).iterdir()):
+        name = rel / entry.name
+        if entry.is_dir() and not entry.is_symlink() and (parent / name).is_dir():
+            yield from _entries_to_swap(staging, parent, name)
         else:
-            _link_or_copy(str(entry), str(target))
+            yield name
+
+
+def _reason(ex: BaseException) -> str:
+    if isinstance(ex, OSError) and ex.strerror:
+        return ex.strerror.lower()
+    return str(ex) or type(ex).__name__
 
 
 @contextmanager
-def atomic_entries(parent: Path) -> Iterator[Path]:
+def atomic_entries(parent: Path, *, stale: Collection[str] = ()) -> Iterator[Path]:
     """Yield a staging directory to fill with files and directories; when the block succeeds each of them
-    replaces the entry of the same name in ``parent`` (other entries of ``parent`` are left alone).
+    replaces the entry of the same name in ``parent`` (a directory that exists in ``parent`` is merged
+    into: the entries written in it replace theirs, the directory itself and its other entries stay).
+    ``stale`` names entries (relative paths, ``"toy/sweep.png"``) of ``parent`` the new set does not
+    write but which belong to the set: they are removed as part of the same swap. Every other entry of
+    ``parent``, and ``parent`` itself (owner, mode, a symlink to it, a mount point), is left alone.
 
     Nothing is renamed before everything is written, and if a rename fails the entries already swapped
     are swapped back: ``parent`` shows the previous set or the new one, never a mix (a hard kill can only
-    land in the few microseconds of the renames). On any error the staging directory vanishes.
+    land in the few microseconds of the renames). Should putting them back fail too, the previous entries
+    are left in a hidden directory of ``parent`` and the ``FlearnError`` raised says where. On any error
+    the staging directory vanishes. A ``parent`` that does not exist yet appears whole, or not at all.
     """
     parent = Path(parent)
-    parent.mkdir(parents=True, exist_ok=True)
+    if _exists(parent) and not parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, "Not a directory", str(parent))
+    if not parent.is_dir():
+        with atomic_directory(parent) as tmp:
+            yield tmp
+        return
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
     try:
         yield staging
-        normalise_permissions(staging)
-        aside = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
-        placed: list[str] = []
-        try:
-            for entry in sorted(staging.iterdir()):
-                target = parent / entry.name
-                if target.exists() or target.is_symlink():
-                    os.replace(target, aside / entry.name)
-                os.replace(entry, target)
-                placed.append(entry.name)
-        except BaseException:
-            for name in reversed(placed):  # the new entries out, then the previous ones back
-                os.replace(parent / name, staging / name)
-            for previous in aside.iterdir():
-                os.replace(previous, parent / previous.name)
-            raise
-        finally:
-            shutil.rmtree(aside, ignore_errors=True)
+        normalise_permissions(staging)  # only what the command wrote is in it
+        _swap_in(staging, parent, stale)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_in(staging: Path, parent: Path, stale: Collection[str]) -> None:
+    new = list(_entries_to_swap(staging, parent))
+    placed = set(new)
+    removed = [
+        PurePath(rel)
+        for rel in stale
+        if PurePath(rel) not in placed
+        and not any(p in placed for p in PurePath(rel).parents)
+        and _exists(parent / rel)
+    ]
+    aside = Path(tempfile.mkdtemp(prefix=".tmp-", dir=parent))
+    done: list[tuple[Path, Path]] = []  # the renames made, in order
+    try:
+        for rel in [*removed, *new]:  # every directory made before the first rename
+            (aside / rel).parent.mkdir(parents=True, exist_ok=True)
+        for rel in removed:
+            os.replace(parent / rel, aside / rel)
+            done.append((parent / rel, aside / rel))
+        for rel in new:
+            if _exists(parent / rel):
+                os.replace(parent / rel, aside / rel)
+                done.append((parent / rel, aside / rel))
+            os.replace(staging / rel, parent / rel)
+            done.append((staging / rel, parent / rel))
+    except BaseException:
+        _undo(done, staging, parent, aside)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _undo(done: list[tuple[Path, Path]], staging: Path, parent: Path, aside: Path) -> None:
+    """Put every entry renamed by ``_swap_in`` back where it was (new ones into ``staging``, previous ones
+    into ``parent``), going on past a failure; then remove ``aside``, unless a previous entry is still in
+    it: it is left there and a ``FlearnError`` says where."""
+    failures: list[tuple[Path, BaseException]] = []
+    restored: set[Path] = set()
+    for src, dst in reversed(done):
+        try:
+            os.replace(dst, src)
+        except BaseException as ex:  # a second Ctrl-C included: the previous entries come first
+            failures.append((dst, ex))
+        else:
+            if dst.is_relative_to(aside):
+                restored.add(src)
+    if not failures:
+        shutil.rmtree(aside, ignore_errors=True)
+        return
+    kept = [str(dst.relative_to(aside)) for dst, _ in failures if dst.is_relative_to(aside)]
+    new_left = [
+        str(dst.relative_to(parent))
+        for dst, _ in failures
+        if not dst.is_relative_to(aside) and dst not in restored
+    ]
+    message = (
+        f"{parent}: the new entries could not all be put in place, and putting the previous ones back "
+        f"failed too ({_reason(failures[0][1])})."
+    )
+    if kept:
+        message += (
+            f" The previous {', '.join(kept)} could not be put back: "
+            f"{'it is' if len(kept) == 1 else 'they are'} kept in {aside}; move "
+            f"{'it' if len(kept) == 1 else 'them'} back into {parent} by hand."
+        )
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
+    if new_left:
+        message += f" {', '.join(new_left)} in {parent} {'is the new one' if len(new_left) == 1 else 'are the new ones'}."
+    raise FlearnError(message) from failures[0][1]

@@ -5,7 +5,9 @@ file that could not be written by its final path (never the temporary one)."""
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,7 @@ from flearning.arithmetic import KnowledgeVector
 from flearning.cli import main
 from flearning.errors import FlearnError
 from flearning.evaluation import METRICS, EvalResult, write_report
+from flearning.outputs import umask
 from flearning.recipes.update import work_dir_for
 
 DISK_FULL = "no space left on device (disk full)"
@@ -177,16 +180,209 @@ def test_a_rewritten_report_is_entirely_new_and_keeps_other_files(tmp_path):
     assert leftovers(tmp_path) == []
 
 
-def test_a_report_is_never_written_over_the_current_directory(tmp_path, monkeypatch):
+def _mean(out: Path) -> float:
+    return json.loads((out / "summary.json").read_text())["methods"]["ft"]["metrics"]["reliability"]["mean"]
+
+
+def test_a_report_can_be_written_into_the_current_directory(tmp_path, monkeypatch):
+    """Only the report's files are swapped: the directory the shell is in stays where it is."""
     out = tmp_path / "report"
     write_report(_results(1.0), out)
+    inode = out.stat().st_ino
     monkeypatch.chdir(out)
-    with pytest.raises(FlearnError, match="is the current directory"):
-        write_report(_results(0.0), ".")
-    assert (
-        json.loads((out / "summary.json").read_text())["methods"]["ft"]["metrics"]["reliability"]["mean"]
-        == 100.0
+    write_report(_results(0.0), ".")
+    assert _mean(out) == 0.0
+    assert Path.cwd() == out and out.stat().st_ino == inode
+    assert leftovers(out) == [] and leftovers(tmp_path) == []
+
+
+def test_a_rewritten_report_leaves_the_directory_and_other_files_alone(tmp_path):
+    """The directory keeps its inode and mode (setgid included); a file of the user's keeps its inode and
+    its 0600 (it is not hard-linked into a new directory and chmodded); a temporary directory of another
+    command writing in it at the same time survives."""
+    out = tmp_path / "report"
+    write_report(_results(1.0), out)
+    out.chmod(0o2750)
+    notes = out / "notes.txt"
+    notes.write_text("mine")
+    notes.chmod(0o600)
+    other = out / ".other.tmp-abcd1234"  # another command's staging directory, mid-write
+    other.mkdir()
+    (other / "part").write_text("half")
+    before = {"dir": out.stat(), "notes": notes.stat()}
+
+    write_report(_results(0.0), out)
+
+    assert _mean(out) == 0.0
+    assert (out.stat().st_ino, oct(out.stat().st_mode)) == (before["dir"].st_ino, "0o42750")
+    assert (notes.stat().st_ino, oct(notes.stat().st_mode), notes.read_text()) == (
+        before["notes"].st_ino,
+        "0o100600",
+        "mine",
     )
+    assert (other / "part").read_text() == "half"
+    assert leftovers(out) == [".other.tmp-abcd1234"] and leftovers(tmp_path) == []
+
+
+def test_a_report_into_a_symlinked_directory_keeps_the_symlink(tmp_path):
+    real = tmp_path / "real"
+    write_report(_results(1.0), real)
+    link = tmp_path / "link"
+    link.symlink_to(real, target_is_directory=True)
+
+    assert write_report(_results(0.0), link) == link
+
+    assert link.is_symlink() and link.readlink() == real
+    assert _mean(real) == 0.0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    assert leftovers(real) == []
+
+
+def test_a_report_swap_failing_half_way_puts_the_whole_previous_report_back(tmp_path, monkeypatch):
+    """The renames of the swap itself fail half-way (after the stale sweep files were moved aside and
+    metrics.png was swapped): every previous file is back, the sweep files included."""
+    import flearning.outputs as outputs
+
+    out = tmp_path / "report"
+    sweep = {"ft": {0.5: _results(0.5)["ft"], 1.0: _results(1.0)["ft"]}}
+    write_report(_results(1.0), out, sweep=sweep)
+    (out / "notes.txt").write_text("mine")
+    previous = snapshot(out)
+    assert sorted(previous) == [
+        "metrics.png",
+        "notes.txt",
+        "records.jsonl",
+        "summary.csv",
+        "summary.json",
+        "summary.md",
+        "sweep.json",
+        "sweep.png",
+    ]
+    real_replace = os.replace
+    calls = []
+
+    def fifth_rename_fails(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 5:  # sweep.json, sweep.png aside; metrics.png aside and in; records.jsonl aside
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", fifth_rename_fails)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_report(_results(0.0), out)
+    assert calls[:5] == [
+        ("sweep.json", "sweep.json"),
+        ("sweep.png", "sweep.png"),
+        ("metrics.png", "metrics.png"),
+        ("metrics.png", "metrics.png"),
+        ("records.jsonl", "records.jsonl"),
+    ]
+    assert snapshot(out) == previous
+    assert leftovers(out) == [] and leftovers(tmp_path) == []
+
+
+# ---- atomic_entries: a failed rollback, merged directories ----------------------------------------------
+
+
+def test_a_rollback_that_fails_too_keeps_the_previous_entries_and_says_where(tmp_path, monkeypatch):
+    """a, b, c replaced: the 4th rename (new b into place) fails, then the 5th (the first step back: the
+    previous b out of the aside directory). The previous b is not deleted with the aside directory: it is
+    kept there, the error names it, and the rest of the rollback still ran (a is the previous one)."""
+    import flearning.outputs as outputs
+
+    parent = tmp_path / "out"
+    parent.mkdir()
+    for name in "abc":
+        (parent / name).write_text(f"old {name}")
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def fourth_and_fifth_fail(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if calls["n"] == 5:  # the same failing disk (a KeyboardInterrupt here is handled alike)
+            raise OSError(errno.EIO, "Input/output error")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", fourth_and_fifth_fail)
+    with pytest.raises(FlearnError) as info, outputs.atomic_entries(parent) as staging:
+        for name in "abc":
+            (staging / name).write_text(f"new {name}")
+    monkeypatch.setattr(outputs.os, "replace", real_replace)
+
+    assert calls["n"] == 7
+    [aside] = leftovers(parent)
+    assert str(info.value) == (
+        f"{parent}: the new entries could not all be put in place, and putting the previous ones back "
+        f"failed too (input/output error). The previous b could not be put back: it is kept in "
+        f"{parent / aside}; move it back into {parent} by hand."
+    )
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.EIO
+    assert isinstance(info.value.__context__, OSError) and info.value.__context__.errno == errno.ENOSPC
+    assert snapshot(parent) == {"a": b"old a", f"{aside}/b": b"old b", "c": b"old c"}
+
+
+def test_a_failed_rename_without_a_failed_rollback_restores_everything(tmp_path, monkeypatch):
+    import flearning.outputs as outputs
+
+    parent = tmp_path / "out"
+    parent.mkdir()
+    for name in "abc":
+        (parent / name).write_text(f"old {name}")
+    real_replace = os.replace
+    calls = {"n": 0}
+
+    def fourth_fails(src, dst):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", fourth_fails)
+    with pytest.raises(OSError) as info, outputs.atomic_entries(parent) as staging:
+        for name in "abcd":
+            (staging / name).write_text(f"new {name}")
+    assert info.value.errno == errno.ENOSPC
+    assert snapshot(parent) == {"a": b"old a", "b": b"old b", "c": b"old c"}
+    assert leftovers(parent) == []
+
+
+def test_entries_merge_into_existing_directories(tmp_path):
+    """A directory written that exists already (a bench's dataset directory) is merged into: the files
+    written replace theirs, ``stale`` ones go, the directory and the user's files in it stay untouched
+    (inode, 0600); a directory that did not exist appears whole."""
+    from flearning.outputs import atomic_entries
+
+    parent = tmp_path / "bench"
+    (parent / "toy").mkdir(parents=True)
+    (parent / "toy" / "summary.json").write_text("old")
+    (parent / "toy" / "sweep.png").write_text("old plot")
+    notes = parent / "toy" / "notes.txt"
+    notes.write_text("mine")
+    notes.chmod(0o600)
+    (parent / "cache").mkdir()
+    (parent / "cache" / "run.json").write_text("cached")
+    inodes = {"toy": (parent / "toy").stat().st_ino, "notes": notes.stat().st_ino}
+
+    with atomic_entries(parent, stale=["toy/sweep.png", "toy/sweep.json", "new/sweep.png"]) as staging:
+        (staging / "toy").mkdir()
+        (staging / "toy" / "summary.json").write_text("new")
+        (staging / "new").mkdir()
+        (staging / "new" / "summary.json").write_text("new too")
+        (staging / "table.md").write_text("table")
+
+    assert snapshot(parent) == {
+        "cache/run.json": b"cached",
+        "new/summary.json": b"new too",
+        "table.md": b"table",
+        "toy/notes.txt": b"mine",
+        "toy/summary.json": b"new",
+    }
+    assert (parent / "toy").stat().st_ino == inodes["toy"]
+    assert (notes.stat().st_ino, oct(notes.stat().st_mode)) == (inodes["notes"], "0o100600")
+    assert oct((parent / "table.md").stat().st_mode & 0o777) == oct(0o666 & ~umask())
+    assert leftovers(parent) == []
 
 
 def test_eval_cut_half_way_over_an_existing_report(tiny_model_dir, facts, tmp_path, capsys, monkeypatch):
@@ -258,7 +454,10 @@ def test_bench_results_cut_half_way_keep_the_previous_results(
     out = tmp_path / "bench"
     args = bench_args(tiny_model_dir, facts, out, "ft")
     assert main(args) == 0
-    (out / "toy" / "notes.txt").write_text("mine")
+    notes = out / "toy" / "notes.txt"
+    notes.write_text("mine")
+    notes.chmod(0o600)
+    inodes = (out / "toy").stat().st_ino, notes.stat().st_ino
     previous = {
         name: snapshot(out / name) if (out / name).is_dir() else (out / name).read_bytes()
         for name in ("toy", "summary.json", "table.md")
@@ -281,7 +480,9 @@ def test_bench_results_cut_half_way_keep_the_previous_results(
     cut.stop()
     assert main(args) == 0  # all from the cache; the results are replaced together, the notes kept
     assert json.loads((out / "summary.json").read_text())["counters"]["cached_runs"] == 1
-    assert (out / "toy" / "notes.txt").read_text() == "mine"
+    # the dataset's directory and the user's file in it are left alone: same inodes, still 0600
+    assert (notes.read_text(), oct(notes.stat().st_mode)) == ("mine", "0o100600")
+    assert ((out / "toy").stat().st_ino, notes.stat().st_ino) == inodes
 
 
 def test_an_output_holding_the_current_directory_is_refused(

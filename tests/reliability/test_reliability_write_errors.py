@@ -271,3 +271,156 @@ def test_os_errors_elsewhere_keep_their_traceback(tmp_path):
     with pytest.raises(FileNotFoundError), write_errors_as_flearn(out):
         raise elsewhere
     assert write_error_message(OSError(errno.EIO, "Input/output error"), out) is None
+
+
+def test_a_permission_error_on_an_input_is_not_a_write_error(tmp_path):
+    """Reading an input the user may not read, inside a block that writes ``out``: the PermissionError
+    itself comes out (its type, its traceback), never "cannot write the output at <the input>"."""
+    out = tmp_path / "out"
+    facts = tmp_path / "data" / "facts.jsonl"
+    denied = PermissionError(errno.EACCES, "Permission denied", str(facts))
+    assert write_error_message(denied, out) is None
+    with pytest.raises(PermissionError) as info, write_errors_as_flearn(out):
+        raise denied
+    assert (
+        info.value is denied
+        and info.traceback[-1].name == "test_a_permission_error_on_an_input_is_not_a_write_error"
+    )
+    for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EPERM):  # any write errno, elsewhere
+        assert write_error_message(OSError(code, os.strerror(code), str(facts)), out) is None
+
+
+def test_without_a_file_name_only_a_full_disk_is_explained(tmp_path):
+    """An error that names no file may come from anywhere: only a full disk or quota (a plain write,
+    safetensors) is put on the output; EROFS, EACCES, EPERM keep their own error."""
+    out = tmp_path / "out"
+    assert write_error_message(OSError(errno.ENOSPC, "No space left on device"), out, what="the report") == (
+        f"cannot write the report at {out}: no space left on device (disk full); free some space or write "
+        "to another disk."
+    )
+    assert write_error_message(OSError(errno.EDQUOT, "Disk quota exceeded"), [out, tmp_path / "work"]) == (
+        f"cannot write the output at {out}: disk quota exceeded (disk full for this user); free some space "
+        "or write to another disk."
+    )
+    for code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        error = OSError(code, os.strerror(code))
+        assert write_error_message(error, out) is None
+        with pytest.raises(OSError) as info, write_errors_as_flearn(out):
+            raise error
+        assert info.value is error
+
+
+def test_every_path_a_block_writes_is_covered(tmp_path):
+    """A list of paths: a failure in any of them is explained (the work directory of an update beside
+    its output); a hidden sibling named after one (a lock file) belongs to it; another path does not."""
+    out, work = tmp_path / "out", tmp_path / "out.partial"
+    in_work = OSError(
+        errno.ENOSPC, "No space left on device", str(work / ".tmp-a1b2c3d4" / "vector.safetensors")
+    )
+    assert write_error_message(in_work, [out, work]) == (
+        f"cannot write the output at {work / 'vector.safetensors'}: no space left on device (disk full); "
+        "free some space or write to another disk."
+    )
+    assert write_error_message(in_work, out) is None
+    lock = OSError(errno.EROFS, "Read-only file system", str(tmp_path / ".out.lock"))
+    assert write_error_message(lock, out) == (
+        f"cannot write the output at {tmp_path / '.out.lock'}: read-only file system; choose a writable location."
+    )
+    other = OSError(errno.EROFS, "Read-only file system", str(tmp_path / "outside" / "x"))
+    assert write_error_message(other, [out, work]) is None
+    assert write_error_message(other, []) is None
+
+
+def test_bench_reading_an_input_it_may_not_read_keeps_the_permission_error(inputs, tmp_path, monkeypatch):
+    """run_bench is wrapped whole: a PermissionError loading the model is the model's, not the output's."""
+    import flearning.models
+
+    weights = inputs["model"] / "model.safetensors"
+
+    def denied(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(weights))
+
+    monkeypatch.setattr(flearning.models, "load_model", denied)
+    with pytest.raises(PermissionError) as info:
+        main(command("bench", inputs, tmp_path / "out"))
+    assert info.value.filename == str(weights)
+
+
+def test_eval_disk_full_without_a_file_name_exits_2(inputs, tmp_path, capsys, monkeypatch):
+    from flearning.evaluation import report
+
+    out = tmp_path / "out"
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(report, "write_report", full)
+    code, err = run_cli(command("eval", inputs, out), capsys)
+    assert code == 2
+    assert err == (
+        f"error: cannot write the report at {out}: {DISK_FULL} Nothing was written; a previous report is "
+        "untouched.\n"
+    )
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system")  # no file named: not surely the report's
+
+    monkeypatch.setattr(report, "write_report", read_only)
+    with pytest.raises(OSError, match="Read-only file system"):
+        main(command("eval", inputs, out))
+
+
+# ---- where the output directory is checked --------------------------------------------------------------
+
+
+def test_an_existing_directory_written_inside_is_probed_not_its_parent(tmp_path, monkeypatch):
+    """``replaced_whole=False`` (the bench, eval): an existing directory is written inside only, so it is
+    the one that must be writable; its parent may be read-only. (``os.access`` answers for root too.)"""
+    from flearning.outputs import check_output_dir
+
+    parent = tmp_path / "shared"
+    out = parent / "bench"
+    out.mkdir(parents=True)
+    (out / "cache").mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != parent and real(path, mode))
+
+    assert check_output_dir(out, overwrite=True, replaced_whole=False) == out
+    assert sorted(p.name for p in out.iterdir()) == ["cache"]  # the probe left nothing
+    with pytest.raises(FlearnError) as info:  # replaced whole: written beside it, in the parent
+        check_output_dir(out, overwrite=True)
+    assert str(info.value) == f"{out}: cannot write here ({parent} is not a writable directory)"
+    with pytest.raises(FlearnError) as info:  # a new one is created in the parent
+        check_output_dir(parent / "new", overwrite=True, replaced_whole=False)
+    assert str(info.value) == f"{parent / 'new'}: cannot write here ({parent} is not a writable directory)"
+
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != out and real(path, mode))
+    with pytest.raises(FlearnError) as info:
+        check_output_dir(out, overwrite=True, replaced_whole=False)
+    assert str(info.value) == f"{out}: cannot write here ({out} is not a writable directory)"
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root may write in a 0555 directory")
+def test_bench_output_in_a_read_only_parent_is_accepted(tmp_path):
+    from flearning.outputs import check_output_dir
+
+    parent = tmp_path / "shared"
+    out = parent / "bench"
+    out.mkdir(parents=True)
+    parent.chmod(0o555)
+    try:
+        assert check_output_dir(out, overwrite=True, replaced_whole=False) == out
+        with pytest.raises(FlearnError, match="is not a writable directory"):
+            check_output_dir(out, overwrite=True)
+    finally:
+        parent.chmod(0o755)
+
+
+def test_eval_refuses_to_write_into_the_model_directory(inputs, capsys):
+    model = inputs["model"]
+    before = sorted(p.name for p in model.iterdir())
+    code, err = run_cli(command("eval", inputs, model), capsys)
+    resolved = model.resolve()
+    assert code == 2
+    assert err == f"error: {resolved}: refusing to write into the input model's directory ({resolved})\n"
+    assert sorted(p.name for p in model.iterdir()) == before

@@ -47,7 +47,8 @@ def eval_command(
         ...,
         "--out",
         "-o",
-        help="Report directory (created, or replaced as a whole; other files in it are kept).",
+        help="Report directory (created if missing; its report files are replaced together, other files in it "
+        "are left alone).",
         show_default=False,
     ),
     model: str | None = typer.Option(
@@ -91,8 +92,13 @@ def eval_command(
     from flearning.models import DEFAULT_MODEL, cache_root, load_model
     from flearning.outputs import check_output_dir, write_errors_as_flearn
 
-    # before any work: a file, a path under a file, a place we cannot write (the report is replaced whole)
-    check_output_dir(out, overwrite=True)
+    # before any work: a file, a path under a file, a directory we cannot write in, a model's directory.
+    # Only the report's files are replaced inside it: the directory itself stays (its parent may be
+    # read-only, it may be the current directory, a symlink or a mount point).
+    models = [Path(m).expanduser() for m in (model, reference) if m is not None]
+    target = check_output_dir(
+        out, overwrite=True, protected=[m for m in models if m.exists()], replaced_whole=False
+    )
     console = Console(stderr=False)
     # Load the data first: a bad file is reported before any model is loaded.
     dataset = load_dataset(data, fmt, limit=limit)
@@ -134,8 +140,8 @@ def eval_command(
     method = name or Path(model or DEFAULT_MODEL).name
     title = f"{method} on {data.name} ({len(records)} records)"
     note = "Nothing was written; a previous report is untouched."
-    with write_errors_as_flearn(out.expanduser().absolute(), what="the report", note=note):
-        write_report({method: [result]}, out, title=title)
+    with write_errors_as_flearn(target, what="the report", note=note):
+        write_report({method: [result]}, target, title=title)
     console.print(summary_table(result.summary(), title))
     if ref is None:
         console.print("[yellow]note[/]: no --reference given, so Locality was not measured")

@@ -9,10 +9,11 @@ Layout of ``out_dir``::
     metrics.png     bar chart of methods x metrics
     sweep.json, sweep.png   metric vs λ, when sweep data is given
 
-The directory is always replaced as a whole: the report is written into a temporary directory beside it
-and renamed into place, so it holds the previous report or the new one, never a mix. Other files an
-existing report directory held are carried over; report files of the previous report that the new one
-does not write (a ``sweep.png`` of an earlier sweep) are not.
+The report's files are swapped in together: they are written into a temporary directory inside
+``out_dir`` and renamed over the previous report's files at the end, so the directory holds the previous
+report or the new one, never a mix. The directory itself stays (a symlink stays a symlink, a mount point,
+its owner, mode and ACLs are kept), and so do the other files in it; report files of the previous report
+that the new one does not write (a ``sweep.png`` of an earlier sweep) are removed in the same swap.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from flearning.evaluation.definitions import (
     PERCENT_METRICS,
 )
 from flearning.evaluation.results import EvalResult, aggregate
-from flearning.outputs import atomic_directory, carry_over, refuse_current_directory
+from flearning.outputs import atomic_entries
 
 REPORT_FILES = (
     "records.jsonl",
@@ -292,9 +293,11 @@ def write_report(
 ) -> Path:
     """Write every report file for ``results`` into ``out_dir``, atomically.
 
-    Everything is written into a temporary sibling directory that then replaces ``out_dir`` (the report
-    appears complete or not at all; a failure leaves the previous report untouched). Files of an existing
-    ``out_dir`` that are not report files (``REPORT_FILES``) are carried over.
+    The files are written into a temporary directory inside ``out_dir`` (resolved: through a symlink)
+    and then swapped for the previous report's files together (``outputs.atomic_entries``): the report
+    appears complete or not at all, and a failure leaves the previous report untouched. Report files
+    (``REPORT_FILES``) this report does not write are removed with the swap; other files of ``out_dir``
+    and the directory itself are left alone. A new ``out_dir`` appears whole.
 
     Args:
         results: method name -> one ``EvalResult`` per seed (seed taken from ``EvalResult.seed``, else
@@ -308,17 +311,18 @@ def write_report(
         The output directory.
     Raises:
         NotADirectoryError: ``out_dir`` is a file.
-        FlearnError: ``out_dir`` is (or holds) the current directory.
+        FlearnError: the files could not be swapped in and the previous ones not all put back (it says
+            where they are).
     """
     if not results:
         raise ValueError("write_report() needs at least one method")
     for name, runs in results.items():
         if not runs:
             raise ValueError(f"method {name!r} has no results")
-    out_dir = Path(out_dir)
+    given = Path(out_dir)
+    out_dir = given.expanduser().resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a directory")
-    refuse_current_directory(out_dir)
     summaries = {name: aggregate(list(runs)) for name, runs in results.items()}
 
     files: dict[str, Callable[[Path], None]] = {}
@@ -374,8 +378,7 @@ def write_report(
             sweep_summary, sweep_parameter, f"{title}: metrics vs {sweep_parameter}", baselines
         ).savefig(p, format="png", dpi=120)
 
-    with atomic_directory(out_dir) as tmp:
-        carry_over(out_dir, tmp, skip=REPORT_FILES)
+    with atomic_entries(out_dir, stale=REPORT_FILES) as staging:
         for name, write in files.items():
-            write(tmp / name)
-    return out_dir
+            write(staging / name)
+    return given

@@ -586,15 +586,15 @@ class Bench:
     def write(self, wall: float) -> dict[str, Any]:
         """Write the per-dataset reports, ``summary.json`` and ``table.md`` together: all are written in a
         staging directory first and swapped in at the end (``outputs.atomic_entries``), so ``out`` shows
-        the previous bench's results or this one's, never a mix."""
+        the previous bench's results or this one's, never a mix. A dataset's existing directory stays:
+        only its report files are replaced (an earlier report's files this one does not write are
+        removed in the same swap); the user's files beside them are not touched."""
         from flearning.evaluation.report import REPORT_FILES
-        from flearning.outputs import atomic_entries, carry_over
+        from flearning.outputs import atomic_entries
 
-        with atomic_entries(self.out) as staging:
-            summary = self._write_into(staging, wall)
-            for dataset in self.datasets:  # files of the user's beside a previous report stay
-                carry_over(self.out / dataset, staging / dataset, skip=REPORT_FILES)
-        return summary
+        stale = [f"{dataset}/{name}" for dataset in self.datasets for name in REPORT_FILES]
+        with atomic_entries(self.out, stale=stale) as staging:
+            return self._write_into(staging, wall)
 
     def _write_into(self, staging: Path, wall: float) -> dict[str, Any]:
         from flearning.evaluation import aggregate, write_report

@@ -61,13 +61,15 @@ def bench_command(
     cfg = load_bench_config(config, overrides or [], cli, profile)
     from flearning.outputs import check_output_dir, write_errors_as_flearn
 
-    # reused (its cache makes reruns resume); its entries are replaced, never the directory itself
+    # reused (its cache makes reruns resume); its entries are replaced, never the directory itself, so an
+    # existing one must be writable, not its parent
     target = check_output_dir(default_out(cfg), overwrite=True, replaced_whole=False)
     note = (
         "The previous results are untouched; finished runs are kept in its cache: rerun the same command "
         "to continue."
     )
-    with write_errors_as_flearn(target, what="the bench output", note=note):
+    # the path as written too: the bench writes through it (a symlink in it is not resolved)
+    with write_errors_as_flearn([target, default_out(cfg)], what="the bench output", note=note):
         summary = run_bench(cfg, progress=not no_progress)
     typer.echo(summary["table_markdown"])
     typer.echo(f"bench written to {target} in {summary['wall_seconds']:.0f} s")

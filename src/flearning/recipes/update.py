@@ -298,7 +298,8 @@ def update(
         )
 
     try:
-        with write_errors_as_flearn(out or Path.cwd(), what="the output", note=note):
+        writes = [out, work_dir_for(out)] if out is not None else []  # an error on any other path is not ours
+        with write_errors_as_flearn(writes, what="the output", note=note):
             result = _run(
                 _Setup(
                     cfg,
