@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import bench_args, update_args, write_facts
+from reliability_helpers import bench_args, update_args
 from safetensors.torch import load_file
 
 from failure_injection import (
@@ -32,11 +32,6 @@ from flearning.outputs import umask
 from flearning.recipes.update import work_dir_for
 
 DISK_FULL = "no space left on device (disk full)"
-
-
-@pytest.fixture
-def facts(tmp_path):
-    return write_facts(tmp_path / "facts.jsonl")
 
 
 def run_cli(args, capsys) -> tuple[int, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from pydantic import ValidationError
-from reliability_helpers import update_args, write_facts
+from reliability_helpers import update_args
 
 from flearning.cli import main
 from flearning.config import StageOverrides, UpdateConfig, load_config
@@ -22,11 +22,6 @@ from flearning.recipes.update import stage_plan, work_dir_for
 from flearning.training import TrainConfig, train
 from flearning.training.config import LoraSettings
 from tiny import tiny_llama
-
-
-@pytest.fixture
-def facts(tmp_path):
-    return write_facts(tmp_path / "facts.jsonl")
 
 
 def assert_nothing_written(out: Path) -> None:

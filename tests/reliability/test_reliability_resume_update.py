@@ -13,18 +13,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from reliability_helpers import assert_same_model, strip_timings, update_args, write_facts
+from reliability_helpers import assert_same_model, strip_timings, update_args
 
 import flearning.recipes.flearning as recipe
 from flearning.cli import main
 from flearning.recipes.update import work_dir_for
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def facts(tmp_path):
-    return write_facts(tmp_path / "facts.jsonl")
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability_helpers import bench_args, update_args, write_facts
+from reliability_helpers import bench_args, update_args
 
 from failure_injection import (
     half_write_png,
@@ -27,11 +27,6 @@ from flearning.recipes.update import work_dir_for
 from tiny import tiny_llama
 
 DISK_FULL = "no space left on device (disk full); free some space or write to another disk."
-
-
-@pytest.fixture
-def facts(tmp_path):
-    return write_facts(tmp_path / "facts.jsonl")
 
 
 @pytest.fixture
