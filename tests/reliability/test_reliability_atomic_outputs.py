@@ -233,10 +233,35 @@ def test_a_report_into_a_symlinked_directory_keeps_the_symlink(tmp_path):
     assert leftovers(real) == []
 
 
+def failing_renames(monkeypatch, failures: dict[int, OSError]) -> list[tuple[str, str]]:
+    """Make ``outputs``' n-th ``os.replace`` raise ``failures[n]`` (1-based); returns the (source name,
+    target name) of every call, failed ones included."""
+    import flearning.outputs as outputs
+
+    real_replace = os.replace
+    calls: list[tuple[str, str]] = []
+
+    def replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) in failures:
+            raise failures[len(calls)]
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(outputs.os, "replace", replace)
+    return calls
+
+
+def old_entries(parent: Path) -> Path:
+    """``parent`` holding the previous entries a, b, c."""
+    parent.mkdir()
+    for name in "abc":
+        (parent / name).write_text(f"old {name}")
+    return parent
+
+
 def test_a_report_swap_failing_half_way_puts_the_whole_previous_report_back(tmp_path, monkeypatch):
     """The renames of the swap itself fail half-way (after the stale sweep files were moved aside and
     metrics.png was swapped): every previous file is back, the sweep files included."""
-    import flearning.outputs as outputs
 
     out = tmp_path / "report"
     sweep = {"ft": {0.5: _results(0.5)["ft"], 1.0: _results(1.0)["ft"]}}
@@ -253,16 +278,8 @@ def test_a_report_swap_failing_half_way_puts_the_whole_previous_report_back(tmp_
         "sweep.json",
         "sweep.png",
     ]
-    real_replace = os.replace
-    calls = []
-
-    def fifth_rename_fails(src, dst):
-        calls.append((Path(src).name, Path(dst).name))
-        if len(calls) == 5:  # sweep.json, sweep.png aside; metrics.png aside and in; records.jsonl aside
-            raise OSError(errno.EIO, "Input/output error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(outputs.os, "replace", fifth_rename_fails)
+    # sweep.json, sweep.png aside; metrics.png aside and in; records.jsonl aside: the 5th fails
+    calls = failing_renames(monkeypatch, {5: OSError(errno.EIO, "Input/output error")})
     with pytest.raises(OSError, match="Input/output error"):
         write_report(_results(0.0), out)
     assert calls[:5] == [
@@ -285,28 +302,19 @@ def test_a_rollback_that_fails_too_keeps_the_previous_entries_and_says_where(tmp
     kept there, the error names it, and the rest of the rollback still ran (a is the previous one)."""
     import flearning.outputs as outputs
 
-    parent = tmp_path / "out"
-    parent.mkdir()
-    for name in "abc":
-        (parent / name).write_text(f"old {name}")
-    real_replace = os.replace
-    calls = {"n": 0}
-
-    def fourth_and_fifth_fail(src, dst):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        if calls["n"] == 5:  # the same failing disk (a KeyboardInterrupt here is handled alike)
-            raise OSError(errno.EIO, "Input/output error")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(outputs.os, "replace", fourth_and_fifth_fail)
+    parent = old_entries(tmp_path / "out")
+    # the 5th: the same failing disk (a KeyboardInterrupt there is handled alike)
+    failures = {
+        4: OSError(errno.ENOSPC, "No space left on device"),
+        5: OSError(errno.EIO, "Input/output error"),
+    }
+    calls = failing_renames(monkeypatch, failures)
     with pytest.raises(FlearnError) as info, outputs.atomic_entries(parent) as staging:
         for name in "abc":
             (staging / name).write_text(f"new {name}")
-    monkeypatch.setattr(outputs.os, "replace", real_replace)
+    monkeypatch.undo()
 
-    assert calls["n"] == 7
+    assert len(calls) == 7
     [aside] = leftovers(parent)
     assert str(info.value) == (
         f"{parent}: the new entries could not all be put in place, and putting the previous ones back "
@@ -321,20 +329,8 @@ def test_a_rollback_that_fails_too_keeps_the_previous_entries_and_says_where(tmp
 def test_a_failed_rename_without_a_failed_rollback_restores_everything(tmp_path, monkeypatch):
     import flearning.outputs as outputs
 
-    parent = tmp_path / "out"
-    parent.mkdir()
-    for name in "abc":
-        (parent / name).write_text(f"old {name}")
-    real_replace = os.replace
-    calls = {"n": 0}
-
-    def fourth_fails(src, dst):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(outputs.os, "replace", fourth_fails)
+    parent = old_entries(tmp_path / "out")
+    failing_renames(monkeypatch, {4: OSError(errno.ENOSPC, "No space left on device")})
     with pytest.raises(OSError) as info, outputs.atomic_entries(parent) as staging:
         for name in "abcd":
             (staging / name).write_text(f"new {name}")

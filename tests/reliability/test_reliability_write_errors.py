@@ -55,6 +55,8 @@ def inputs(tmp_path, tiny_model_dir, tokenizer, facts):
 
 
 def command(name: str, inputs: dict[str, Path], out: Path) -> list[str]:
+    if name == "vector apply --stream":
+        return [*command("vector apply", inputs, out), "--stream"]
     m, facts = str(inputs["model"]), str(inputs["facts"])
     return {
         "update": update_args(inputs["model"], inputs["facts"], out, "ft"),
@@ -103,19 +105,6 @@ def command(name: str, inputs: dict[str, Path], out: Path) -> list[str]:
             "-0.5",
             "--out",
             str(out),
-        ],
-        "vector apply --stream": [
-            "vector",
-            "apply",
-            "--model",
-            m,
-            "--vector",
-            str(inputs["vector"]),
-            "--lambda",
-            "-0.5",
-            "--out",
-            str(out),
-            "--stream",
         ],
         "vector scale": ["vector", "scale", str(inputs["vector"]), "--by", "2", "--out", str(out)],
     }[name]
