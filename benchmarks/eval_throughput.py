@@ -80,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.table import Table
 
     from flearning.data import load_records
-    from flearning.evaluation import evaluate, evaluate_sequential, reference_predictions
+    from flearning.evaluation import evaluate_oracle, reference_predictions
+    from flearning.evaluation.evaluate import evaluate
     from flearning.evaluation.reference import clear_memory_cache
     from flearning.models import load_model
 
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     batched_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    single = evaluate_sequential(
+    single = evaluate_oracle(
         model,
         tokenizer,
         records,

@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from flearning.data import load_records
-    from flearning.evaluation import teacher_forced_accuracy
+    from flearning.evaluation.evaluate import teacher_forced_accuracy
     from flearning.models import load_model
     from flearning.training import LoraSettings, TrainConfig, train
 

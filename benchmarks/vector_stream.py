@@ -147,11 +147,11 @@ def make_checkpoints(root: Path, args) -> dict:
 
 def run_variant(variant: str, root: Path, lam: float) -> None:
     if variant == "difference":
-        from flearning.arithmetic.streaming import stream_difference
+        from flearning.vectors.streaming import stream_difference
 
         stream_difference(root / "base", root / "tuned", root / "vector")
     elif variant in ("stream", "stream-nocheck"):
-        from flearning.arithmetic.streaming import stream_apply
+        from flearning.vectors.streaming import stream_apply
 
         stream_apply(root / "base", root / "vector", -lam, root / "out", check_base=variant == "stream")
     elif variant == "naive":
@@ -166,8 +166,8 @@ def naive_apply(model_dir: Path, vector_dir: Path, lam: float, out: Path) -> Non
     """Load everything, compute, save: what a script without streaming does."""
     from safetensors.torch import load_file, save_file
 
-    from flearning.arithmetic import ops
-    from flearning.arithmetic.io import load_vector
+    from flearning.vectors import ops
+    from flearning.vectors.files import load_vector
 
     index = json.loads((model_dir / INDEX).read_text())
     files = sorted(set(index["weight_map"].values()))
@@ -188,7 +188,7 @@ def naive_apply(model_dir: Path, vector_dir: Path, lam: float, out: Path) -> Non
 
 def phases(root: Path) -> None:
     """Time the pieces of stream_apply separately (inputs already in the page cache)."""
-    from flearning.arithmetic import streaming
+    from flearning.vectors import streaming
 
     out = {}
     t = time.perf_counter()
@@ -237,7 +237,7 @@ def compare(a: Path, b: Path) -> dict:
     """Largest absolute difference between two checkpoints, one tensor at a time."""
     import torch
 
-    from flearning.arithmetic.streaming import open_checkpoint, read_block
+    from flearning.vectors.streaming import open_checkpoint, read_block
 
     ea, eb = open_checkpoint(a).entries, open_checkpoint(b).entries
     assert sorted(ea) == sorted(eb), "different tensor names"

@@ -137,7 +137,7 @@ def half_write_text(monkeypatch, when: Callable[[Path], bool]) -> HalfWrites:
 def half_write_streamed_shards(monkeypatch) -> HalfWrites:
     """Make the streaming writer (``flearn vector apply --stream``) fail half-way through its first block
     of tensor bytes, as ``write(2)`` does on a full disk: ``OSError(ENOSPC)`` without a file name."""
-    from flearning.arithmetic import streaming
+    from flearning.vectors import streaming
 
     real = streaming._write_all
     record = HalfWrites()

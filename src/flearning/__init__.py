@@ -6,7 +6,7 @@ The public API is re-exported lazily.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from flearning._version import __version__
 
 __all__ = ["__version__", "update", "evaluate", "KnowledgeVector", "load_records"]
 
@@ -17,11 +17,11 @@ def __getattr__(name: str):
 
         return update
     if name == "evaluate":
-        from flearning.evaluation import evaluate
+        from flearning.evaluation.evaluate import evaluate
 
         return evaluate
     if name == "KnowledgeVector":
-        from flearning.arithmetic import KnowledgeVector
+        from flearning.vectors import KnowledgeVector
 
         return KnowledgeVector
     if name == "load_records":

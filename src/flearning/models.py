@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flearning.errors import FlearnError
-from flearning.outputs import normalise_permissions, write_errors_as_flearn
+from flearning.io.atomic import normalise_permissions, write_errors_as_flearn
 
 if TYPE_CHECKING:
     import torch

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from flearning.cli import main
 from flearning.data import load_records
-from flearning.data.cli import data_app
+from flearning.cli.data import data_app
 from flearning.data.summary import histogram, length_stats, word_count
 from flearning.errors import InputError
 

@@ -34,15 +34,16 @@ def smollm():
 
 @pytest.mark.slow
 def test_embedded_batched_equals_one_at_a_time(smollm):
-    from flearning.evaluation import evaluate, evaluate_sequential
+    from flearning.evaluation.evaluate import evaluate
+    from flearning.evaluation.oracle import evaluate_oracle
     from flearning.evaluation.probes import pad_token_id, record_probes, unique_probes
     from flearning.evaluation.scoring import score_probes
-    from flearning.evaluation.sequential import single_score
+    from flearning.evaluation.oracle import single_score
 
     model, tokenizer = smollm
     records = _records()
     batched = evaluate(model, tokenizer, records, reference=model, batch_size=8, progress=False)
-    single = evaluate_sequential(model, tokenizer, records, reference_model=model)
+    single = evaluate_oracle(model, tokenizer, records, reference_model=model)
     assert_same_records(batched.records, single.records, tol=1e-6)
 
     # Position by position: every probe's argmaxes identical, mean NLL equal to float precision.

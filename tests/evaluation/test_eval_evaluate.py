@@ -16,11 +16,10 @@ from flearning.evaluation import (
     EvalResult,
     ReferencePredictions,
     aggregate,
-    evaluate,
-    evaluate_sequential,
+    evaluate_oracle,
     reference_predictions,
-    teacher_forced_accuracy,
 )
+from flearning.evaluation.evaluate import evaluate, teacher_forced_accuracy
 from flearning.evaluation import reference as reference_module
 from flearning.evaluation.probes import record_probes
 
@@ -52,7 +51,7 @@ def test_batched_evaluate_equals_one_at_a_time(tokenizer, pack):
         progress=False,
         pack=pack,
     )
-    single = evaluate_sequential(
+    single = evaluate_oracle(
         model, tokenizer, records, reference_model=before, fluency=True, fluency_tokens=10
     )
     assert_same_records(batched.records, single.records, tol=1e-6)

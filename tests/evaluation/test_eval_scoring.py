@@ -17,7 +17,7 @@ from flearning.evaluation.scoring import (
     pack_probes,
     score_probes,
 )
-from flearning.evaluation.sequential import single_score
+from flearning.evaluation.oracle import single_score
 
 PAD = 256
 

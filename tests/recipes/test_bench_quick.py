@@ -9,7 +9,7 @@ import pytest
 
 from flearning.cli import main
 from flearning.evaluation import METRICS
-from flearning.recipes.methods import METHODS
+from flearning.methods import METHODS
 
 pytestmark = pytest.mark.slow
 

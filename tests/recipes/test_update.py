@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from flearning.cli import main
 from flearning.config import UpdateConfig
 from flearning.errors import FlearnError
-from flearning.recipes.methods import METHODS
+from flearning.methods import METHODS
 from flearning.recipes.update import update
 from tiny import toy_facts
 
@@ -56,7 +56,7 @@ def test_every_method_writes_a_loadable_model_and_report(method, tiny_model_dir,
 
 
 def test_update_vector_replays_the_update(tiny_model_dir, facts_file, tmp_path):
-    from flearning.arithmetic import KnowledgeVector
+    from flearning.vectors import KnowledgeVector
     from flearning.models import load_model
 
     out = tmp_path / "out"
@@ -73,7 +73,7 @@ def test_update_vector_replays_the_update(tiny_model_dir, facts_file, tmp_path):
 
 def test_forget_stage_subtracts_lambda_times_old_vector(tiny_model_dir, facts_file, tmp_path):
     """θ' = θ − λ·Δ_old, then learning: with a learning stage of zero steps' effect (lr tiny) θ* ≈ θ'."""
-    from flearning.arithmetic import KnowledgeVector
+    from flearning.vectors import KnowledgeVector
     from flearning.models import load_model
 
     out = tmp_path / "out"

@@ -24,11 +24,11 @@ from failure_injection import (
     named,
     snapshot,
 )
-from flearning.arithmetic import KnowledgeVector
+from flearning.vectors import KnowledgeVector
 from flearning.cli import main
 from flearning.errors import FlearnError
 from flearning.evaluation import METRICS, EvalResult, write_report
-from flearning.outputs import umask
+from flearning.io.atomic import umask
 from flearning.recipes.update import work_dir_for
 
 DISK_FULL = "no space left on device (disk full)"
@@ -236,7 +236,7 @@ def test_a_report_into_a_symlinked_directory_keeps_the_symlink(tmp_path):
 def failing_renames(monkeypatch, failures: dict[int, OSError]) -> list[tuple[str, str]]:
     """Make ``outputs``' n-th ``os.replace`` raise ``failures[n]`` (1-based); returns the (source name,
     target name) of every call, failed ones included."""
-    import flearning.outputs as outputs
+    import flearning.io.atomic as outputs
 
     real_replace = os.replace
     calls: list[tuple[str, str]] = []
@@ -300,7 +300,7 @@ def test_a_rollback_that_fails_too_keeps_the_previous_entries_and_says_where(tmp
     """a, b, c replaced: the 4th rename (new b into place) fails, then the 5th (the first step back: the
     previous b out of the aside directory). The previous b is not deleted with the aside directory: it is
     kept there, the error names it, and the rest of the rollback still ran (a is the previous one)."""
-    import flearning.outputs as outputs
+    import flearning.io.atomic as outputs
 
     parent = old_entries(tmp_path / "out")
     # the 5th: the same failing disk (a KeyboardInterrupt there is handled alike)
@@ -327,7 +327,7 @@ def test_a_rollback_that_fails_too_keeps_the_previous_entries_and_says_where(tmp
 
 
 def test_a_failed_rename_without_a_failed_rollback_restores_everything(tmp_path, monkeypatch):
-    import flearning.outputs as outputs
+    import flearning.io.atomic as outputs
 
     parent = old_entries(tmp_path / "out")
     failing_renames(monkeypatch, {4: OSError(errno.ENOSPC, "No space left on device")})
@@ -343,7 +343,7 @@ def test_entries_merge_into_existing_directories(tmp_path):
     """A directory written that exists already (a bench's dataset directory) is merged into: the files
     written replace theirs, ``stale`` ones go, the directory and the user's files in it stay untouched
     (inode, 0600); a directory that did not exist appears whole."""
-    from flearning.outputs import atomic_entries
+    from flearning.io.atomic import atomic_entries
 
     parent = tmp_path / "bench"
     (parent / "toy").mkdir(parents=True)

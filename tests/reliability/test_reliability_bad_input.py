@@ -409,7 +409,7 @@ def test_write_failure_leaves_the_previous_output_untouched(
 def test_write_errors_reported_by_safetensors_are_recognised():
     from safetensors import SafetensorError
 
-    from flearning.outputs import write_errors_as_flearn
+    from flearning.io.atomic import write_errors_as_flearn
 
     full = SafetensorError(
         'Error while serializing: I/O error: No space left on device (os error 28) at "/x"'
@@ -551,7 +551,7 @@ def test_out_of_memory_in_update_exits_2(tiny_model_dir, facts, tmp_path, capsys
 def test_a_failed_final_rename_puts_the_previous_output_back(tmp_path, monkeypatch):
     import os
 
-    import flearning.outputs as outputs
+    import flearning.io.atomic as outputs
 
     out = tmp_path / "out"
     out.mkdir()

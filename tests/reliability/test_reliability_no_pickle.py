@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import FACTS, update_args, write_facts
 
-import flearning.recipes.flearning as recipe
+import flearning.recipes.algorithm as recipe
 from flearning.cli import main
 from flearning.recipes.update import work_dir_for
 

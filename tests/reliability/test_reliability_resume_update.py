@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import assert_same_model, strip_timings, update_args
 
-import flearning.recipes.flearning as recipe
+import flearning.recipes.algorithm as recipe
 from flearning.cli import main
 from flearning.recipes.update import work_dir_for
 
@@ -114,7 +114,7 @@ def test_a_killed_process_resumes_from_the_last_periodic_checkpoint(tiny_model_d
     args = update_args(tiny_model_dir, facts, out, "flearning-ft", "checkpoint_every=2")
     script = textwrap.dedent(f"""
         import os, sys
-        import flearning.recipes.flearning as recipe
+        import flearning.recipes.algorithm as recipe
         from flearning.cli import main
         real = recipe.train
         def train(*a, description, **kw):

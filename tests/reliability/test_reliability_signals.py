@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import update_args, write_facts
 
-import flearning.recipes.flearning as recipe
+import flearning.recipes.algorithm as recipe
 from flearning.cli import main
 from flearning.recipes.update import work_dir_for
 from tiny import tiny_llama, tiny_tokenizer
@@ -37,7 +37,7 @@ SAVED = re.compile(r"learn \(ft\): interrupted; state after optimizer step (\d+)
 # step would), so the signal lands at a known step; the signal and everything after it are real.
 STOP_AT_STEP = textwrap.dedent("""
     import sys, time
-    import flearning.recipes.flearning as recipe
+    import flearning.recipes.algorithm as recipe
     from flearning.cli import main
     marker, at = sys.argv[1], int(sys.argv[2])
     real = recipe.train

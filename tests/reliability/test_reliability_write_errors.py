@@ -22,7 +22,7 @@ from failure_injection import (
 )
 from flearning.cli import main
 from flearning.errors import FlearnError
-from flearning.outputs import final_path, write_error_message, write_errors_as_flearn
+from flearning.io.atomic import final_path, write_error_message, write_errors_as_flearn
 from flearning.recipes.update import work_dir_for
 from tiny import tiny_llama
 
@@ -360,7 +360,7 @@ def test_eval_disk_full_without_a_file_name_exits_2(inputs, tmp_path, capsys, mo
 def test_an_existing_directory_written_inside_is_probed_not_its_parent(tmp_path, monkeypatch):
     """``replaced_whole=False`` (the bench, eval): an existing directory is written inside only, so it is
     the one that must be writable; its parent may be read-only. (``os.access`` answers for root too.)"""
-    from flearning.outputs import check_output_dir
+    from flearning.io.atomic import check_output_dir
 
     parent = tmp_path / "shared"
     out = parent / "bench"
@@ -386,7 +386,7 @@ def test_an_existing_directory_written_inside_is_probed_not_its_parent(tmp_path,
 
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root may write in a 0555 directory")
 def test_bench_output_in_a_read_only_parent_is_accepted(tmp_path):
-    from flearning.outputs import check_output_dir
+    from flearning.io.atomic import check_output_dir
 
     parent = tmp_path / "shared"
     out = parent / "bench"

@@ -21,11 +21,10 @@ from typing import TYPE_CHECKING, Any
 from flearning.evaluation.definitions import METRIC_DEFINITIONS, METRIC_LABELS, METRICS
 
 if TYPE_CHECKING:
-    from flearning.evaluation.batched import evaluate, teacher_forced_accuracy
     from flearning.evaluation.reference import ReferencePredictions, reference_predictions
     from flearning.evaluation.report import write_report
     from flearning.evaluation.results import EvalResult, aggregate
-    from flearning.evaluation.sequential import evaluate_sequential
+    from flearning.evaluation.oracle import evaluate_oracle
     from flearning.evaluation.text import compute_n_gram_entropy, exact_match, n_gram_entropy, normalize_text
 
 __all__ = [
@@ -36,25 +35,21 @@ __all__ = [
     "ReferencePredictions",
     "aggregate",
     "compute_n_gram_entropy",
-    "evaluate",
-    "evaluate_sequential",
+    "evaluate_oracle",
     "exact_match",
     "n_gram_entropy",
     "normalize_text",
     "reference_predictions",
-    "teacher_forced_accuracy",
     "write_report",
 ]
 
 _LAZY = {
-    "evaluate": "flearning.evaluation.batched",
-    "teacher_forced_accuracy": "flearning.evaluation.batched",
     "ReferencePredictions": "flearning.evaluation.reference",
     "reference_predictions": "flearning.evaluation.reference",
     "write_report": "flearning.evaluation.report",
     "EvalResult": "flearning.evaluation.results",
     "aggregate": "flearning.evaluation.results",
-    "evaluate_sequential": "flearning.evaluation.sequential",
+    "evaluate_oracle": "flearning.evaluation.oracle",
     "compute_n_gram_entropy": "flearning.evaluation.text",
     "exact_match": "flearning.evaluation.text",
     "n_gram_entropy": "flearning.evaluation.text",

@@ -33,7 +33,7 @@ from flearning.evaluation.definitions import (
     PERCENT_METRICS,
 )
 from flearning.evaluation.results import EvalResult, aggregate
-from flearning.outputs import atomic_entries
+from flearning.io.atomic import atomic_entries
 
 REPORT_FILES = (
     "records.jsonl",

@@ -56,7 +56,7 @@ from flearning.data.records import KnowledgeRecord
 from flearning.errors import ConfigError, FlearnError, Problem
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.models import DEFAULT_MODEL
-from flearning.recipes.methods import METHODS, get_method
+from flearning.methods import METHODS, get_method
 from flearning.training.config import ConfigBool, ConfigFloat, ConfigInt, LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ class Cache:
         return RunRecord(**json.loads(path.read_text()))
 
     def save_run(self, key: str, run: RunRecord) -> None:
-        from flearning.outputs import atomic_write_text
+        from flearning.io.atomic import atomic_write_text
 
         atomic_write_text(self.run_path(key), json.dumps(run.to_json()))
 
@@ -396,7 +396,7 @@ class Bench:
                 "history": result.history,
                 "key": key,
             }
-            from flearning.outputs import atomic_directory
+            from flearning.io.atomic import atomic_directory
 
             with atomic_directory(path) as tmp:
                 model.save_pretrained(tmp, safe_serialization=True)
@@ -406,8 +406,8 @@ class Bench:
 
     def old_vector(self, theta, theta_key: str, kind: str, seed: int, split: str, records):
         """Δ_old of ``kind`` for (θ, split, seed), computed once and shared by all λ and methods."""
-        from flearning.arithmetic import KnowledgeVector
-        from flearning.recipes.flearning import old_knowledge_vector
+        from flearning.vectors import KnowledgeVector
+        from flearning.recipes.algorithm import old_knowledge_vector
 
         cfg: TrainConfig = self.forget_cfg[kind](seed)
         key = digest("forget", theta_key, split, cfg.model_dump(mode="json"))
@@ -431,8 +431,8 @@ class Bench:
         self, dataset, seed, method_name, lam, split, records, theta, theta_key, reference
     ) -> RunRecord:
         from flearning.data import records_hash
-        from flearning.evaluation import evaluate
-        from flearning.recipes.flearning import StagePlan, learn_config, run_method
+        from flearning.evaluation.evaluate import evaluate
+        from flearning.recipes.algorithm import StagePlan, learn_config, run_method
 
         method = get_method(method_name)
         learn = learn_config(method, self.full_cfg(seed), self.lora_cfg(seed), self.cfg.linf_bound)
@@ -501,7 +501,8 @@ class Bench:
     def run(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        from flearning.evaluation import evaluate, reference_predictions
+        from flearning.evaluation import reference_predictions
+        from flearning.evaluation.evaluate import evaluate
 
         self.setup()
         started = time.perf_counter()
@@ -590,7 +591,7 @@ class Bench:
         only its report files are replaced (an earlier report's files this one does not write are
         removed in the same swap); the user's files beside them are not touched."""
         from flearning.evaluation.report import REPORT_FILES
-        from flearning.outputs import atomic_entries
+        from flearning.io.atomic import atomic_entries
 
         stale = [f"{dataset}/{name}" for dataset in self.datasets for name in REPORT_FILES]
         with atomic_entries(self.out, stale=stale) as staging:

@@ -38,7 +38,7 @@ class PrimeResult:
 
 def old_fact_accuracy(model, tokenizer, records: Sequence[KnowledgeRecord], batch_size: int = 32) -> float:
     """Mean teacher-forced token accuracy of ``target_old`` after ``prompt`` (0..1)."""
-    from flearning.evaluation import teacher_forced_accuracy
+    from flearning.evaluation.evaluate import teacher_forced_accuracy
 
     scores = teacher_forced_accuracy(
         model, tokenizer, [(r.prompt, r.target_old) for r in records], batch_size=batch_size

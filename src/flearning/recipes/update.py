@@ -35,9 +35,9 @@ from typing import Any, Literal
 from flearning.config import UpdateConfig, default_stage
 from flearning.distributed import is_main_process, launched_processes, on_main_process
 from flearning.errors import FlearnError
-from flearning.outputs import atomic_directory
-from flearning.recipes.flearning import MethodOutcome, StagePlan, learn_config, run_method
-from flearning.recipes.methods import Method, get_method
+from flearning.io.atomic import atomic_directory
+from flearning.recipes.algorithm import MethodOutcome, StagePlan, learn_config, run_method
+from flearning.methods import Method, get_method
 
 ResumeMode = Literal["auto", "resume", "restart"]
 WORK_FORMAT = "flearning-update-work"
@@ -127,7 +127,7 @@ def open_work_dir(out: Path, identity: dict[str, Any], resume: ResumeMode) -> Pa
 
     A directory of that name that f-learning did not make is never deleted.
     """
-    from flearning.outputs import atomic_write_text
+    from flearning.io.atomic import atomic_write_text
     from flearning.training.checkpoint import describe_differences
 
     work = work_dir_for(out)
@@ -191,9 +191,9 @@ def forget_stage(
 
     Returns (Δ_old, {"losses", "tokens", "steps"}) or (None, None) for a baseline.
     """
-    from flearning.arithmetic import KnowledgeVector
-    from flearning.outputs import atomic_write_text
-    from flearning.recipes.flearning import old_knowledge_vector
+    from flearning.vectors import KnowledgeVector
+    from flearning.io.atomic import atomic_write_text
+    from flearning.recipes.algorithm import old_knowledge_vector
     from flearning.training.checkpoint import Checkpointing, discard_checkpoints
 
     if method.forget is None:
@@ -243,10 +243,10 @@ def update(
         FlearnError: bad input (config, data, model, output path), a diverged loss, non-finite weights,
             a disk that is full or not writable; nothing is written to ``out`` then.
     """
-    from flearning.arithmetic.ops import VectorError
+    from flearning.vectors.ops import VectorError
     from flearning.data import load_dataset
     from flearning.models import load_model, model_fingerprint, resolve_model
-    from flearning.outputs import check_output_dir, write_errors_as_flearn
+    from flearning.io.atomic import check_output_dir, write_errors_as_flearn
     from flearning.training import TrainingDivergedError
 
     if resume not in ("auto", "resume", "restart"):
@@ -375,7 +375,7 @@ def _run(s: _Setup, *, progress: bool) -> UpdateResult:
 
     def evaluate_on_new_facts(evaluated, when: str):
         """Every metric on the new facts, Locality against θ (the model before the update)."""
-        from flearning.evaluation import evaluate
+        from flearning.evaluation.evaluate import evaluate
 
         start = time.perf_counter()
         result = evaluate(
@@ -503,7 +503,7 @@ def _write_output(out, cfg, model, tokenizer, outcome, theta, vector_meta, befor
 
 
 def _save(stage_dir, cfg, model, tokenizer, outcome, theta, vector_meta, before, after, summary) -> None:
-    from flearning.arithmetic import KnowledgeVector
+    from flearning.vectors import KnowledgeVector
     from flearning.evaluation import write_report
 
     model.save_pretrained(stage_dir, safe_serialization=True)

@@ -397,7 +397,7 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    from flearning.outputs import write_errors_as_flearn
+    from flearning.io.atomic import write_errors_as_flearn
 
     directory = Path(directory)
     name = f"step-{position.step:08d}" + ("-final" if complete else "")

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from flearning.arithmetic import KnowledgeVector, VectorError
-from flearning.arithmetic import io as vio
+from flearning.vectors import KnowledgeVector, VectorError
+from flearning.vectors import files as vio
 
 
 @pytest.fixture

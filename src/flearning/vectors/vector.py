@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
 
-from flearning.arithmetic import ops
-from flearning.arithmetic.ops import VectorError, format_names
+from flearning.vectors import ops
+from flearning.vectors.ops import VectorError, format_names
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -43,7 +43,7 @@ def _now() -> str:
 
 
 def _version() -> str:
-    from flearning import __version__
+    from flearning._version import __version__
 
     return __version__
 
@@ -260,7 +260,7 @@ class KnowledgeVector:
         Returns:
             The vector, kind "lora".
         """
-        from flearning.arithmetic import lora
+        from flearning.vectors import lora
 
         deltas = lora.lora_deltas(peft_model, adapter_name)
         if base_fingerprint is None:
@@ -482,7 +482,7 @@ class KnowledgeVector:
         Returns:
             The directory.
         """
-        from flearning.arithmetic.io import save_vector
+        from flearning.vectors.files import save_vector
 
         return save_vector(self.deltas, self.metadata.model_dump(mode="json"), path, overwrite=overwrite)
 
@@ -496,7 +496,7 @@ class KnowledgeVector:
         Returns:
             The vector.
         """
-        from flearning.arithmetic.io import load_vector
+        from flearning.vectors.files import load_vector
 
         deltas, meta = load_vector(path)
         try:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from vector_helpers import finetuned_copy, params
 
-from flearning.arithmetic import KnowledgeVector, VectorError, forget
+from flearning.vectors import KnowledgeVector, VectorError, forget
 from flearning.errors import FlearnError
 from flearning.models import model_fingerprint
 from tiny import tiny_llama

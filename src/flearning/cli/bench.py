@@ -59,7 +59,7 @@ def bench_command(
     }
     # every problem of the file, the options and the overrides at once (exit 2)
     cfg = load_bench_config(config, overrides or [], cli, profile)
-    from flearning.outputs import check_output_dir, write_errors_as_flearn
+    from flearning.io.atomic import check_output_dir, write_errors_as_flearn
 
     # reused (its cache makes reruns resume); its entries are replaced, never the directory itself, so an
     # existing one must be writable, not its parent

@@ -22,9 +22,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 from vector_helpers import finetuned_copy, params, randomize_lora
 
-from flearning.arithmetic import KnowledgeVector, VectorError, streaming
-from flearning.arithmetic import io as vio
-from flearning.arithmetic.cli import PROVENANCE_FILE, vector_app
+from flearning.vectors import KnowledgeVector, VectorError, streaming
+from flearning.vectors import files as vio
+from flearning.cli.vector import PROVENANCE_FILE, vector_app
 from flearning.models import load_model, model_fingerprint
 from tiny import tiny_llama
 
@@ -281,7 +281,7 @@ def test_bf16_checkpoint_stays_bf16_and_matches_in_memory(tmp_path, tokenizer):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("lam", [-0.7, 1.0, 3.3e-3])
 def test_block_kernels_are_bit_identical_to_ops(dtype, lam):
-    from flearning.arithmetic import ops
+    from flearning.vectors import ops
 
     gen = torch.Generator().manual_seed(0)
     theta = (torch.randn(37, 11, generator=gen) * 0.02).to(dtype)
@@ -299,7 +299,7 @@ def test_block_kernels_are_bit_identical_to_ops(dtype, lam):
 
 
 def test_block_kernel_counts_values_that_overflow_the_stored_dtype():
-    from flearning.arithmetic import ops
+    from flearning.vectors import ops
 
     theta = torch.tensor([[1.0, 60000.0], [2.0, float("nan")]], dtype=torch.float16)
     delta = torch.tensor([[0.0, 1e4], [0.0, 0.0]])
@@ -409,8 +409,8 @@ def test_peak_rss_does_not_grow_with_the_shard_size(tmp_path):
         """
         import json, sys, os, torch
         from safetensors.torch import save_file
-        from flearning.arithmetic import streaming
-        from flearning.arithmetic.vector import KnowledgeVector
+        from flearning.vectors import streaming
+        from flearning.vectors.vector import KnowledgeVector
 
         def make(root, rows):
             os.makedirs(root + "/m")

@@ -58,7 +58,7 @@ def update_command(
 
     from flearning.config import UpdateConfig, config_source, load_config
     from flearning.recipes.update import stage_plan, update
-    from flearning.reporting import update_table
+    from flearning.cli.tables import update_table
 
     cli = {
         "model": model,
@@ -79,7 +79,7 @@ def update_command(
     cfg = load_config(UpdateConfig, config, overrides or [], cli)
     stage_plan(cfg, source=config_source(config))  # the stages' settings are valid (else exit 2)
     if dry_run:
-        from flearning.memory import dry_run_report
+        from flearning.recipes.memory import dry_run_report
 
         typer.echo(dry_run_report(cfg))
         return

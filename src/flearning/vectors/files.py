@@ -4,7 +4,7 @@ The JSON records the metadata, every key with its shape, and the sha256 of the s
 checks all three against the tensors, so a truncated, edited or mismatched pair is an error and not a
 silently different model. Loading never unpickles: a ``.bin``/``.pt`` file can run arbitrary code.
 
-Big vectors (written by ``arithmetic.streaming`` from a sharded checkpoint) are sharded the same way:
+Big vectors (written by ``vectors.streaming`` from a sharded checkpoint) are sharded the same way:
 ``vector-00001-of-0000n.safetensors`` ... with ``format_version`` 2, whose ``vector.json`` has ``shards``
 (file name → sha256) and ``weight_map`` (tensor name → file name) instead of ``safetensors_sha256``.
 Shard i holds the deltas of the tensors in the model's shard i, so streaming reads and writes map 1:1.
@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.arithmetic.ops import VectorError, format_names
+from flearning.vectors.ops import VectorError, format_names
 from flearning.models import PICKLE_SUFFIXES
-from flearning.outputs import normalise_permissions
+from flearning.io.atomic import normalise_permissions
 
 if TYPE_CHECKING:
     import torch

@@ -129,7 +129,7 @@ def evaluate(
 
     All teacher-forced metrics come from one batched pass over the distinct (prompt, target) probes;
     generation metrics from batched greedy decoding. Batching does not change any value (see
-    ``scoring``); ``sequential.evaluate_sequential`` is the one-at-a-time implementation it is checked
+    ``scoring``); ``sequential.evaluate_oracle`` is the one-at-a-time implementation it is checked
     against.
 
     Args:

@@ -2,9 +2,9 @@
 
 In memory: ``KnowledgeVector``. For checkpoints bigger than RAM (safetensors, one file or sharded):
 ``stream_difference``, ``stream_lora_vector``, ``stream_apply`` and ``checkpoint_fingerprint`` from
-``arithmetic.streaming``.
+``vectors.streaming``.
 
-Exports are loaded lazily: ``flearn --help`` imports this package (through ``arithmetic.cli``) and must
+Exports are loaded lazily: ``flearn --help`` imports this package (through ``cli.vector``) and must
 not pay for torch.
 """
 
@@ -13,15 +13,15 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from flearning.arithmetic.ops import VectorError
-    from flearning.arithmetic.streaming import (
+    from flearning.vectors.ops import VectorError
+    from flearning.vectors.streaming import (
         StreamResult,
         checkpoint_fingerprint,
         stream_apply,
         stream_difference,
         stream_lora_vector,
     )
-    from flearning.arithmetic.vector import KnowledgeVector, VectorMetadata, VectorStats, forget
+    from flearning.vectors.vector import KnowledgeVector, VectorMetadata, VectorStats, forget
 
 _VECTOR = ("KnowledgeVector", "VectorMetadata", "VectorStats", "forget")
 _STREAMING = (
@@ -48,15 +48,15 @@ __all__ = [
 
 def __getattr__(name: str):
     if name in _VECTOR:
-        from flearning.arithmetic import vector
+        from flearning.vectors import vector
 
         return getattr(vector, name)
     if name in _STREAMING:
-        from flearning.arithmetic import streaming
+        from flearning.vectors import streaming
 
         return getattr(streaming, name)
     if name == "VectorError":
-        from flearning.arithmetic.ops import VectorError
+        from flearning.vectors.ops import VectorError
 
         return VectorError
-    raise AttributeError(f"module 'flearning.arithmetic' has no attribute {name!r}")
+    raise AttributeError(f"module 'flearning.vectors' has no attribute {name!r}")

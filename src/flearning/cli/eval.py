@@ -86,11 +86,11 @@ def eval_command(
     from rich.console import Console
 
     from flearning.data import load_dataset
-    from flearning.evaluation.batched import evaluate
+    from flearning.evaluation.evaluate import evaluate
     from flearning.evaluation.reference import reference_predictions
     from flearning.evaluation.report import write_report
     from flearning.models import DEFAULT_MODEL, cache_root, load_model
-    from flearning.outputs import check_output_dir, write_errors_as_flearn
+    from flearning.io.atomic import check_output_dir, write_errors_as_flearn
 
     # before any work: a file, a path under a file, a directory we cannot write in, a model's directory.
     # Only the report's files are replaced inside it: the directory itself stays (its parent may be

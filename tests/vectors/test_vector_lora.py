@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from vector_helpers import params, randomize_lora
 
-from flearning.arithmetic import KnowledgeVector, VectorError
+from flearning.vectors import KnowledgeVector, VectorError
 from flearning.models import model_fingerprint
 from tiny import tiny_llama
 

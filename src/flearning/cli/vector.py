@@ -20,7 +20,7 @@ import typer
 from flearning.errors import FlearnError
 
 if TYPE_CHECKING:
-    from flearning.arithmetic.vector import KnowledgeVector
+    from flearning.vectors.vector import KnowledgeVector
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +51,8 @@ def _summary(vector: KnowledgeVector) -> str:
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output that cannot be written before any work: a file, a non-empty directory without
     --overwrite, a path under a file, a directory the system does not let us write (FlearnError, exit 2)."""
-    from flearning.arithmetic.io import check_writable_target
-    from flearning.outputs import check_output_dir
+    from flearning.vectors.files import check_writable_target
+    from flearning.io.atomic import check_output_dir
 
     check_writable_target(out.expanduser(), overwrite=overwrite)
     check_output_dir(out, overwrite=True)  # the parent: writable, not a file; a non-empty out was checked
@@ -60,7 +60,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
 
 def _writing(out: Path, what: str):
     """Report a failure to write ``out`` (disk full, read-only, ...) as a FlearnError naming it (exit 2)."""
-    from flearning.outputs import write_errors_as_flearn
+    from flearning.io.atomic import write_errors_as_flearn
 
     return write_errors_as_flearn(
         out.expanduser().absolute(), what=what, note="Nothing was written; a previous output is untouched."
@@ -106,7 +106,7 @@ def compute_command(
         with _writing(out, "the vector"):
             _compute_streamed(source, base, out, finetuned, lora_adapter, method, keep_zero, overwrite)
         return
-    from flearning.arithmetic.vector import KnowledgeVector
+    from flearning.vectors.vector import KnowledgeVector
     from flearning.models import load_model, model_fingerprint
 
     model, _ = load_model(base)
@@ -141,7 +141,7 @@ def _local_model(spec: str, stream: bool | None) -> Path | None:
     """The model directory to stream from, or None for the in-memory path (see ``_STREAM_HELP``)."""
     if stream is False:
         return None
-    from flearning.arithmetic.streaming import is_sharded_checkpoint
+    from flearning.vectors.streaming import is_sharded_checkpoint
     from flearning.models import resolve_model
 
     path = Path(resolve_model(spec))
@@ -162,7 +162,7 @@ def _compute_streamed(
     keep_zero: bool,
     overwrite: bool,
 ) -> None:
-    from flearning.arithmetic import streaming
+    from flearning.vectors import streaming
 
     if finetuned is not None:
         result = streaming.stream_difference(
@@ -250,15 +250,15 @@ def apply_command(
     """
     import json
 
-    from flearning.arithmetic import streaming
-    from flearning.arithmetic.io import (
+    from flearning.vectors import streaming
+    from flearning.vectors.files import (
         SHARDED_FORMAT_VERSION,
         atomic_directory,
         check_writable_target,
         read_record,
     )
-    from flearning.arithmetic.ops import check_scalar
-    from flearning.arithmetic.vector import KnowledgeVector
+    from flearning.vectors.ops import check_scalar
+    from flearning.vectors.vector import KnowledgeVector
     from flearning.models import load_model, resolve_model
 
     lam = check_scalar(lam, "--lambda")
@@ -318,8 +318,8 @@ def scale_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
 ) -> None:
     """Write a new vector S·Δ."""
-    from flearning.arithmetic.ops import check_scalar
-    from flearning.arithmetic.vector import KnowledgeVector
+    from flearning.vectors.ops import check_scalar
+    from flearning.vectors.vector import KnowledgeVector
 
     by = check_scalar(by, "--by")
     _check_out(out, overwrite)
@@ -351,7 +351,7 @@ def info_command(
     from rich.console import Console
     from rich.table import Table
 
-    from flearning.arithmetic.vector import KnowledgeVector
+    from flearning.vectors.vector import KnowledgeVector
 
     vector = KnowledgeVector.load(vector_path)
     meta = vector.metadata

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from flearning.arithmetic.ops import VectorError, format_names
+from flearning.vectors.ops import VectorError, format_names
 
 if TYPE_CHECKING:
     import torch

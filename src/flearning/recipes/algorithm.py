@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.arithmetic import KnowledgeVector
+from flearning.vectors import KnowledgeVector
 from flearning.distributed import on_main_process
-from flearning.recipes.methods import Method
+from flearning.methods import Method
 from flearning.training import TrainConfig, train
 
 if TYPE_CHECKING:

@@ -11,7 +11,7 @@ Layout: the output has the input's shard layout, file for file. A model shard is
 header verbatim (same names, dtypes, shapes, offsets: θ + λ·Δ is cast back to the stored dtype) and a
 copy of the index. A vector computed from a sharded model is sharded the same way
 (``vector-0000i-of-0000n.safetensors`` holds the deltas of the tensors in the model's shard i; see
-``arithmetic.io``); from a single-file model it is the ordinary ``vector.safetensors`` that
+``vectors.files``); from a single-file model it is the ordinary ``vector.safetensors`` that
 ``KnowledgeVector.save`` writes. Either kind loads with ``KnowledgeVector.load`` and applies with
 ``stream_apply``, and an in-memory vector applies with ``stream_apply`` too.
 
@@ -57,15 +57,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.arithmetic import io as vio
-from flearning.arithmetic import ops
-from flearning.arithmetic.ops import VectorError, format_names
+from flearning.vectors import files as vio
+from flearning.vectors import ops
+from flearning.vectors.ops import VectorError, format_names
 from flearning.models import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
 
-    from flearning.arithmetic.vector import VectorMetadata
+    from flearning.vectors.vector import VectorMetadata
 
 log = logging.getLogger(__name__)
 
@@ -686,7 +686,7 @@ class VectorFiles(DeltaSource):
     def __init__(self, path: str | os.PathLike) -> None:
         from pydantic import ValidationError
 
-        from flearning.arithmetic.vector import VectorMetadata
+        from flearning.vectors.vector import VectorMetadata
 
         self.path, record = vio.read_record(path)
         self.files = vio.tensor_files(self.path, record)
@@ -767,7 +767,7 @@ def _lora_config(adapter_dir: Path) -> Any:
 
     from peft import LoraConfig
 
-    from flearning.arithmetic import lora
+    from flearning.vectors import lora
 
     try:
         raw = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
@@ -813,7 +813,7 @@ class LoraAdapterFiles(DeltaSource):
     def __init__(self, path: str | os.PathLike, aliases: Mapping[str, str] | None = None) -> None:
         from peft.utils.other import get_pattern_key
 
-        from flearning.arithmetic import lora
+        from flearning.vectors import lora
 
         self.path = Path(path).expanduser()
         if not (self.path / ADAPTER_WEIGHTS).is_file():
@@ -893,7 +893,7 @@ class LoraAdapterFiles(DeltaSource):
     def provenance(self) -> dict[str, Any]:
         from types import SimpleNamespace
 
-        from flearning.arithmetic.lora import lora_hyperparameters
+        from flearning.vectors.lora import lora_hyperparameters
 
         return {
             "adapter": str(self.path),
@@ -1222,7 +1222,7 @@ def _write_vector(
     import torch
     from pydantic import ValidationError
 
-    from flearning.arithmetic.vector import VectorMetadata
+    from flearning.vectors.vector import VectorMetadata
 
     sum_sq, max_abs, dropped = 0.0, 0.0, []
     tensors: dict[str, dict[str, Any]] = {}

@@ -51,61 +51,24 @@ def _root(
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
-# (module, attribute, "group" or "command", name, help). Modules are imported here, but each keeps its
-# heavy imports inside its commands.
-_COMMANDS = [
-    ("flearning.data.cli", "data_app", "group", "data", "Validate and summarise knowledge datasets."),
-    ("flearning.models_cli", "model_app", "group", "model", "Inspect and prepare models."),
-    (
-        "flearning.recipes.cli",
-        "update_command",
-        "command",
-        "update",
-        "Replace old facts by new ones (forget, then learn).",
-    ),
-    (
-        "flearning.evaluation.cli",
-        "eval_command",
-        "command",
-        "eval",
-        "Score a model on an editing dataset with every metric.",
-    ),
-    (
-        "flearning.recipes.prime_cli",
-        "prime_command",
-        "command",
-        "prime",
-        "Teach a model the old facts until it holds them.",
-    ),
-    (
-        "flearning.recipes.bench_cli",
-        "bench_command",
-        "command",
-        "bench",
-        "Reproduce the paper's experiment: every method side by side.",
-    ),
-    (
-        "flearning.arithmetic.cli",
-        "vector_app",
-        "group",
-        "vector",
-        "Compute, apply and inspect knowledge vectors.",
-    ),
-]
+# Each command module keeps its heavy imports (torch, transformers) inside its commands.
+from flearning.cli import bench as _bench  # noqa: E402
+from flearning.cli import data as _data  # noqa: E402
+from flearning.cli import eval as _eval  # noqa: E402
+from flearning.cli import model as _model  # noqa: E402
+from flearning.cli import prime as _prime  # noqa: E402
+from flearning.cli import update as _update  # noqa: E402
+from flearning.cli import vector as _vector  # noqa: E402
 
-
-def _register() -> None:
-    import importlib
-
-    for module_name, attr, kind, name, help_text in _COMMANDS:
-        obj = getattr(importlib.import_module(module_name), attr)
-        if kind == "group":
-            app.add_typer(obj, name=name, help=help_text)
-        else:
-            app.command(name, help=help_text)(obj)
-
-
-_register()
+app.add_typer(_data.data_app, name="data", help="Validate and summarise knowledge datasets.")
+app.add_typer(_model.model_app, name="model", help="Inspect and prepare models.")
+app.command("update", help="Replace old facts by new ones (forget, then learn).")(_update.update_command)
+app.command("eval", help="Score a model on an editing dataset with every metric.")(_eval.eval_command)
+app.command("prime", help="Teach a model the old facts until it holds them.")(_prime.prime_command)
+app.command("bench", help="Reproduce the paper's experiment: every method side by side.")(
+    _bench.bench_command
+)
+app.add_typer(_vector.vector_app, name="vector", help="Compute, apply and inspect knowledge vectors.")
 
 
 # Exit codes of an interrupted command: 128 + the signal's number, as a shell reports a process the signal
@@ -205,7 +168,3 @@ def _run(argv: list[str] | None) -> int:
             return ex.exit_code
         raise
     return 0
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -27,7 +27,7 @@ def prime_command(
     from flearning.data import load_dataset
     from flearning.distributed import on_main_process
     from flearning.models import load_model, resolve_model
-    from flearning.outputs import atomic_directory, check_output_dir, write_errors_as_flearn
+    from flearning.io.atomic import atomic_directory, check_output_dir, write_errors_as_flearn
     from flearning.recipes.prime import prime
 
     cfg = _stage_config(lr=lr, max_epochs=max_epochs, threshold=threshold, batch_size=batch_size, seed=seed)

@@ -63,7 +63,7 @@ def single_score(model: PreTrainedModel, probe: Probe, counter: _Counter | None 
     )
 
 
-def evaluate_sequential(
+def evaluate_oracle(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     records: Sequence[KnowledgeRecord],
