@@ -14,8 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from flearning.errors import ConfigError, FlearnError, Problem
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
-from flearning.models import DEFAULT_MODEL
 from flearning.methods import METHODS
+from flearning.models import DEFAULT_MODEL
 from flearning.training.config import (
     ConfigBool,
     ConfigFloat,

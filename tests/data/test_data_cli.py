@@ -9,8 +9,8 @@ from data_helpers import SAMPLES, counterfact_record, write_json
 from typer.testing import CliRunner
 
 from flearning.cli import main
-from flearning.data import load_records
 from flearning.cli.data import data_app
+from flearning.data import load_records
 from flearning.data.summary import histogram, length_stats, word_count
 from flearning.errors import InputError
 

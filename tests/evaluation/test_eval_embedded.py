@@ -35,10 +35,9 @@ def smollm():
 @pytest.mark.slow
 def test_embedded_batched_equals_one_at_a_time(smollm):
     from flearning.evaluation.evaluate import evaluate
-    from flearning.evaluation.oracle import evaluate_oracle
+    from flearning.evaluation.oracle import evaluate_oracle, single_score
     from flearning.evaluation.probes import pad_token_id, record_probes, unique_probes
     from flearning.evaluation.scoring import score_probes
-    from flearning.evaluation.oracle import single_score
 
     model, tokenizer = smollm
     records = _records()

@@ -19,8 +19,8 @@ from flearning.evaluation import (
     evaluate_oracle,
     reference_predictions,
 )
-from flearning.evaluation.evaluate import evaluate, teacher_forced_accuracy
 from flearning.evaluation import reference as reference_module
+from flearning.evaluation.evaluate import evaluate, teacher_forced_accuracy
 from flearning.evaluation.probes import record_probes
 
 

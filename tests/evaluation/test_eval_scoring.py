@@ -7,6 +7,7 @@ import torch
 from eval_helpers import crafted_records, sharp_llama
 from transformers import GenerationConfig
 
+from flearning.evaluation.oracle import single_score
 from flearning.evaluation.probes import record_probes, unique_probes
 from flearning.evaluation.scoring import (
     PackedRow,
@@ -17,7 +18,6 @@ from flearning.evaluation.scoring import (
     pack_probes,
     score_probes,
 )
-from flearning.evaluation.oracle import single_score
 
 PAD = 256
 

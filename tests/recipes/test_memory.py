@@ -5,6 +5,7 @@ from transformers import LlamaConfig
 
 from flearning.config import UpdateConfig
 from flearning.errors import FlearnError
+from flearning.models import count_parameters
 from flearning.recipes.memory import (
     ADAM,
     FP32,
@@ -17,7 +18,6 @@ from flearning.recipes.memory import (
     plan_table,
     render,
 )
-from flearning.models import count_parameters
 from flearning.training import LoraSettings, TrainConfig
 
 GiB = 2**30

@@ -56,8 +56,8 @@ def test_every_method_writes_a_loadable_model_and_report(method, tiny_model_dir,
 
 
 def test_update_vector_replays_the_update(tiny_model_dir, facts_file, tmp_path):
-    from flearning.vectors import KnowledgeVector
     from flearning.models import load_model
+    from flearning.vectors import KnowledgeVector
 
     out = tmp_path / "out"
     update(
@@ -73,8 +73,8 @@ def test_update_vector_replays_the_update(tiny_model_dir, facts_file, tmp_path):
 
 def test_forget_stage_subtracts_lambda_times_old_vector(tiny_model_dir, facts_file, tmp_path):
     """θ' = θ − λ·Δ_old, then learning: with a learning stage of zero steps' effect (lr tiny) θ* ≈ θ'."""
-    from flearning.vectors import KnowledgeVector
     from flearning.models import load_model
+    from flearning.vectors import KnowledgeVector
 
     out = tmp_path / "out"
     cfg = UpdateConfig(

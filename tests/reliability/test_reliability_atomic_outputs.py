@@ -24,12 +24,12 @@ from failure_injection import (
     named,
     snapshot,
 )
-from flearning.vectors import KnowledgeVector
 from flearning.cli import main
 from flearning.errors import FlearnError
 from flearning.evaluation import METRICS, EvalResult, write_report
 from flearning.io.atomic import umask
 from flearning.recipes.update import work_dir_for
+from flearning.vectors import KnowledgeVector
 
 DISK_FULL = "no space left on device (disk full)"
 

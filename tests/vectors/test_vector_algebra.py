@@ -9,9 +9,9 @@ import pytest
 import torch
 from vector_helpers import finetuned_copy, params
 
-from flearning.vectors import KnowledgeVector, VectorError, forget
 from flearning.errors import FlearnError
 from flearning.models import model_fingerprint
+from flearning.vectors import KnowledgeVector, VectorError, forget
 from tiny import tiny_llama
 
 EMBED = "model.embed_tokens.weight"

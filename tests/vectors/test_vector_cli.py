@@ -11,10 +11,10 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 from vector_helpers import finetuned_copy, params, randomize_lora
 
-from flearning.vectors import KnowledgeVector, VectorError
 from flearning.cli.vector import PROVENANCE_FILE, vector_app
 from flearning.errors import FlearnError
 from flearning.models import model_fingerprint
+from flearning.vectors import KnowledgeVector, VectorError
 from tiny import tiny_llama
 
 

@@ -20,8 +20,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from vector_helpers import params, randomize_lora
 
-from flearning.vectors import KnowledgeVector, VectorError
 from flearning.models import model_fingerprint
+from flearning.vectors import KnowledgeVector, VectorError
 from tiny import tiny_llama
 
 

@@ -22,10 +22,10 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 from vector_helpers import finetuned_copy, params, randomize_lora
 
-from flearning.vectors import KnowledgeVector, VectorError, streaming
-from flearning.vectors import files as vio
 from flearning.cli.vector import PROVENANCE_FILE, vector_app
 from flearning.models import load_model, model_fingerprint
+from flearning.vectors import KnowledgeVector, VectorError, streaming
+from flearning.vectors import files as vio
 from tiny import tiny_llama
 
 SHARD = "20KB"

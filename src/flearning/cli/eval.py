@@ -89,8 +89,8 @@ def eval_command(
     from flearning.evaluation.evaluate import evaluate
     from flearning.evaluation.reference import reference_predictions
     from flearning.evaluation.report import write_report
-    from flearning.models import DEFAULT_MODEL, cache_root, load_model
     from flearning.io.atomic import check_output_dir, write_errors_as_flearn
+    from flearning.models import DEFAULT_MODEL, cache_root, load_model
 
     # before any work: a file, a path under a file, a directory we cannot write in, a model's directory.
     # Only the report's files are replaced inside it: the directory itself stays (its parent may be

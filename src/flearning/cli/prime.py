@@ -26,8 +26,8 @@ def prime_command(
     """Fine-tune on prompt → old answer until the old facts are held; report the accuracy reached."""
     from flearning.data import load_dataset
     from flearning.distributed import on_main_process
-    from flearning.models import load_model, resolve_model
     from flearning.io.atomic import atomic_directory, check_output_dir, write_errors_as_flearn
+    from flearning.models import load_model, resolve_model
     from flearning.recipes.prime import prime
 
     cfg = _stage_config(lr=lr, max_epochs=max_epochs, threshold=threshold, batch_size=batch_size, seed=seed)

@@ -56,9 +56,9 @@ def update_command(
     """
     from rich.console import Console
 
+    from flearning.cli.tables import update_table
     from flearning.config import UpdateConfig, config_source, load_config
     from flearning.recipes.update import stage_plan, update
-    from flearning.cli.tables import update_table
 
     cli = {
         "model": model,

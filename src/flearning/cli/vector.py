@@ -51,8 +51,8 @@ def _summary(vector: KnowledgeVector) -> str:
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output that cannot be written before any work: a file, a non-empty directory without
     --overwrite, a path under a file, a directory the system does not let us write (FlearnError, exit 2)."""
-    from flearning.vectors.files import check_writable_target
     from flearning.io.atomic import check_output_dir
+    from flearning.vectors.files import check_writable_target
 
     check_writable_target(out.expanduser(), overwrite=overwrite)
     check_output_dir(out, overwrite=True)  # the parent: writable, not a file; a non-empty out was checked
@@ -106,8 +106,8 @@ def compute_command(
         with _writing(out, "the vector"):
             _compute_streamed(source, base, out, finetuned, lora_adapter, method, keep_zero, overwrite)
         return
-    from flearning.vectors.vector import KnowledgeVector
     from flearning.models import load_model, model_fingerprint
+    from flearning.vectors.vector import KnowledgeVector
 
     model, _ = load_model(base)
     fingerprint = model_fingerprint(model)
@@ -141,8 +141,8 @@ def _local_model(spec: str, stream: bool | None) -> Path | None:
     """The model directory to stream from, or None for the in-memory path (see ``_STREAM_HELP``)."""
     if stream is False:
         return None
-    from flearning.vectors.streaming import is_sharded_checkpoint
     from flearning.models import resolve_model
+    from flearning.vectors.streaming import is_sharded_checkpoint
 
     path = Path(resolve_model(spec))
     if not path.is_dir():
@@ -250,6 +250,7 @@ def apply_command(
     """
     import json
 
+    from flearning.models import load_model, resolve_model
     from flearning.vectors import streaming
     from flearning.vectors.files import (
         SHARDED_FORMAT_VERSION,
@@ -259,7 +260,6 @@ def apply_command(
     )
     from flearning.vectors.ops import check_scalar
     from flearning.vectors.vector import KnowledgeVector
-    from flearning.models import load_model, resolve_model
 
     lam = check_scalar(lam, "--lambda")
     _check_out(out, overwrite)

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 from flearning.evaluation.definitions import METRIC_DEFINITIONS, METRIC_LABELS, METRICS
 
 if TYPE_CHECKING:
+    from flearning.evaluation.oracle import evaluate_oracle
     from flearning.evaluation.reference import ReferencePredictions, reference_predictions
     from flearning.evaluation.report import write_report
     from flearning.evaluation.results import EvalResult, aggregate
-    from flearning.evaluation.oracle import evaluate_oracle
     from flearning.evaluation.text import compute_n_gram_entropy, exact_match, n_gram_entropy, normalize_text
 
 __all__ = [

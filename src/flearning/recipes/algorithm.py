@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.vectors import KnowledgeVector
 from flearning.distributed import on_main_process
 from flearning.methods import Method
 from flearning.training import TrainConfig, train
+from flearning.vectors import KnowledgeVector
 
 if TYPE_CHECKING:
     import torch

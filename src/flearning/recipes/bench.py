@@ -55,8 +55,8 @@ from flearning.config import (
 from flearning.data.records import KnowledgeRecord
 from flearning.errors import ConfigError, FlearnError, Problem
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
-from flearning.models import DEFAULT_MODEL
 from flearning.methods import METHODS, get_method
+from flearning.models import DEFAULT_MODEL
 from flearning.training.config import ConfigBool, ConfigFloat, ConfigInt, LoraSettings, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -406,8 +406,8 @@ class Bench:
 
     def old_vector(self, theta, theta_key: str, kind: str, seed: int, split: str, records):
         """Δ_old of ``kind`` for (θ, split, seed), computed once and shared by all λ and methods."""
-        from flearning.vectors import KnowledgeVector
         from flearning.recipes.algorithm import old_knowledge_vector
+        from flearning.vectors import KnowledgeVector
 
         cfg: TrainConfig = self.forget_cfg[kind](seed)
         key = digest("forget", theta_key, split, cfg.model_dump(mode="json"))

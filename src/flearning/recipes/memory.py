@@ -44,8 +44,8 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
     from flearning.config import UpdateConfig
-    from flearning.recipes.algorithm import StagePlan
     from flearning.methods import Method
+    from flearning.recipes.algorithm import StagePlan
     from flearning.training.config import LoraSettings, TrainConfig
 
 FP32 = 4  # bytes: weights, gradients, activations and vectors are all fp32 in this project
@@ -283,8 +283,8 @@ def plan_memory(
         A ``MemoryPlan``; its ``suggestions`` say what to change when the plan does not fit.
     """
     from flearning.config import default_stage
-    from flearning.recipes.algorithm import StagePlan
     from flearning.methods import get_method
+    from flearning.recipes.algorithm import StagePlan
     from flearning.training.config import LoraSettings
 
     shape = (

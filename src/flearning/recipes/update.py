@@ -36,8 +36,8 @@ from flearning.config import UpdateConfig, default_stage
 from flearning.distributed import is_main_process, launched_processes, on_main_process
 from flearning.errors import FlearnError
 from flearning.io.atomic import atomic_directory
-from flearning.recipes.algorithm import MethodOutcome, StagePlan, learn_config, run_method
 from flearning.methods import Method, get_method
+from flearning.recipes.algorithm import MethodOutcome, StagePlan, learn_config, run_method
 
 ResumeMode = Literal["auto", "resume", "restart"]
 WORK_FORMAT = "flearning-update-work"
@@ -191,10 +191,10 @@ def forget_stage(
 
     Returns (Δ_old, {"losses", "tokens", "steps"}) or (None, None) for a baseline.
     """
-    from flearning.vectors import KnowledgeVector
     from flearning.io.atomic import atomic_write_text
     from flearning.recipes.algorithm import old_knowledge_vector
     from flearning.training.checkpoint import Checkpointing, discard_checkpoints
+    from flearning.vectors import KnowledgeVector
 
     if method.forget is None:
         return None, None
@@ -243,11 +243,11 @@ def update(
         FlearnError: bad input (config, data, model, output path), a diverged loss, non-finite weights,
             a disk that is full or not writable; nothing is written to ``out`` then.
     """
-    from flearning.vectors.ops import VectorError
     from flearning.data import load_dataset
-    from flearning.models import load_model, model_fingerprint, resolve_model
     from flearning.io.atomic import check_output_dir, write_errors_as_flearn
+    from flearning.models import load_model, model_fingerprint, resolve_model
     from flearning.training import TrainingDivergedError
+    from flearning.vectors.ops import VectorError
 
     if resume not in ("auto", "resume", "restart"):
         raise ValueError(f"resume must be auto, resume or restart, not {resume!r}")
@@ -503,8 +503,8 @@ def _write_output(out, cfg, model, tokenizer, outcome, theta, vector_meta, befor
 
 
 def _save(stage_dir, cfg, model, tokenizer, outcome, theta, vector_meta, before, after, summary) -> None:
-    from flearning.vectors import KnowledgeVector
     from flearning.evaluation import write_report
+    from flearning.vectors import KnowledgeVector
 
     model.save_pretrained(stage_dir, safe_serialization=True)
     tokenizer.save_pretrained(stage_dir)

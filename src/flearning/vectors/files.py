@@ -26,9 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.vectors.ops import VectorError, format_names
-from flearning.models import PICKLE_SUFFIXES
 from flearning.io.atomic import normalise_permissions
+from flearning.models import PICKLE_SUFFIXES
+from flearning.vectors.ops import VectorError, format_names
 
 if TYPE_CHECKING:
     import torch

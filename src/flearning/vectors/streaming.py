@@ -57,10 +57,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flearning.models import PICKLE_SUFFIXES
 from flearning.vectors import files as vio
 from flearning.vectors import ops
 from flearning.vectors.ops import VectorError, format_names
-from flearning.models import PICKLE_SUFFIXES
 
 if TYPE_CHECKING:
     import torch
