@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 
 from flearning.errors import FlearnError
 from flearning.io.atomic import normalise_permissions, write_errors_as_flearn
+from flearning.io.safetensors import refuse_pickles
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +51,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
 }
 
 _DONE_MARKER = ".flearn-complete"
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
 
 
 def cache_root() -> Path:
@@ -224,13 +224,12 @@ def check_model_dir(path: Path) -> None:
         raise FlearnError(f"{path}: not a Hugging Face model directory (no config.json)")
     safetensors = list(path.glob("*.safetensors")) or list(path.glob("*.safetensors.index.json"))
     if not safetensors:
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise FlearnError(
-                f"{path}: weights are only in pickle format ({', '.join(pickles)}); f-learning loads "
-                "safetensors only, because unpickling a file can run arbitrary code. Convert them once in "
-                "a trusted environment (model.save_pretrained(dir, safe_serialization=True))."
-            )
+        refuse_pickles(
+            path,
+            "weights are",
+            hint=". Convert them once in a trusted environment "
+            "(model.save_pretrained(dir, safe_serialization=True)).",
+        )
         raise FlearnError(f"{path}: no *.safetensors weights found")
 
 

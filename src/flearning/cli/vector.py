@@ -198,16 +198,13 @@ def _compute_streamed(
 
 def _load_lora(model, adapter_dir: Path):
     """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (safetensors only)."""
-    from flearning.models import PICKLE_SUFFIXES
+    from flearning.io.safetensors import refuse_pickles
 
     if not (adapter_dir / "adapter_config.json").is_file():
         raise FlearnError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
     if not (adapter_dir / "adapter_model.safetensors").is_file():
-        pickles = sorted(p.name for p in adapter_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        detail = (
-            f" (found pickle files {', '.join(pickles)}, refused: unpickling can run code)" if pickles else ""
-        )
-        raise FlearnError(f"{adapter_dir}: no adapter_model.safetensors{detail}")
+        refuse_pickles(adapter_dir, "the adapter is")
+        raise FlearnError(f"{adapter_dir}: no adapter_model.safetensors")
     from peft import PeftModel
 
     try:

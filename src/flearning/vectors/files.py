@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flearning.io.atomic import normalise_permissions
-from flearning.models import PICKLE_SUFFIXES
+from flearning.io.safetensors import refuse_pickles
 from flearning.vectors.ops import VectorError, format_names
 
 if TYPE_CHECKING:
@@ -165,18 +165,9 @@ def save_vector(
 
 
 def _refuse_pickle(path: Path) -> None:
-    if path.is_file() and path.suffix in PICKLE_SUFFIXES:
-        raise VectorError(
-            f"{path}: refusing a pickle file; knowledge vectors are loaded from safetensors only, because "
-            "unpickling can run arbitrary code"
-        )
-    if path.is_dir() and not (path / TENSORS_FILE).is_file() and not (path / META_FILE).is_file():
-        pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-        if pickles:
-            raise VectorError(
-                f"{path}: only pickle files ({', '.join(pickles)}), no {TENSORS_FILE}; knowledge vectors are "
-                "loaded from safetensors only, because unpickling can run arbitrary code"
-            )
+    if path.is_dir() and ((path / TENSORS_FILE).is_file() or (path / META_FILE).is_file()):
+        return
+    refuse_pickles(path, "the knowledge vector is", error=VectorError)
 
 
 def read_record(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:

@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.models import PICKLE_SUFFIXES
+from flearning.io.safetensors import PICKLE_SUFFIXES, refuse_pickles
 from flearning.vectors import files as vio
 from flearning.vectors import ops
 from flearning.vectors.ops import VectorError, format_names
@@ -281,9 +281,8 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
         return Checkpoint(root, shards, index)
     if (root / SINGLE_FILE).is_file():
         return Checkpoint(root, (read_shard_header(root / SINGLE_FILE),), None)
-    pickles = sorted(p.name for p in root.iterdir() if p.suffix in PICKLE_SUFFIXES)
-    detail = f" (only pickle files {', '.join(pickles)}, refused: unpickling can run code)" if pickles else ""
-    raise VectorError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}{detail}")
+    refuse_pickles(root, "weights are", error=VectorError)
+    raise VectorError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
 
 
 def _safe_open(path: Path):
@@ -817,13 +816,8 @@ class LoraAdapterFiles(DeltaSource):
 
         self.path = Path(path).expanduser()
         if not (self.path / ADAPTER_WEIGHTS).is_file():
-            pickles = sorted(p.name for p in self.path.iterdir() if p.suffix in PICKLE_SUFFIXES)
-            detail = (
-                f" (found pickle files {', '.join(pickles)}, refused: unpickling can run code)"
-                if pickles
-                else ""
-            )
-            raise VectorError(f"{self.path}: no {ADAPTER_WEIGHTS}{detail}")
+            refuse_pickles(self.path, "the adapter is", error=VectorError)
+            raise VectorError(f"{self.path}: no {ADAPTER_WEIGHTS}")
         config = _lora_config(self.path)
         self.config = config
         aliases = aliases or {}
