@@ -1,21 +1,38 @@
-"""Run configuration: YAML files plus ``key=value`` overrides, validated by pydantic.
+"""Every run configuration and the one loader: ``flearn update``'s ``UpdateConfig``, ``flearn bench``'s
+``BenchConfig`` (with its profiles) and the priming settings ``flearn prime`` shares with the bench.
 
-Every problem in a config is reported at once, as ``source:field: what is wrong``.
+``load_config`` layers (profile) < YAML file < command-line options < ``key=value`` overrides and reports
+every problem at once, as ``source:field: what is wrong``. ``stage_plan`` turns an update config into the
+stages' ``TrainConfig``s; every default (stage hyper-parameters, ε, priming, the model) is stated here once.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetPydanticSchema,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+from pydantic_core import PydanticCustomError, core_schema
 
 from flearning.errors import ConfigError, FlearnError, Problem
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
-from flearning.methods import METHODS
+from flearning.methods import METHODS, Method, get_method
 from flearning.models import DEFAULT_MODEL
+from flearning.resources import SAMPLE_PREFIX, resolve_sample, sample_path
 from flearning.training.config import (
     ConfigBool,
     ConfigFloat,
@@ -26,10 +43,11 @@ from flearning.training.config import (
 )
 
 # Defaults for the embedded SmolLM2-135M. Full-FT stages keep the paper's lr 5e-5 × 3 epochs.
-# LoRA stages need a much larger step to move at all on a 135M model (DESIGN.md §3 measured LoRA at
-# 5e-4 × 3 epochs underfitting badly); see the README's "Defaults" section for the measurement.
+# LoRA stages need a much larger step to move at all on a 135M model (LoRA at 5e-4 × 3 epochs
+# underfitted badly); see the README's "Defaults" section for the measurement.
 FULL_STAGE = {"lr": 5e-5, "epochs": 3.0, "batch_size": 8}
 LORA_STAGE = {"lr": 1e-3, "epochs": 5.0, "batch_size": 8}
+LINF_BOUND = 5e-4  # ε of ft-c: how far a constrained learning stage may move any weight from θ
 
 
 def default_stage(
@@ -86,6 +104,24 @@ class StageOverrides(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+@dataclass
+class StagePlan:
+    """Hyper-parameters of both stages; ``forget`` is ignored by methods without forgetting."""
+
+    learn: TrainConfig
+    forget: TrainConfig | None = None
+    lam: float = 0.7
+
+
+def learn_config(method: Method, full: TrainConfig, lora: TrainConfig, linf_bound: float) -> TrainConfig:
+    """The learning stage of ``method``: the shared full or LoRA settings, plus ε for ft-c."""
+    if method.learn == "lora":
+        return lora
+    if method.constrained:
+        return full.model_copy(update={"linf_bound": linf_bound})
+    return full
+
+
 class UpdateConfig(BaseModel):
     """Everything ``flearn update`` needs. ``old``/``new`` may be one file holding both targets."""
 
@@ -102,7 +138,7 @@ class UpdateConfig(BaseModel):
     forget: StageOverrides = Field(default_factory=StageOverrides)
     learn: StageOverrides = Field(default_factory=StageOverrides)
     lora: LoraSettings = Field(default_factory=LoraSettings)
-    linf_bound: ConfigFloat = Field(5e-4, gt=0)
+    linf_bound: ConfigFloat = Field(LINF_BOUND, gt=0)
     # NumPy (seeded with the others) takes 0 <= seed < 2**32.
     seed: ConfigInt = Field(0, ge=0, lt=2**32)
     # Optimizer steps between checkpoints of a training stage in <out>.partial/ (0: only when a stage
@@ -114,6 +150,17 @@ class UpdateConfig(BaseModel):
     out: Path | None = None
     overwrite: ConfigBool = False
     trust_remote_code: ConfigBool = False
+
+    @field_validator("data", "old", "new", mode="before")
+    @classmethod
+    def _shipped_sample(cls, value: Any) -> Any:
+        """``sample:NAME`` is a dataset shipped with the package (what the shipped configs use)."""
+        if isinstance(value, (str, Path)) and str(value).startswith(SAMPLE_PREFIX):
+            try:
+                return resolve_sample(value)
+            except FlearnError as ex:
+                raise ValueError(str(ex)) from None
+        return value
 
     @field_validator("method")
     @classmethod
@@ -133,6 +180,213 @@ class UpdateConfig(BaseModel):
         if self.old is None or self.new is None:
             raise FlearnError("no facts given: pass --data FILE, or --old FILE and --new FILE")
         return self.old, self.new
+
+
+def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
+    """Both stages' TrainConfigs for the configured method.
+
+    Raises:
+        ConfigError: a stage's settings are invalid, naming ``source`` (the config file) and the field.
+    """
+    method = get_method(cfg.method)
+    learn = cfg.learn.given()
+    full = default_stage("full", cfg.lora, cfg.seed, learn, section="learn", source=source)
+    lora = default_stage("lora", cfg.lora, cfg.seed, learn, section="learn", source=source)
+    forget = None
+    if method.forget is not None:
+        forget = default_stage(
+            method.forget, cfg.lora, cfg.seed, cfg.forget.given(), section="forget", source=source
+        )
+    return StagePlan(learn=learn_config(method, full, lora, cfg.linf_bound), forget=forget, lam=cfg.lam)
+
+
+# ---- flearn prime and flearn bench ----------------------------------------------------------------
+
+# A seed of a bench run (NumPy, seeded with the others, takes 0 <= seed < 2**32).
+Seed = Annotated[ConfigInt, Field(ge=0, lt=2**32)]
+
+
+class PrimeSettings(BaseModel):
+    """How θ is primed (also ``flearn prime``'s options): stop at ``threshold`` accuracy on the old facts,
+    or after ``max_epochs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: ConfigFloat = Field(1e-4, gt=0)
+    max_epochs: ConfigFloat = Field(15, gt=0)
+    threshold: ConfigFloat = Field(0.9, ge=0, le=1)
+    batch_size: ConfigInt = Field(8, ge=1)
+
+    def train_config(self, seed: int) -> TrainConfig:
+        """The priming stage: ``max_epochs`` is its number of epochs (``prime`` stops earlier once held)."""
+        return TrainConfig(lr=self.lr, epochs=self.max_epochs, batch_size=self.batch_size, seed=seed)
+
+
+class PrimeOptions(PrimeSettings):
+    """``flearn prime``'s numeric options: the bench's prime settings and the seed."""
+
+    seed: Seed = 0
+
+
+def _auto_or_numbers(value: Any, numbers: ValidatorFunctionWrapHandler) -> Any:
+    """``lambdas``: the text ``auto``, else a list checked item by item like every float of a config (a
+    problem names the item, ``lambdas.1``, instead of one per member of a union)."""
+    if value == "auto":
+        return value
+    if not isinstance(value, (list, tuple)):
+        raise PydanticCustomError(
+            "lambdas_type", "Input should be 'auto' or a list of numbers, not {value}", {"value": repr(value)}
+        )
+    return numbers(value)
+
+
+def _lambdas_schema(source: Any, handler: Any) -> core_schema.CoreSchema:
+    return core_schema.no_info_wrap_validator_function(
+        _auto_or_numbers,
+        handler.generate_schema(list[ConfigFloat]),
+        serialization=core_schema.wrap_serializer_function_ser_schema(
+            lambda value, serialize: serialize(value), schema=handler(source)
+        ),
+    )
+
+
+Lambdas = Annotated[list[ConfigFloat] | Literal["auto"], GetPydanticSchema(_lambdas_schema)]
+
+# The bench's datasets. The full development splits live under a data root outside the package
+# (``data_root``, else $FLEARN_DATA, else ../shared/data from the current directory); the samples (their
+# first 200 records) ship inside it.
+DATA_ENV = "FLEARN_DATA"
+DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
+FULL_DATA = {"zsre": "zsre/zsre_dev-2.8k.json", "counterfact": "counterfact/counterfact-val.json"}
+SAMPLE_DATA = {"zsre": "zsre-200.json", "counterfact": "counterfact-200.json"}
+# What a bench's output directory holds besides one report directory per dataset.
+RESERVED_NAMES = ("cache", "summary.json", "table.md")
+
+
+def data_root(given: Path | None = None) -> Path:
+    """Where the full datasets are: ``given``, else $FLEARN_DATA, else ../shared/data."""
+    return Path(given or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT)
+
+
+def full_data(root: Path | None = None) -> dict[str, Path]:
+    """The full ZsRE and CounterFact development files under the data root (they may be missing)."""
+    return {name: data_root(root) / path for name, path in FULL_DATA.items()}
+
+
+def sample_data() -> dict[str, Path]:
+    """The shipped samples of ZsRE and CounterFact."""
+    return {name: sample_path(file) for name, file in SAMPLE_DATA.items()}
+
+
+def default_data(root: Path | None = None) -> dict[str, Path]:
+    """The full datasets under the data root when they are all there, else the shipped samples."""
+    full = full_data(root)
+    return full if all(p.is_file() for p in full.values()) else sample_data()
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    # A smoke run that finishes in minutes on 2 CPU cores: few records of the samples, one seed, one λ.
+    "quick": {
+        "n": 12,
+        "n_val": 0,
+        "seeds": [0],
+        "lambdas": [0.7],
+        "generation": True,
+        "prime": {"max_epochs": 8},
+        "data": "samples",
+    },
+    # The paper's protocol at the scale this project reports: 200 edits per dataset of the full
+    # datasets, 3 seeds.
+    "paper": {"n": 200, "n_val": 0, "seeds": [0, 1, 2], "data": "full"},
+}
+
+
+class BenchConfig(BaseModel):
+    """Everything ``flearn bench`` needs. ``data`` maps a dataset name to its file; ``samples`` and ``full``
+    name the shipped samples and the full datasets under ``data_root``; left out, the full datasets when
+    they are there, else the samples."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    profiles: ClassVar[dict[str, dict[str, Any]]] = PROFILES
+
+    model: str = DEFAULT_MODEL
+    data_root: Path | None = None
+    data: dict[str, Path] = Field(default_factory=lambda fields: default_data(fields.get("data_root")))
+    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    n: ConfigInt = Field(200, ge=1)
+    n_val: ConfigInt = Field(0, ge=0)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    lambdas: Lambdas = Field(default_factory=lambda: [0.7])
+    lambda_grid: list[ConfigFloat] = Field(
+        default_factory=lambda: [0.1, 0.3, 0.7, 1.0, 1.5, 3.0], min_length=1
+    )
+    locality_tolerance: ConfigFloat = Field(5.0, ge=0)
+    prime: PrimeSettings = Field(default_factory=PrimeSettings)
+    full: StageOverrides = Field(default_factory=StageOverrides)
+    lora_stage: StageOverrides = Field(default_factory=StageOverrides)
+    forget_full: StageOverrides = Field(default_factory=StageOverrides)
+    forget_lora: StageOverrides = Field(default_factory=StageOverrides)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    linf_bound: ConfigFloat = Field(LINF_BOUND, gt=0)
+    eval_batch_size: ConfigInt = Field(DEFAULT_BATCH_SIZE, ge=1)
+    generation: ConfigBool = True
+    fluency: ConfigBool = False
+    out: Path | None = None
+    trust_remote_code: ConfigBool = False
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
+        if not methods:
+            raise ValueError("no methods")
+        return methods
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _named_data(cls, data: Any, info: ValidationInfo) -> Any:
+        if data == "samples":
+            return sample_data()
+        if data == "full":
+            root = info.data.get("data_root")
+            missing = [str(p) for p in full_data(root).values() if not p.is_file()]
+            if missing:
+                raise PydanticCustomError(
+                    "missing_data",
+                    "the full datasets are not under the data root {root}: missing {missing}; set the data "
+                    "root (--data-root DIR, data_root=DIR or ${env}) or pass --data NAME=PATH",
+                    {"root": str(data_root(root)), "missing": ", ".join(missing), "env": DATA_ENV},
+                )
+            return full_data(root)
+        return data
+
+    @field_validator("data")
+    @classmethod
+    def _dataset_names(cls, data: dict[str, Path]) -> dict[str, Path]:
+        # each name is a report directory in out/, beside cache/, summary.json and table.md
+        bad = [
+            name
+            for name in data
+            if name in RESERVED_NAMES or not name or name.startswith(".") or "/" in name or "\\" in name
+        ]
+        if bad:
+            raise ValueError(
+                f"dataset names {bad} cannot name a report directory (not empty, no '/', no leading '.', "
+                f"none of {', '.join(RESERVED_NAMES)})"
+            )
+        return data
+
+    @field_validator("lambdas")
+    @classmethod
+    def _some_lambda(cls, value: list[float] | str, info: ValidationInfo) -> list[float] | str:
+        if not value:  # each item was checked as a finite number already
+            raise PydanticCustomError("too_short", "Input should be 'auto' or at least one λ")
+        # n_val is checked first; when it is invalid itself, its own problem is the one reported
+        if value == "auto" and info.data.get("n_val", 1) < 1:
+            raise PydanticCustomError("auto_lambda", "auto needs a validation split (n_val >= 1)")
+        return value
 
 
 class _CoreSchemaLoader(yaml.SafeLoader):
@@ -246,19 +500,45 @@ def config_source(path: Path | None) -> str:
 
 
 def load_config(
-    model: type[BaseModel], path: Path | None, overrides: list[str], cli: dict[str, Any] | None = None
+    model: type[BaseModel],
+    path: Path | None,
+    overrides: list[str],
+    cli: dict[str, Any] | None = None,
+    *,
+    profile: str | None = None,
 ):
-    """Build ``model`` from (YAML file) < (explicit CLI options) < (key=value overrides).
+    """Build ``model`` (``UpdateConfig``, ``BenchConfig``, ``PrimeOptions``) from (its ``profile``) <
+    (YAML file) < (explicit CLI options) < (key=value overrides).
 
-    Relative paths inside a YAML file are taken relative to the current directory, like CLI paths.
+    An override changes one key of a section (``prime.max_epochs=3`` keeps the file's ``prime.lr``); a CLI
+    option replaces the whole value (``--data`` replaces the file's datasets). Relative paths inside a YAML
+    file are taken relative to the current directory, like CLI paths.
+
+    Raises:
+        ConfigError: every problem at once (an unknown profile, overrides that do not parse, unknown keys,
+            wrong types, values out of range), each as ``source:field: why``.
+        FlearnError: the config file cannot be read.
     """
     source = config_source(path)
-    data = read_yaml(path) if path else {}
-    data = _merge(data, {k: v for k, v in (cli or {}).items() if v is not None})
+    fields = read_yaml(path) if path else {}
+    fields.update({k: v for k, v in (cli or {}).items() if v is not None})
     extra, problems = parse_overrides(overrides)
-    data = _merge(data, extra)
+    fields = _merge(fields, extra)
+    profiles: dict[str, dict[str, Any]] = getattr(model, "profiles", {})
+    if profile is not None:
+        if profile in profiles:
+            fields = _merge(copy.deepcopy(profiles[profile]), fields)
+        else:
+            problems.append(
+                Problem(
+                    "command line",
+                    None,
+                    "--profile",
+                    f"unknown profile '{profile}'; choose one of: {', '.join(profiles)}",
+                )
+            )
     try:
-        config = model.model_validate(data)
+        config = model.model_validate(fields)
     except ValidationError as ex:
         problems += validation_problems(ex, source)
         config = None

@@ -9,7 +9,12 @@ import typer
 
 def update_command(
     overrides: list[str] = typer.Argument(None, help="Config overrides as key=value (e.g. learn.lr=1e-4)."),
-    config: Path | None = typer.Option(None, "--config", "-c", help="YAML run configuration."),
+    config: Path | None = typer.Option(
+        None,
+        "--config",
+        "-c",
+        help="YAML run configuration: a file, or a shipped config's name (demo, ft, ...).",
+    ),
     model: str | None = typer.Option(None, "--model", "-m", help="Model directory, hub id, or smollm2-135m."),
     data: Path | None = typer.Option(None, "--data", help="One file with old and new targets per fact."),
     old: Path | None = typer.Option(None, "--old", help="File of the old facts (prompt → target_old)."),
@@ -59,6 +64,7 @@ def update_command(
     from flearning.cli.tables import update_table
     from flearning.config import UpdateConfig, config_source, load_config
     from flearning.recipes.update import stage_plan, update
+    from flearning.resources import resolve_config
 
     cli = {
         "model": model,
@@ -76,6 +82,7 @@ def update_command(
     }
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other")
+    config = resolve_config(config) if config else None
     cfg = load_config(UpdateConfig, config, overrides or [], cli)
     stage_plan(cfg, source=config_source(config))  # the stages' settings are valid (else exit 2)
     if dry_run:
