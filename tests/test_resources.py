@@ -6,9 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from flearning.config import UpdateConfig, load_config
+from flearning.config import UpdateConfig, load_config, stage_plan
 from flearning.errors import ConfigError, FlearnError
-from flearning.recipes.update import stage_plan
 from flearning.resources import (
     config_names,
     config_path,

@@ -264,8 +264,8 @@ RESERVED_NAMES = ("cache", "summary.json", "table.md")
 
 
 def data_root(given: Path | None = None) -> Path:
-    """Where the full datasets are: ``given``, else $FLEARN_DATA, else ../shared/data."""
-    return Path(given or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT)
+    """Where the full datasets are: ``given``, else $FLEARN_DATA, else ../shared/data (an absolute path)."""
+    return Path(given or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT).resolve()
 
 
 def full_data(root: Path | None = None) -> dict[str, Path]:

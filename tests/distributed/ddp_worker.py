@@ -122,9 +122,10 @@ def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def run_scenario(name: str, model_dir: Path):
     """Returns (final model, info dict)."""
+    from flearning.config import StagePlan
     from flearning.methods import get_method
     from flearning.models import model_fingerprint
-    from flearning.recipes.algorithm import StagePlan, run_method
+    from flearning.recipes.algorithm import run_method
     from flearning.training import train
 
     kind, s = scenario_settings()[name]

@@ -151,8 +151,9 @@ def torchrun_out(model_dir) -> Path:
 
 def reference(name: str, model_dir: Path) -> dict[str, torch.Tensor]:
     """The one-process run a 2-process scenario must reproduce."""
+    from flearning.config import StagePlan
     from flearning.methods import get_method
-    from flearning.recipes.algorithm import StagePlan, run_method
+    from flearning.recipes.algorithm import run_method
     from flearning.training import train
 
     kind, s = worker.scenario_settings()[name]

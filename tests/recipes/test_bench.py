@@ -6,8 +6,9 @@ import json
 
 import pytest
 
+from flearning.config import BenchConfig
 from flearning.recipes import bench as bench_module
-from flearning.recipes.bench import Bench, BenchConfig, run_bench
+from flearning.recipes.bench import Bench, run_bench
 from tiny import toy_facts
 
 FACTS = toy_facts(10)

@@ -8,13 +8,13 @@ import pytest
 
 from config_checks import lax_values_refused
 from flearning.cli import main
+from flearning.config import BenchConfig, PrimeOptions, PrimeSettings, load_config
 from flearning.errors import ConfigError
-from flearning.recipes.bench import BenchConfig, PrimeOptions, PrimeSettings, load_bench_config
 
 
 def problems(config, overrides=(), **kw) -> str:
     with pytest.raises(ConfigError) as info:
-        load_bench_config(config, list(overrides), **kw)
+        load_config(BenchConfig, config, list(overrides), **kw)
     assert info.value.exit_code == 2
     return str(info.value)
 
@@ -88,7 +88,7 @@ def test_yaml_numbers_without_a_dot_and_quoted_numbers_are_floats(tmp_path):
         "linf_bound: 5e-5\nlocality_tolerance: '2.5'\nlambdas: ['5e-1', 1e-1]\nlambda_grid: [\"1E-1\", 3e-1]\n"
         'prime:\n  lr: "5e-5"\n  threshold: 9e-1\nfull:\n  lr: "1e-4"\nseeds: ["3"]\n'
     )
-    cfg = load_bench_config(config, ['forget_full.lr="2e-4"'])
+    cfg = load_config(BenchConfig, config, ['forget_full.lr="2e-4"'])
     assert cfg.linf_bound == 5e-5 and cfg.locality_tolerance == 2.5
     assert cfg.lambdas == [0.5, 0.1] and cfg.lambda_grid == [0.1, 0.3]
     assert cfg.prime.lr == 5e-5 and cfg.prime.threshold == 0.9 and cfg.seeds == [3]
@@ -100,7 +100,7 @@ def test_yaml_numbers_without_a_dot_and_quoted_numbers_are_floats(tmp_path):
 def test_switches_take_yaml_booleans(tmp_path):
     config = tmp_path / "bench.yaml"
     config.write_text("generation: false\nfluency: true\n")
-    cfg = load_bench_config(config, ["trust_remote_code=false"])
+    cfg = load_config(BenchConfig, config, ["trust_remote_code=false"])
     assert (cfg.generation, cfg.fluency, cfg.trust_remote_code) == (False, True, False)
 
 
@@ -126,7 +126,7 @@ def test_lambdas_seeds_and_bounds(override, message):
 
 
 def test_auto_lambda_with_a_validation_split_loads():
-    cfg = load_bench_config(None, ["lambdas=auto", "n_val=2", "lambda_grid=[0.5, 1]"])
+    cfg = load_config(BenchConfig, None, ["lambdas=auto", "n_val=2", "lambda_grid=[0.5, 1]"])
     assert cfg.lambdas == "auto" and cfg.lambda_grid == [0.5, 1.0]
     assert cfg.model_dump(mode="json")["lambdas"] == "auto"
 
@@ -134,7 +134,7 @@ def test_auto_lambda_with_a_validation_split_loads():
 def test_overrides_change_one_key_of_a_section_and_profiles_stay_underneath(tmp_path):
     config = tmp_path / "bench.yaml"
     config.write_text("prime:\n  lr: 1e-3\nn: 5\n")
-    cfg = load_bench_config(config, ["prime.max_epochs=3"], {"n": 7}, profile="quick")
+    cfg = load_config(BenchConfig, config, ["prime.max_epochs=3"], {"n": 7}, profile="quick")
     assert (cfg.prime.lr, cfg.prime.max_epochs, cfg.n) == (1e-3, 3.0, 7)
     assert cfg.seeds == [0] and cfg.lambdas == [0.7]  # from the profile
 

@@ -122,7 +122,7 @@ def test_frozen_embeddings_are_not_trained(llama7b):
 
 
 def test_stage_settings_are_taken_from_a_stage_plan(llama7b):
-    from flearning.recipes.algorithm import StagePlan
+    from flearning.config import StagePlan
 
     plan = StagePlan(learn=TrainConfig(batch_size=3), forget=TrainConfig(batch_size=5))
     forget, learn = plan_memory(llama7b, "flearning-ft", plan, available=BIG).stages

@@ -498,7 +498,7 @@ def test_bench_dataset_names_cannot_replace_the_cache_or_the_summary(name, facts
     would replace the cache."""
     from pydantic import ValidationError
 
-    from flearning.recipes.bench import BenchConfig
+    from flearning.config import BenchConfig
 
     with pytest.raises(ValidationError, match="cannot name a report directory"):
         BenchConfig.model_validate({"data": {name: str(facts)}})

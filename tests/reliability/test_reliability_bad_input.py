@@ -13,9 +13,9 @@ from reliability_helpers import update_args
 
 from config_checks import lax_values_refused
 from flearning.cli import main
-from flearning.config import StageOverrides, UpdateConfig, load_config
+from flearning.config import StageOverrides, UpdateConfig, load_config, stage_plan
 from flearning.errors import ConfigError, FlearnError
-from flearning.recipes.update import stage_plan, work_dir_for
+from flearning.recipes.update import work_dir_for
 from flearning.training import TrainConfig, train
 from flearning.training.config import LoraSettings
 from tiny import tiny_llama

@@ -13,11 +13,17 @@ import yaml
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from flearning.config import UpdateConfig, default_stage, load_config
+from flearning.config import (
+    PROFILES,
+    BenchConfig,
+    PrimeSettings,
+    UpdateConfig,
+    default_stage,
+    load_config,
+    stage_plan,
+)
 from flearning.data import FORMATS, load_dataset
 from flearning.errors import ConfigError, FlearnError
-from flearning.recipes.bench import PROFILES, BenchConfig, PrimeSettings, load_bench_config
-from flearning.recipes.update import stage_plan
 from flearning.training import TrainConfig
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -302,7 +308,7 @@ def test_bench_config_entry_point_raises_only_config_errors(fuzz_dir, doc, pairs
     path = fuzz_dir / "bench.yaml"
     path.write_bytes(doc)
     try:
-        cfg = load_bench_config(path if use_file else None, pairs, profile=profile)
+        cfg = load_config(BenchConfig, path if use_file else None, pairs, profile=profile)
     except ConfigError as err:
         event("ConfigError")
         assert str(err) and err.exit_code == 2

@@ -102,7 +102,8 @@ def test_update_output_and_work_dir_hold_no_pickle(method, tiny_model_dir, tmp_p
 
 
 def test_bench_writes_no_pickle(tiny_model_dir, tmp_path):
-    from flearning.recipes.bench import BenchConfig, run_bench
+    from flearning.config import BenchConfig
+    from flearning.recipes.bench import run_bench
 
     data = tmp_path / "facts.jsonl"
     data.write_text("".join(json.dumps(f) + "\n" for f in FACTS[:8]))

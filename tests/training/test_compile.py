@@ -69,8 +69,7 @@ def test_compiled_lora_stage_matches_eager(tokenizer):
 
 
 def test_update_stages_take_compile_from_their_own_settings():
-    from flearning.config import UpdateConfig, load_config
-    from flearning.recipes.update import stage_plan
+    from flearning.config import UpdateConfig, load_config, stage_plan
 
     cfg = load_config(UpdateConfig, None, ["method=flearning-lora-ft", "learn.compile=true"])
     plan = stage_plan(cfg)

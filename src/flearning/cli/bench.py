@@ -29,7 +29,14 @@ def bench_command(
     ),
     model: str | None = typer.Option(None, "--model", "-m"),
     data: list[str] | None = typer.Option(
-        None, "--data", help="NAME=PATH, repeatable (default: ../shared/data dev files)."
+        None,
+        "--data",
+        help="NAME=PATH, repeatable (default: the full datasets under --data-root if there, else the shipped samples).",
+    ),
+    data_root: Path | None = typer.Option(
+        None,
+        "--data-root",
+        help="Directory of the full datasets (default: $FLEARN_DATA, else ../shared/data).",
     ),
     methods: str | None = typer.Option(None, "--methods", help="Comma-separated methods (default: all six)."),
     n: int | None = typer.Option(None, "--n", help="Evaluated edits per dataset."),
@@ -45,10 +52,12 @@ def bench_command(
 
     Example: flearn bench --profile quick --out runs/bench-quick
     """
-    from flearning.recipes.bench import default_out, load_bench_config, run_bench
+    from flearning.config import BenchConfig, load_config
+    from flearning.recipes.bench import default_out, run_bench
 
     cli = {
         "model": model,
+        "data_root": data_root,
         "data": _parse_data(data),
         "n": n,
         "n_val": n_val,
@@ -58,7 +67,7 @@ def bench_command(
         "lambdas": None if lam is None else ("auto" if lam == "auto" else _floats(lam)),
     }
     # every problem of the file, the options and the overrides at once (exit 2)
-    cfg = load_bench_config(config, overrides or [], cli, profile)
+    cfg = load_config(BenchConfig, config, overrides or [], cli, profile=profile)
     from flearning.io.atomic import check_output_dir, write_errors_as_flearn
 
     # reused (its cache makes reruns resume); its entries are replaced, never the directory itself, so an

@@ -73,8 +73,8 @@ def _stage_config(**options: Any):
     number, in range, a seed NumPy takes): every problem at once, naming its option (``--lr``), exit 2."""
     from pydantic import ValidationError
 
+    from flearning.config import PrimeOptions
     from flearning.errors import ConfigError, Problem
-    from flearning.recipes.bench import PrimeOptions
     from flearning.training import TrainConfig
 
     try:

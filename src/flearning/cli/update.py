@@ -62,8 +62,8 @@ def update_command(
     from rich.console import Console
 
     from flearning.cli.tables import update_table
-    from flearning.config import UpdateConfig, config_source, load_config
-    from flearning.recipes.update import stage_plan, update
+    from flearning.config import UpdateConfig, config_source, load_config, stage_plan
+    from flearning.recipes.update import update
     from flearning.resources import resolve_config
 
     cli = {

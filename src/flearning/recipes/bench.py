@@ -29,232 +29,21 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    GetPydanticSchema,
-    ValidationError,
-    ValidationInfo,
-    ValidatorFunctionWrapHandler,
-    field_validator,
-)
-from pydantic_core import PydanticCustomError, core_schema
-
-from flearning.config import (
-    StageOverrides,
-    _merge,
-    config_source,
-    default_stage,
-    parse_overrides,
-    read_yaml,
-    validation_problems,
-)
+from flearning.config import BenchConfig, default_stage, learn_config
 from flearning.data.records import KnowledgeRecord
-from flearning.errors import ConfigError, FlearnError, Problem
-from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
+from flearning.errors import FlearnError
 from flearning.methods import METHODS, get_method
-from flearning.models import DEFAULT_MODEL
-from flearning.training.config import ConfigBool, ConfigFloat, ConfigInt, LoraSettings, TrainConfig
+from flearning.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 PRIMED = "primed (θ)"  # the label of the primed model's own evaluation
 
-SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 PAPER_METRICS = ("reliability", "generality", "locality")
-# What a bench's output directory holds besides one report directory per dataset.
-RESERVED_NAMES = ("cache", "summary.json", "table.md")
 # F-Learning method -> the baseline it is compared with (paired, same records and seeds).
 COMPARISONS = {"flearning-ft": "ft", "flearning-lora": "lora", "flearning-lora-ft": "flearning-ft"}
-
-
-def default_data() -> dict[str, Path]:
-    """The development files beside the repository, else the shipped samples."""
-    shared = {
-        "zsre": SHARED_DATA / "zsre" / "zsre_dev-2.8k.json",
-        "counterfact": SHARED_DATA / "counterfact" / "counterfact-val.json",
-    }
-    if all(p.is_file() for p in shared.values()):
-        return shared
-    samples = Path(__file__).resolve().parents[3] / "data" / "samples"
-    return {"zsre": samples / "zsre-200.json", "counterfact": samples / "counterfact-200.json"}
-
-
-# A seed of a bench run (NumPy, seeded with the others, takes 0 <= seed < 2**32).
-Seed = Annotated[ConfigInt, Field(ge=0, lt=2**32)]
-
-
-def _auto_or_numbers(value: Any, numbers: ValidatorFunctionWrapHandler) -> Any:
-    """``lambdas``: the text ``auto``, else a list checked item by item like every float of a config (a
-    problem names the item, ``lambdas.1``, instead of one per member of a union)."""
-    if value == "auto":
-        return value
-    if not isinstance(value, (list, tuple)):
-        raise PydanticCustomError(
-            "lambdas_type", "Input should be 'auto' or a list of numbers, not {value}", {"value": repr(value)}
-        )
-    return numbers(value)
-
-
-def _lambdas_schema(source: Any, handler: Any) -> core_schema.CoreSchema:
-    return core_schema.no_info_wrap_validator_function(
-        _auto_or_numbers,
-        handler.generate_schema(list[ConfigFloat]),
-        serialization=core_schema.wrap_serializer_function_ser_schema(
-            lambda value, serialize: serialize(value), schema=handler(source)
-        ),
-    )
-
-
-Lambdas = Annotated[list[ConfigFloat] | Literal["auto"], GetPydanticSchema(_lambdas_schema)]
-
-
-class PrimeSettings(BaseModel):
-    """How θ is primed (also ``flearn prime``'s options): stop at ``threshold`` accuracy on the old facts,
-    or after ``max_epochs``."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lr: ConfigFloat = Field(1e-4, gt=0)
-    max_epochs: ConfigFloat = Field(15, gt=0)
-    threshold: ConfigFloat = Field(0.9, ge=0, le=1)
-    batch_size: ConfigInt = Field(8, ge=1)
-
-
-class PrimeOptions(PrimeSettings):
-    """``flearn prime``'s numeric options: the bench's prime settings and the seed."""
-
-    seed: Seed = 0
-
-
-PROFILES: dict[str, dict[str, Any]] = {
-    # A smoke run that finishes in minutes on 2 CPU cores: few records, one seed, one λ.
-    "quick": {
-        "n": 12,
-        "n_val": 0,
-        "seeds": [0],
-        "lambdas": [0.7],
-        "generation": True,
-        "prime": {"max_epochs": 8},
-    },
-    # The paper's protocol at the scale this project reports: 200 edits per dataset, 3 seeds.
-    "paper": {"n": 200, "n_val": 0, "seeds": [0, 1, 2]},
-}
-
-
-class BenchConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    model: str = DEFAULT_MODEL
-    data: dict[str, Path] = Field(default_factory=default_data)
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
-    n: ConfigInt = Field(200, ge=1)
-    n_val: ConfigInt = Field(0, ge=0)
-    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
-    lambdas: Lambdas = Field(default_factory=lambda: [0.7])
-    lambda_grid: list[ConfigFloat] = Field(
-        default_factory=lambda: [0.1, 0.3, 0.7, 1.0, 1.5, 3.0], min_length=1
-    )
-    locality_tolerance: ConfigFloat = Field(5.0, ge=0)
-    prime: PrimeSettings = Field(default_factory=PrimeSettings)
-    full: StageOverrides = Field(default_factory=StageOverrides)
-    lora_stage: StageOverrides = Field(default_factory=StageOverrides)
-    forget_full: StageOverrides = Field(default_factory=StageOverrides)
-    forget_lora: StageOverrides = Field(default_factory=StageOverrides)
-    lora: LoraSettings = Field(default_factory=LoraSettings)
-    linf_bound: ConfigFloat = Field(5e-4, gt=0)
-    eval_batch_size: ConfigInt = Field(DEFAULT_BATCH_SIZE, ge=1)
-    generation: ConfigBool = True
-    fluency: ConfigBool = False
-    out: Path | None = None
-    trust_remote_code: ConfigBool = False
-
-    @field_validator("methods")
-    @classmethod
-    def _known(cls, methods: list[str]) -> list[str]:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from: {', '.join(METHODS)}")
-        if not methods:
-            raise ValueError("no methods")
-        return methods
-
-    @field_validator("data")
-    @classmethod
-    def _dataset_names(cls, data: dict[str, Path]) -> dict[str, Path]:
-        # each name is a report directory in out/, beside cache/, summary.json and table.md
-        bad = [
-            name
-            for name in data
-            if name in RESERVED_NAMES or not name or name.startswith(".") or "/" in name or "\\" in name
-        ]
-        if bad:
-            raise ValueError(
-                f"dataset names {bad} cannot name a report directory (not empty, no '/', no leading '.', "
-                f"none of {', '.join(RESERVED_NAMES)})"
-            )
-        return data
-
-    @field_validator("lambdas")
-    @classmethod
-    def _some_lambda(cls, value: list[float] | str, info: ValidationInfo) -> list[float] | str:
-        if not value:  # each item was checked as a finite number already
-            raise PydanticCustomError("too_short", "Input should be 'auto' or at least one λ")
-        # n_val is checked first; when it is invalid itself, its own problem is the one reported
-        if value == "auto" and info.data.get("n_val", 1) < 1:
-            raise PydanticCustomError("auto_lambda", "auto needs a validation split (n_val >= 1)")
-        return value
-
-
-def load_bench_config(
-    path: Path | None,
-    overrides: list[str],
-    cli: dict[str, Any] | None = None,
-    profile: str | None = None,
-) -> BenchConfig:
-    """``flearn bench``'s configuration: (profile) < (YAML file) < (explicit CLI options) < (key=value
-    overrides). An override changes one key of a section (``prime.max_epochs=3`` keeps the file's
-    ``prime.lr``); a CLI option replaces the whole value (``--data`` replaces the file's datasets).
-
-    Raises:
-        ConfigError: every problem at once (an unknown profile, overrides that do not parse, unknown keys,
-            wrong types, values out of range), each as ``source:field: why``.
-        FlearnError: the config file cannot be read.
-    """
-    source = config_source(path)
-    fields = read_yaml(path) if path else {}
-    fields.update({k: v for k, v in (cli or {}).items() if v is not None})  # --data replaces the file's data
-    extra, problems = parse_overrides(overrides)
-    if profile is not None and profile not in PROFILES:
-        problems.append(
-            Problem(
-                "command line",
-                None,
-                "--profile",
-                f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}",
-            )
-        )
-        profile = None
-    fields = config_from_profile(profile, _merge(fields, extra))
-    try:
-        config = BenchConfig.model_validate(fields)
-    except ValidationError as ex:
-        problems += validation_problems(ex, source)
-        config = None
-    if problems or config is None:
-        raise ConfigError(problems)
-    return config
-
-
-def config_from_profile(profile: str | None, fields: dict[str, Any]) -> dict[str, Any]:
-    if profile is None:
-        return fields
-    if profile not in PROFILES:
-        raise FlearnError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
-    return _merge(copy.deepcopy(PROFILES[profile]), fields)
 
 
 def digest(*parts: Any) -> str:
@@ -372,10 +161,9 @@ class Bench:
         from flearning.data import records_hash
         from flearning.models import load_model
         from flearning.recipes.prime import prime
-        from flearning.training import TrainConfig
 
         p = self.cfg.prime
-        cfg = TrainConfig(lr=p.lr, epochs=p.max_epochs, batch_size=p.batch_size, seed=seed)
+        cfg = p.train_config(seed)
         key = digest("prime", self.base_fp, records_hash(records), cfg.model_dump(mode="json"), p.threshold)
         path = self.cache.primed_dir(key)
         info_path = path / "prime.json"
@@ -430,9 +218,10 @@ class Bench:
     def run_one(
         self, dataset, seed, method_name, lam, split, records, theta, theta_key, reference
     ) -> RunRecord:
+        from flearning.config import StagePlan
         from flearning.data import records_hash
         from flearning.evaluation.evaluate import evaluate
-        from flearning.recipes.algorithm import StagePlan, learn_config, run_method
+        from flearning.recipes.algorithm import run_method
 
         method = get_method(method_name)
         learn = learn_config(method, self.full_cfg(seed), self.lora_cfg(seed), self.cfg.linf_bound)

@@ -43,9 +43,8 @@ from flearning.errors import FlearnError
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from flearning.config import UpdateConfig
+    from flearning.config import StagePlan, UpdateConfig
     from flearning.methods import Method
-    from flearning.recipes.algorithm import StagePlan
     from flearning.training.config import LoraSettings, TrainConfig
 
 FP32 = 4  # bytes: weights, gradients, activations and vectors are all fp32 in this project
@@ -282,9 +281,8 @@ def plan_memory(
     Returns:
         A ``MemoryPlan``; its ``suggestions`` say what to change when the plan does not fit.
     """
-    from flearning.config import default_stage
+    from flearning.config import StagePlan, default_stage
     from flearning.methods import get_method
-    from flearning.recipes.algorithm import StagePlan
     from flearning.training.config import LoraSettings
 
     shape = (
@@ -572,8 +570,8 @@ def dry_run_plan(
 ) -> MemoryPlan:
     """The memory plan of an update config: its model (config only; the embedded default is converted
     once if it was not yet), method, stage settings and LoRA shape."""
+    from flearning.config import stage_plan
     from flearning.models import resolve_model
-    from flearning.recipes.update import stage_plan
 
     source = resolve_model(cfg.model)
     return plan_memory(

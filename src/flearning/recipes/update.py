@@ -32,12 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from flearning.config import UpdateConfig, default_stage
+from flearning.config import StagePlan, UpdateConfig, stage_plan
 from flearning.distributed import is_main_process, launched_processes, on_main_process
 from flearning.errors import FlearnError
 from flearning.io.atomic import atomic_directory
 from flearning.methods import Method, get_method
-from flearning.recipes.algorithm import MethodOutcome, StagePlan, learn_config, run_method
+from flearning.recipes.algorithm import MethodOutcome, run_method
 
 ResumeMode = Literal["auto", "resume", "restart"]
 WORK_FORMAT = "flearning-update-work"
@@ -64,24 +64,6 @@ def library_versions() -> dict[str, str]:
             versions[name] = "not installed"
     versions["python"] = platform.python_version()
     return versions
-
-
-def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
-    """Both stages' TrainConfigs for the configured method.
-
-    Raises:
-        ConfigError: a stage's settings are invalid, naming ``source`` (the config file) and the field.
-    """
-    method = get_method(cfg.method)
-    learn = cfg.learn.given()
-    full = default_stage("full", cfg.lora, cfg.seed, learn, section="learn", source=source)
-    lora = default_stage("lora", cfg.lora, cfg.seed, learn, section="learn", source=source)
-    forget = None
-    if method.forget is not None:
-        forget = default_stage(
-            method.forget, cfg.lora, cfg.seed, cfg.forget.given(), section="forget", source=source
-        )
-    return StagePlan(learn=learn_config(method, full, lora, cfg.linf_bound), forget=forget, lam=cfg.lam)
 
 
 class NonFiniteModelError(FlearnError):
