@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -176,13 +176,143 @@ def train(
         FlearnError: out of memory, with what to change; a checkpoint made by another configuration,
             other data or another starting model (naming what differs); disk full while checkpointing.
     """
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
     from tqdm.auto import tqdm
-    from transformers import get_scheduler
 
     if not pairs:
         raise FlearnError(f"{description}: no training pairs")
+    run = _start_or_resume(model, tokenizer, pairs, cfg, checkpoint, description)
+    pos = run.pos
+    run.model.train()
+    # Inductor's CPU reductions split across threads add in a run-dependent order unless deterministic
+    # algorithms are on (measured: two compiled runs differed by 1e-7 with 2 threads, never with it).
+    deterministic_before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    run.start_clock()
+    bar = tqdm(
+        total=run.total_steps,
+        desc=description,
+        unit="step",
+        disable=not progress or not run.accelerator.is_main_process,
+    )
+    bar.update(pos.step)
+    try:
+        if cfg.compile:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        while not run.finished and pos.step < run.total_steps:
+            _run_epoch(run, bar, on_step)
+            if pos.step >= run.total_steps:
+                break
+            if on_epoch_end is not None:
+                run.model.eval()
+                stop = same_on_every_process(bool(on_epoch_end(pos.epoch, run.trained)))
+                run.model.train()
+                if stop:
+                    break
+        pos.seconds = run.elapsed()
+        if checkpoint is not None and not run.finished:
+            run.save(complete=True)
+    except BaseException as ex:
+        _save_on_interrupt(run, ex)
+        translated = _translate_error(ex, cfg)
+        if translated is not None:
+            raise translated from ex
+        raise
+    finally:
+        bar.close()
+        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
+    run.model.eval()
+    epochs_done = pos.step / run.steps_per_epoch
+    log.info(
+        "%s: %d steps (%.2f epochs) in %.1f s, %.0f tokens/s, final loss %.4f",
+        description,
+        pos.step,
+        epochs_done,
+        pos.seconds,
+        pos.tokens / max(pos.seconds, 1e-9),
+        pos.losses[-1] if pos.losses else float("nan"),
+    )
+    return TrainResult(run.trained, pos.step, epochs_done, pos.seconds, pos.tokens, list(pos.losses))
+
+
+@dataclass
+class _Run:
+    """What one stage holds while it trains: the prepared objects, where it stands (``pos``, which a
+    checkpoint saves), and the state a checkpoint taken now would hold."""
+
+    cfg: TrainConfig
+    description: str
+    accelerator: Any
+    trained: torch.nn.Module  # what the caller gets back: the module itself (peft-wrapped for LoRA)
+    model: torch.nn.Module  # the same module compiled and/or prepared by accelerate
+    named: list[tuple[str, torch.nn.Parameter]]  # the trainable parameters
+    optimizer: Any
+    scheduler: Any
+    sampler: LengthGroupedBatches
+    loader: Any
+    anchors: list[torch.Tensor] | None  # ft-c: θ₀ of every trainable parameter
+    steps_per_epoch: int
+    total_steps: int
+    checkpoint: Checkpointing | None
+    identity: Any
+    pos: ckpt.Position
+    finished: bool  # resumed from the checkpoint of a completed stage
+    rng_at_step: Any = None  # the RNG states at the last completed optimizer step
+    last_saved: int = 0  # the optimizer step of the last checkpoint (or of the one resumed from)
+    updating: bool = False  # an optimizer step is half applied: no checkpoint can be taken now
+    seconds_before: float = 0.0
+    started: float = 0.0
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def start_clock(self) -> None:
+        self.seconds_before = self.pos.seconds
+        self.started = time.perf_counter()
+
+    def elapsed(self) -> float:
+        """Training seconds of the stage, including those before a resume."""
+        return self.seconds_before + time.perf_counter() - self.started
+
+    def save(self, complete: bool = False, barrier: bool = True) -> None:
+        """Every process holds the same state: the main one writes it. With ``barrier`` the others wait
+        for it (and stop with its error if it fails); without, nobody waits (after an interruption the
+        other processes may not be here)."""
+        write = partial(
+            ckpt.save_checkpoint,
+            self.checkpoint.directory,
+            identity=self.identity,
+            position=self.pos,
+            params=dict(self.named),
+            optimizer=None if complete else self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            rng=self.rng_at_step,
+            complete=complete,
+        )
+        if barrier:
+            on_main_process(write)
+        elif self.accelerator.is_main_process:
+            write()
+        self.last_saved = self.pos.step
+
+
+def _start_or_resume(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    cfg: TrainConfig,
+    checkpoint: Checkpointing | None,
+    description: str,
+) -> _Run:
+    """Seed, build the examples, adapter, optimizer, batches and schedule, prepare them with accelerate,
+    and load the latest compatible checkpoint. The order of these steps fixes the random draws (the
+    LoRA initialisation among them): a resumed stage continues the uninterrupted one bit for bit."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
     set_seed(cfg.seed)
     # The scheduler counts optimizer steps (stepped below on sync steps only), whatever the process count;
     # accelerate's default would step it once per process per step.
@@ -234,7 +364,7 @@ def train(
         num_warmup_steps=int(cfg.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
-    trained = model  # what the caller gets back: the module itself (peft-wrapped for LoRA), never a copy
+    trained = model
     if cfg.compile:
         model = compile_blocks(model)
     model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
@@ -248,181 +378,148 @@ def train(
         log.info(
             "%s: resuming from %s (optimizer step %d of %d)", description, saved.path, pos.step, total_steps
         )
-    # Where the loop stands at the last completed optimizer step: what a checkpoint taken now holds.
-    rng_at_step = ckpt.capture_rng() if checkpoint is not None else None
-    last_saved = pos.step  # nothing new to save before the first step
-
-    def save(complete: bool = False, barrier: bool = True) -> None:
-        """Every process holds the same state: the main one writes it. With ``barrier`` the others wait
-        for it (and stop with its error if it fails); without, nobody waits (after an interruption the
-        other processes may not be here)."""
-        nonlocal last_saved
-        write = partial(
-            ckpt.save_checkpoint,
-            checkpoint.directory,
-            identity=identity,
-            position=pos,
-            params={n: p for n, p in named},
-            optimizer=None if complete else optimizer.state_dict(),
-            scheduler=scheduler.state_dict(),
-            rng=rng_at_step,
-            complete=complete,
-        )
-        if barrier:
-            on_main_process(write)
-        elif accelerator.is_main_process:
-            write()
-        last_saved = pos.step
-
-    model.train()
-    # Inductor's CPU reductions split across threads add in a run-dependent order unless deterministic
-    # algorithms are on (measured: two compiled runs differed by 1e-7 with 2 threads, never with it).
-    deterministic_before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
+    return _Run(
+        cfg=cfg,
+        description=description,
+        accelerator=accelerator,
+        trained=trained,
+        model=model,
+        named=named,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        sampler=sampler,
+        loader=loader,
+        anchors=anchors,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        checkpoint=checkpoint,
+        identity=identity,
+        pos=pos,
+        finished=saved is not None and saved.complete,
+        # where the loop stands at the last completed optimizer step: what a checkpoint taken now holds
+        rng_at_step=ckpt.capture_rng() if checkpoint is not None else None,
+        last_saved=pos.step,  # nothing new to save before the first step
     )
-    start = time.perf_counter()
-    seconds_before = pos.seconds
-    bar = tqdm(
-        total=total_steps,
-        desc=description,
-        unit="step",
-        disable=not progress or not accelerator.is_main_process,
-    )
-    bar.update(pos.step)
-    finished = saved is not None and saved.complete
-    updating = False  # True while an optimizer step is half applied: no checkpoint can be taken then
+
+
+def _run_epoch(run: _Run, bar, on_step: StepCallback | None) -> None:
+    """The rest of the current epoch (from the batch a resumed run stopped at), ending early when the
+    stage has taken its last optimizer step."""
+    pos, cfg, accelerator = run.pos, run.cfg, run.accelerator
+    # accelerate's loader re-sets its sampler's epoch from its own counter: set both.
+    if hasattr(run.loader, "set_epoch"):
+        run.loader.set_epoch(pos.epoch)
+    run.sampler.set_epoch(pos.epoch)
+    running = 0.0
+    pending_tokens = 0
+    skip = pos.batches_done  # a resumed epoch: these batches were consumed before the checkpoint
+    for batch_index, batch in enumerate(run.loader):
+        if batch_index < skip:
+            continue
+        loss = _optimizer_step(run, batch, batch_index)
+        pending_tokens += int(batch["attention_mask"].sum())
+        running += loss.item() / cfg.grad_accum
+        if not accelerator.sync_gradients:
+            continue
+        if run.world > 1:  # the step's loss and tokens over all processes, as one process reports them
+            stats = accelerator.reduce(
+                torch.tensor([running, float(pending_tokens)], device=accelerator.device), "sum"
+            )
+            running, pending_tokens = stats[0].item() / run.world, int(stats[1].item())
+        if run.anchors is not None:
+            _project_linf([p for _, p in run.named], run.anchors, cfg.linf_bound)
+        pos.step += 1
+        pos.tokens += pending_tokens
+        pending_tokens = 0
+        pos.batches_done = batch_index + 1
+        pos.accelerator_step = accelerator.step
+        pos.losses.append(running)
+        pos.seconds = run.elapsed()
+        if run.checkpoint is not None:
+            run.rng_at_step = ckpt.capture_rng()
+        run.updating = False
+        running = 0.0
+        bar.update(1)
+        bar.set_postfix(loss=f"{pos.losses[-1]:.4f}", epoch=pos.epoch + 1)
+        _maybe_checkpoint(run)
+        if on_step is not None:
+            on_step(pos.step, pos.losses[-1])
+        if pos.step >= run.total_steps:
+            return
+    pos.epoch += 1
+    pos.batches_done = 0
+
+
+def _optimizer_step(run: _Run, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
+    """Forward and backward one micro-batch; on the last micro-batch of a step (accelerate's
+    ``sync_gradients``) clip, step the optimizer and the schedule. Returns the micro-batch's loss."""
+    accelerator, cfg, pos = run.accelerator, run.cfg, run.pos
+    with accelerator.accumulate(run.model):
+        loss = answer_loss(run.model, batch)
+        finite = torch.isfinite(loss)
+        if run.world > 1:  # every process stops at the same batch, not only the one that saw it
+            finite = accelerator.reduce(finite.float().reshape(1), "sum").item() == run.world
+        if not finite:
+            raise TrainingDivergedError(
+                f"{run.description}: loss became {loss.item()} at optimizer step {pos.step + 1} "
+                f"(epoch {pos.epoch + 1}, batch {batch_index + 1}); nothing was written. Lower the "
+                "learning rate or check the data."
+            )
+        accelerator.backward(loss)
+        run.updating = accelerator.sync_gradients
+        if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+            # the prepared model's parameters: under FSDP they are the sharded ones
+            accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+        run.optimizer.step()
+        if accelerator.sync_gradients:
+            run.scheduler.step()
+        run.optimizer.zero_grad()
+    return loss
+
+
+def _maybe_checkpoint(run: _Run) -> None:
+    """The periodic checkpoint, every ``checkpoint.every`` optimizer steps (the last one is saved as the
+    stage's complete checkpoint instead)."""
+    every = run.checkpoint.every if run.checkpoint is not None else 0
+    if every and run.pos.step % every == 0 and run.pos.step < run.total_steps:
+        run.save()
+
+
+def _save_on_interrupt(run: _Run, ex: BaseException) -> None:
+    """After an interruption or a crash, keep the state of the last completed optimizer step (unless it
+    is already saved, a step is half applied, or the error is one a checkpoint cannot help with)."""
+    if (
+        run.checkpoint is None
+        or not run.checkpoint.save_on_error
+        or run.updating
+        or run.pos.step <= run.last_saved
+        or isinstance(ex, FlearnError)  # a diverged loss or a failed checkpoint: saving cannot help
+    ):
+        return
     try:
-        if cfg.compile:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        while not finished and pos.step < total_steps:
-            # accelerate's loader re-sets its sampler's epoch from its own counter: set both.
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(pos.epoch)
-            sampler.set_epoch(pos.epoch)
-            running = 0.0
-            pending_tokens = 0
-            skip = pos.batches_done  # a resumed epoch: these batches were consumed before the checkpoint
-            for batch_index, batch in enumerate(loader):
-                if batch_index < skip:
-                    continue
-                with accelerator.accumulate(model):
-                    loss = answer_loss(model, batch)
-                    finite = torch.isfinite(loss)
-                    if world > 1:  # every process stops at the same batch, not only the one that saw it
-                        finite = accelerator.reduce(finite.float().reshape(1), "sum").item() == world
-                    if not finite:
-                        raise TrainingDivergedError(
-                            f"{description}: loss became {loss.item()} at optimizer step {pos.step + 1} "
-                            f"(epoch {pos.epoch + 1}, batch {batch_index + 1}); nothing was written. Lower the "
-                            "learning rate or check the data."
-                        )
-                    accelerator.backward(loss)
-                    updating = accelerator.sync_gradients
-                    if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-                        # the prepared model's parameters: under FSDP they are the sharded ones
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    optimizer.step()
-                    if accelerator.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                pending_tokens += int(batch["attention_mask"].sum())
-                running += loss.item() / cfg.grad_accum
-                if accelerator.sync_gradients:
-                    if (
-                        world > 1
-                    ):  # the step's loss and tokens over all processes, as one process reports them
-                        stats = accelerator.reduce(
-                            torch.tensor([running, float(pending_tokens)], device=accelerator.device), "sum"
-                        )
-                        running, pending_tokens = stats[0].item() / world, int(stats[1].item())
-                    if anchors is not None:
-                        _project_linf(params, anchors, cfg.linf_bound)
-                    pos.step += 1
-                    pos.tokens += pending_tokens
-                    pending_tokens = 0
-                    pos.batches_done = batch_index + 1
-                    pos.accelerator_step = accelerator.step
-                    pos.losses.append(running)
-                    pos.seconds = seconds_before + time.perf_counter() - start
-                    if checkpoint is not None:
-                        rng_at_step = ckpt.capture_rng()
-                    updating = False
-                    running = 0.0
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{pos.losses[-1]:.4f}", epoch=pos.epoch + 1)
-                    if (
-                        checkpoint is not None
-                        and checkpoint.every
-                        and pos.step % checkpoint.every == 0
-                        and pos.step < total_steps
-                    ):
-                        save()
-                    if on_step is not None:
-                        on_step(pos.step, pos.losses[-1])
-                    if pos.step >= total_steps:
-                        break
-            else:
-                pos.epoch += 1
-                pos.batches_done = 0
-            if pos.step >= total_steps:
-                break
-            if on_epoch_end is not None:
-                model.eval()
-                stop = same_on_every_process(bool(on_epoch_end(pos.epoch, trained)))
-                model.train()
-                if stop:
-                    break
-        pos.seconds = seconds_before + time.perf_counter() - start
-        if checkpoint is not None and not finished:
-            save(complete=True)
-    except BaseException as ex:
-        if (
-            checkpoint is not None
-            and checkpoint.save_on_error
-            and not updating
-            and pos.step > last_saved
-            and not isinstance(ex, FlearnError)  # a diverged loss or a failed checkpoint: saving cannot help
-        ):
-            try:
-                save(barrier=False)  # the other processes may not be here: do not wait for them
-                log.warning(
-                    "%s: interrupted; state after optimizer step %d saved in %s",
-                    description,
-                    pos.step,
-                    checkpoint.directory,
-                )
-            except Exception as save_error:  # the original error matters more
-                log.warning(
-                    "%s: could not save a checkpoint after the interruption: %s", description, save_error
-                )
-        if cfg.compile and _is_compile_failure(ex):
-            raise _compile_error(ex) from ex
-        if isinstance(ex, torch.OutOfMemoryError):
-            raise _oom_error(ex, cfg) from ex
-        if isinstance(ex, RuntimeError) and (
-            "out of memory" in str(ex).lower() or "can't allocate memory" in str(ex).lower()
-        ):
-            raise _oom_error(ex, cfg) from ex
-        raise
-    finally:
-        bar.close()
-        torch.use_deterministic_algorithms(deterministic_before[0], warn_only=deterministic_before[1])
-    seconds = pos.seconds
-    model.eval()
-    unwrapped = trained
-    epochs_done = pos.step / steps_per_epoch
-    losses = pos.losses
-    log.info(
-        "%s: %d steps (%.2f epochs) in %.1f s, %.0f tokens/s, final loss %.4f",
-        description,
-        pos.step,
-        epochs_done,
-        seconds,
-        pos.tokens / max(seconds, 1e-9),
-        losses[-1] if losses else float("nan"),
-    )
-    return TrainResult(unwrapped, pos.step, epochs_done, seconds, pos.tokens, list(losses))
+        run.save(barrier=False)  # the other processes may not be here: do not wait for them
+        log.warning(
+            "%s: interrupted; state after optimizer step %d saved in %s",
+            run.description,
+            run.pos.step,
+            run.checkpoint.directory,
+        )
+    except Exception as save_error:  # the original error matters more
+        log.warning("%s: could not save a checkpoint after the interruption: %s", run.description, save_error)
+
+
+def _translate_error(ex: BaseException, cfg: TrainConfig) -> FlearnError | None:
+    """A compiler failure or an out-of-memory error as a ``FlearnError`` saying what to change; None
+    for any other error (raised unchanged)."""
+    if cfg.compile and _is_compile_failure(ex):
+        return _compile_error(ex)
+    if isinstance(ex, torch.OutOfMemoryError):
+        return _oom_error(ex, cfg)
+    if isinstance(ex, RuntimeError) and (
+        "out of memory" in str(ex).lower() or "can't allocate memory" in str(ex).lower()
+    ):
+        return _oom_error(ex, cfg)
+    return None
 
 
 def _is_compile_failure(ex: BaseException) -> bool:
