@@ -8,8 +8,17 @@ import pytest
 
 from config_checks import lax_values_refused
 from flearning.cli import main
-from flearning.config import BenchConfig, PrimeOptions, PrimeSettings, load_config
+from flearning.config import (
+    DATA_ENV,
+    FULL_DATA,
+    SAMPLE_DATA,
+    BenchConfig,
+    PrimeOptions,
+    PrimeSettings,
+    load_config,
+)
 from flearning.errors import ConfigError
+from flearning.resources import sample_path
 
 
 def problems(config, overrides=(), **kw) -> str:
@@ -185,3 +194,67 @@ def test_non_finite_lambda_option_exits_2(value, tmp_path, capsys):
         "error: invalid configuration: 1 problem\n  command line:lambdas.1: Input should be a finite number\n"
     )
     assert not out.exists()
+
+
+# ---- datasets: shipped samples, or the full datasets under a data root (never the source tree) -------
+
+
+@pytest.fixture
+def data_root(tmp_path, monkeypatch):
+    """A data root ``shared/data`` holding both full datasets (copies of the samples), no $FLEARN_DATA."""
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    root = (tmp_path / "shared" / "data").resolve()
+    for name, path in FULL_DATA.items():
+        (root / path).parent.mkdir(parents=True, exist_ok=True)
+        (root / path).write_bytes(sample_path(SAMPLE_DATA[name]).read_bytes())
+    return root
+
+
+def full_files(root):
+    return {name: root / path for name, path in FULL_DATA.items()}
+
+
+def test_the_quick_profile_runs_on_the_shipped_samples(data_root):
+    cfg = load_config(BenchConfig, None, [f"data_root={data_root}"], profile="quick")
+    assert cfg.data == {
+        "zsre": sample_path("zsre-200.json"),
+        "counterfact": sample_path("counterfact-200.json"),
+    }
+    assert all(path.is_file() for path in cfg.data.values())
+
+
+def test_the_paper_profile_reads_the_full_datasets_under_the_data_root(data_root, monkeypatch):
+    assert load_config(BenchConfig, None, [], {"data_root": data_root}, profile="paper").data == full_files(
+        data_root
+    )
+    monkeypatch.setenv(DATA_ENV, str(data_root))
+    assert load_config(BenchConfig, None, [], profile="paper").data == full_files(data_root)
+    monkeypatch.delenv(DATA_ENV)
+    work = data_root.parent.parent / "checkout"
+    work.mkdir()
+    monkeypatch.chdir(work)  # the default root: ../shared/data from the current directory
+    assert load_config(BenchConfig, None, [], profile="paper").data == full_files(data_root)
+
+
+def test_missing_full_datasets_name_the_file_and_how_to_set_the_root(data_root):
+    (data_root / FULL_DATA["counterfact"]).unlink()
+    assert problems(None, [f"data_root={data_root}"], profile="paper") == (
+        "invalid configuration: 1 problem\n"
+        f"  command line:data: the full datasets are not under the data root {data_root}: missing "
+        f"{data_root / FULL_DATA['counterfact']}; set the data root (--data-root DIR, data_root=DIR or "
+        "$FLEARN_DATA) or pass --data NAME=PATH"
+    )
+
+
+def test_without_a_profile_the_full_datasets_are_used_when_there_else_the_samples(data_root):
+    assert load_config(BenchConfig, None, [f"data_root={data_root}"]).data == full_files(data_root)
+    (data_root / FULL_DATA["zsre"]).unlink()
+    assert load_config(BenchConfig, None, [f"data_root={data_root}"]).data == {
+        name: sample_path(file) for name, file in SAMPLE_DATA.items()
+    }
+
+
+def test_given_datasets_replace_the_profile_s(data_root, tmp_path):
+    facts = tmp_path / "facts.json"
+    cfg = load_config(BenchConfig, None, [], {"data": {"toy": str(facts)}}, profile="paper")
+    assert cfg.data == {"toy": facts}

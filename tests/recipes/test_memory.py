@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from transformers import LlamaConfig
 
-from flearning.config import UpdateConfig
+from flearning.cli.tables import dry_run_report, plan_table, render
+from flearning.config import StagePlan, UpdateConfig
 from flearning.errors import FlearnError
 from flearning.models import count_parameters
 from flearning.recipes.memory import (
@@ -12,11 +13,8 @@ from flearning.recipes.memory import (
     RUNTIME_OVERHEAD,
     available_memory,
     dry_run_plan,
-    dry_run_report,
     model_shape,
     plan_memory,
-    plan_table,
-    render,
 )
 from flearning.training import LoraSettings, TrainConfig
 
@@ -115,15 +113,13 @@ def test_ft_c_keeps_its_anchor_and_an_output_keeps_theta(llama7b):
 
 
 def test_frozen_embeddings_are_not_trained(llama7b):
-    stages = {"learn": TrainConfig(batch_size=1, freeze_embeddings=True)}
+    stages = StagePlan(learn=TrainConfig(batch_size=1, freeze_embeddings=True))
     (learn,) = plan_memory(llama7b, "ft", stages, available=BIG).stages
     assert learn.trainable == llama7b.params - llama7b.embedding_params
     assert learn.weights == 4 * llama7b.params
 
 
 def test_stage_settings_are_taken_from_a_stage_plan(llama7b):
-    from flearning.config import StagePlan
-
     plan = StagePlan(learn=TrainConfig(batch_size=3), forget=TrainConfig(batch_size=5))
     forget, learn = plan_memory(llama7b, "flearning-ft", plan, available=BIG).stages
     assert (forget.batch_size, learn.batch_size) == (5, 3)

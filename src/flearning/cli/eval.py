@@ -6,33 +6,14 @@ Registered by ``flearning.cli``; heavy imports (torch, transformers) happen insi
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 
+from flearning.cli.tables import summary_table
 from flearning.evaluation.definitions import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_FLUENCY_TOKENS,
-    METRIC_LABELS,
-    METRICS,
 )
-
-
-def summary_table(summary: dict[str, dict[str, Any]], title: str):
-    """A rich table of one summary: metric, mean ± std (x100), n."""
-    from rich.table import Table
-
-    from flearning.evaluation.report import format_cell
-
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("mean ± std (x100)", justify="right")
-    table.add_column("n", justify="right")
-    for metric in METRICS:
-        entry = summary[metric]
-        table.add_row(METRIC_LABELS[metric], format_cell(entry), str(entry["n"]))
-    table.caption = "std over records; Fluency is n-gram entropy in bits x100; definitions in summary.md"
-    return table
 
 
 def eval_command(

@@ -12,14 +12,20 @@ import typer
 def prime_command(
     data: Path = typer.Option(..., "--data", help="Facts whose target_old is taught."),
     out: Path = typer.Option(..., "--out", "-o", help="Output model directory (written atomically)."),
-    model: str = typer.Option("smollm2-135m", "--model", "-m"),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model directory, hub id, or smollm2-135m."),
     fmt: str | None = typer.Option(None, "--format"),
     limit: int | None = typer.Option(None, "--limit"),
-    threshold: float = typer.Option(0.9, help="Stop once teacher-forced old-fact accuracy reaches this."),
-    max_epochs: float = typer.Option(15, help="Upper bound on epochs."),
-    lr: float = typer.Option(1e-4),
-    batch_size: int = typer.Option(8),
-    seed: int = typer.Option(0),
+    # unset options take the bench's prime settings (flearning.config.PrimeSettings)
+    threshold: float | None = typer.Option(
+        None,
+        help="Stop once teacher-forced old-fact accuracy reaches this (default: the bench's prime.threshold).",
+    ),
+    max_epochs: float | None = typer.Option(
+        None, help="Upper bound on epochs (default: the bench's prime.max_epochs)."
+    ),
+    lr: float | None = typer.Option(None, help="Learning rate (default: the bench's prime.lr)."),
+    batch_size: int | None = typer.Option(None, help="Batch size (default: the bench's prime.batch_size)."),
+    seed: int | None = typer.Option(None, help="Seed of the priming stage."),
     overwrite: bool = typer.Option(False, "--overwrite"),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
@@ -27,10 +33,12 @@ def prime_command(
     from flearning.data import load_dataset
     from flearning.distributed import on_main_process
     from flearning.io.atomic import atomic_directory, check_output_dir, write_errors_as_flearn
-    from flearning.models import load_model, resolve_model
+    from flearning.models import DEFAULT_MODEL, load_model, resolve_model
     from flearning.recipes.prime import prime
 
-    cfg = _stage_config(lr=lr, max_epochs=max_epochs, threshold=threshold, batch_size=batch_size, seed=seed)
+    options = _options(lr=lr, max_epochs=max_epochs, threshold=threshold, batch_size=batch_size, seed=seed)
+    cfg, threshold = options.train_config(options.seed), options.threshold
+    model = model or DEFAULT_MODEL
     dataset = load_dataset(data, fmt, limit=limit)
     source = resolve_model(model)
     target = check_output_dir(
@@ -68,24 +76,20 @@ def prime_command(
     )
 
 
-def _stage_config(**options: Any):
-    """The priming stage's TrainConfig from the options, each checked like a config's setting (a finite
-    number, in range, a seed NumPy takes): every problem at once, naming its option (``--lr``), exit 2."""
-    from pydantic import ValidationError
-
-    from flearning.config import PrimeOptions
+def _options(**options: Any):
+    """The options, each checked like a config's setting (a finite number, in range, a seed NumPy takes),
+    unset ones from the bench's prime settings: every problem at once, naming its option (``--lr``), exit 2."""
+    from flearning.config import PrimeOptions, load_config
     from flearning.errors import ConfigError, Problem
-    from flearning.training import TrainConfig
 
     try:
-        checked = PrimeOptions(**options)
-    except ValidationError as ex:
+        return load_config(PrimeOptions, None, [], options)
+    except ConfigError as ex:
         raise ConfigError(
             [
-                Problem("command line", None, "--" + str(err["loc"][0]).replace("_", "-"), err["msg"])
-                for err in ex.errors()
+                Problem(
+                    p.source, p.record, p.field and "--" + p.field.split(".")[0].replace("_", "-"), p.message
+                )
+                for p in ex.problems
             ]
         ) from ex
-    return TrainConfig(
-        lr=checked.lr, epochs=checked.max_epochs, batch_size=checked.batch_size, seed=checked.seed
-    )

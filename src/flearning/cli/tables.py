@@ -1,8 +1,15 @@
-"""Terminal tables for run summaries (rich)."""
+"""Every terminal table (rich): the before → after table of ``flearn update``, the summary of ``flearn
+eval`` and the memory plan of ``flearn update --dry-run``. The numbers come from the recipes and the
+evaluation; this module only lays them out (heavy imports stay inside the functions).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flearning.config import UpdateConfig
+    from flearning.recipes.memory import MemoryPlan
 
 
 def update_table(summary: dict[str, Any]):
@@ -25,3 +32,121 @@ def update_table(summary: dict[str, Any]):
     timings = summary.get("timings_seconds", {})
     table.caption = "time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
     return table
+
+
+def summary_table(summary: dict[str, dict[str, Any]], title: str):
+    """A rich table of one evaluation summary: metric, mean ± std (x100), n."""
+    from rich.table import Table
+
+    from flearning.evaluation.definitions import METRIC_LABELS, METRICS
+    from flearning.evaluation.report import format_cell
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("mean ± std (x100)", justify="right")
+    table.add_column("n", justify="right")
+    for metric in METRICS:
+        entry = summary[metric]
+        table.add_row(METRIC_LABELS[metric], format_cell(entry), str(entry["n"]))
+    table.caption = "std over records; Fluency is n-gram entropy in bits x100; definitions in summary.md"
+    return table
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
+
+
+def plan_table(plan: MemoryPlan):
+    """A rich renderable: one row per stage, the budget and the suggestions."""
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    from flearning.recipes.memory import RUNTIME_OVERHEAD, TIGHT, fmt_bytes
+
+    shape = plan.model
+    title = (
+        f"Memory plan: {plan.method} on {shape.name} ({_count(shape.params)} parameters, fp32, AdamW), "
+        f"sequences of {plan.seq_len} tokens"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in (
+        "stage",
+        "batch",
+        "trainable",
+        "weights",
+        "grads",
+        "Adam m,v",
+        "activations",
+        "other",
+        "total",
+    ):
+        table.add_column(
+            column,
+            justify="left" if column in ("stage", "other") else "right",
+            no_wrap=column != "other",
+        )
+    for s in plan.stages:
+        other = "\n".join(f"{label}: {fmt_bytes(b)}" for label, b in s.other) or "–"
+        table.add_row(
+            f"{s.name} ({s.kind})",
+            str(s.batch_size),
+            _count(s.trainable),
+            fmt_bytes(s.weights),
+            fmt_bytes(s.gradients),
+            fmt_bytes(s.optimizer),
+            fmt_bytes(s.activations),
+            other,
+            fmt_bytes(s.total),
+        )
+    per = (
+        f" ({plan.processes} processes × {fmt_bytes(plan.peak // plan.processes)})"
+        if plan.processes > 1
+        else ""
+    )
+    table.caption = (
+        f"totals include {fmt_bytes(RUNTIME_OVERHEAD)} runtime per process; activations are an estimate"
+    )
+    if plan.available is None:
+        verdict = Text(f"peak {fmt_bytes(plan.peak)}{per}; available memory unknown")
+    elif plan.peak <= TIGHT * plan.available:
+        verdict = Text(
+            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): fits",
+            style="green",
+        )
+    elif plan.fits:
+        verdict = Text(
+            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): "
+            f"fits, with little headroom ({plan.peak / plan.available:.0%})",
+            style="yellow",
+        )
+    else:
+        verdict = Text(
+            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): "
+            "does NOT fit",
+            style="bold red",
+        )
+    parts = [table, verdict]
+    parts += [Text(f"• {line}") for line in plan.suggestions]
+    return Group(*parts)
+
+
+def render(renderable, width: int = 120) -> str:
+    """A rich renderable as plain text (no colours)."""
+    import io
+
+    from rich.console import Console
+
+    console = Console(width=width, file=io.StringIO(), color_system=None)
+    console.print(renderable)
+    return console.file.getvalue()
+
+
+def dry_run_report(
+    cfg: UpdateConfig, *, seq_len: int = 32, processes: int = 1, available: int | None = None
+) -> str:
+    """``flearn update --dry-run``: the memory plan of an update config as text (a table, the verdict,
+    suggestions)."""
+    from flearning.recipes.memory import dry_run_plan
+
+    return render(plan_table(dry_run_plan(cfg, seq_len=seq_len, processes=processes, available=available)))

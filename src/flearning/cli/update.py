@@ -86,7 +86,7 @@ def update_command(
     cfg = load_config(UpdateConfig, config, overrides or [], cli)
     stage_plan(cfg, source=config_source(config))  # the stages' settings are valid (else exit 2)
     if dry_run:
-        from flearning.recipes.memory import dry_run_report
+        from flearning.cli.tables import dry_run_report
 
         typer.echo(dry_run_report(cfg))
         return

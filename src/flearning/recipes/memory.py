@@ -30,22 +30,21 @@ the activation term is an estimate.
 
 from __future__ import annotations
 
-import io
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flearning.config import StagePlan, UpdateConfig, stage_plan
 from flearning.errors import FlearnError
+from flearning.methods import Method, get_method
+from flearning.training.config import LoraSettings
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
 
-    from flearning.config import StagePlan, UpdateConfig
-    from flearning.methods import Method
-    from flearning.training.config import LoraSettings, TrainConfig
+    from flearning.training.config import TrainConfig
 
 FP32 = 4  # bytes: weights, gradients, activations and vectors are all fp32 in this project
 ADAM = 2 * FP32  # AdamW's m and v per trainable parameter
@@ -252,7 +251,7 @@ def available_memory() -> tuple[int | None, str]:
 def plan_memory(
     model_config_or_dir: PretrainedConfig | str | os.PathLike | ModelShape,
     method: str | Method,
-    stages: StagePlan | Mapping[str, TrainConfig] | None = None,
+    stages: StagePlan | None = None,
     batch_size: int | None = None,
     seq_len: int = 32,
     *,
@@ -268,11 +267,11 @@ def plan_memory(
         model_config_or_dir: a transformers config, a model directory or hub id (config.json only is
             read), or a ``ModelShape`` from ``model_shape``.
         method: a method name of the registry (``ft``, ``flearning-ft``, ...) or a ``Method``.
-        stages: the stages' settings: a ``StagePlan`` or ``{"forget": TrainConfig, "learn": ...}``; by
-            default the defaults of each stage's kind.
+        stages: the stages' settings as ``config.stage_plan`` builds them; by default the plan of an
+            update config with ``method`` and ``lora``, every other setting at its default.
         batch_size: micro-batch size of every stage, overriding ``stages``.
         seq_len: tokens per training sequence (prompt + answer + EOS; facts are short: ~10-40).
-        lora: LoRA shape of LoRA stages when ``stages`` does not give one (default ``LoraSettings()``).
+        lora: LoRA shape of the default plan's LoRA stages (default ``LoraSettings()``).
         keep_theta: the run keeps a copy of θ to write θ* − θ (``flearn update`` with an output directory).
         processes: training processes sharing this machine's memory (DDP on one host holds everything
             once per process).
@@ -281,10 +280,6 @@ def plan_memory(
     Returns:
         A ``MemoryPlan``; its ``suggestions`` say what to change when the plan does not fit.
     """
-    from flearning.config import StagePlan, default_stage
-    from flearning.methods import get_method
-    from flearning.training.config import LoraSettings
-
     shape = (
         model_config_or_dir
         if isinstance(model_config_or_dir, ModelShape)
@@ -292,25 +287,12 @@ def plan_memory(
     )
     method = get_method(method) if isinstance(method, str) else method
     lora = lora or LoraSettings()
-    if isinstance(stages, StagePlan):
-        stage_cfgs = {"forget": stages.forget, "learn": stages.learn}
-    else:
-        stage_cfgs = dict(stages or {})
-    kinds = {"forget": method.forget, "learn": method.learn}
-    configs: dict[str, TrainConfig] = {}
-    for name, kind in kinds.items():
-        if kind is None:
-            continue
-        cfg = stage_cfgs.get(name) or default_stage(kind, lora, 0)
-        if kind == "lora" and cfg.lora is None:
-            cfg = cfg.model_copy(update={"lora": lora})
-        if kind == "full" and cfg.lora is not None:
-            cfg = cfg.model_copy(update={"lora": None})
-        if batch_size is not None:
-            cfg = cfg.model_copy(update={"batch_size": batch_size})
-        if name == "learn" and method.constrained and cfg.linf_bound is None:
-            cfg = cfg.model_copy(update={"linf_bound": 5e-4})
-        configs[name] = cfg
+    stages = stages or stage_plan(UpdateConfig(method=method.name, lora=lora))
+    configs: dict[str, TrainConfig] = {"learn": stages.learn}
+    if method.forget is not None:  # a plan made by hand may leave the forget stage at its default
+        configs["forget"] = stages.forget or stage_plan(UpdateConfig(method=method.name, lora=lora)).forget
+    if batch_size is not None:
+        configs = {name: cfg.model_copy(update={"batch_size": batch_size}) for name, cfg in configs.items()}
 
     snapshot = (("θ snapshot", shape.params * FP32),) if keep_theta else ()
     plan_stages = []
@@ -329,7 +311,7 @@ def plan_memory(
         plan_stages.append(_with_other(stage, snapshot))
     cfg = configs["learn"]
     if cfg.lora is None:
-        anchors = (("ft-c anchor", _trainable_full(shape, cfg) * FP32),) if cfg.linf_bound is not None else ()
+        anchors = (("ft-c anchor", _trainable_full(shape, cfg) * FP32),) if method.constrained else ()
         stage = _full_stage("learn", shape, cfg, seq_len, extra=vector_after_forget + anchors)
     else:
         stage = _lora_stage("learn", shape, cfg, seq_len, extra=vector_after_forget)
@@ -348,7 +330,7 @@ def plan_memory(
         available=available,
         available_source=source,
     )
-    return MemoryPlan(**{**plan.__dict__, "suggestions": tuple(suggestions(plan, configs, lora, keep_theta))})
+    return MemoryPlan(**{**plan.__dict__, "suggestions": tuple(suggestions(plan, lora, keep_theta))})
 
 
 def _trainable_full(shape: ModelShape, cfg: TrainConfig) -> int:
@@ -404,9 +386,7 @@ def _with_other(stage: StageMemory, extra) -> StageMemory:
 # --- what to change when it does not fit -------------------------------------------------------
 
 
-def suggestions(
-    plan: MemoryPlan, configs: Mapping[str, TrainConfig], lora: LoraSettings, keep_theta: bool
-) -> list[str]:
+def suggestions(plan: MemoryPlan, lora: LoraSettings, keep_theta: bool) -> list[str]:
     """Concrete changes, each with the peak it would give, when ``plan`` does not fit (or barely)."""
     if plan.available is None or plan.peak <= TIGHT * plan.available:
         return []
@@ -466,7 +446,7 @@ def suggestions(
     return out
 
 
-# --- presentation --------------------------------------------------------------------------------
+# --- sizes as text ------------------------------------------------------------------------------
 
 
 def fmt_bytes(n: float) -> str:
@@ -477,91 +457,6 @@ def fmt_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-def _count(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n:,}"
-
-
-def plan_table(plan: MemoryPlan):
-    """A rich renderable: one row per stage, the budget and the suggestions."""
-    from rich.console import Group
-    from rich.table import Table
-    from rich.text import Text
-
-    shape = plan.model
-    title = (
-        f"Memory plan: {plan.method} on {shape.name} ({_count(shape.params)} parameters, fp32, AdamW), "
-        f"sequences of {plan.seq_len} tokens"
-    )
-    table = Table(title=title, title_justify="left")
-    for column in (
-        "stage",
-        "batch",
-        "trainable",
-        "weights",
-        "grads",
-        "Adam m,v",
-        "activations",
-        "other",
-        "total",
-    ):
-        table.add_column(
-            column,
-            justify="left" if column in ("stage", "other") else "right",
-            no_wrap=column != "other",
-        )
-    for s in plan.stages:
-        other = "\n".join(f"{label}: {fmt_bytes(b)}" for label, b in s.other) or "–"
-        table.add_row(
-            f"{s.name} ({s.kind})",
-            str(s.batch_size),
-            _count(s.trainable),
-            fmt_bytes(s.weights),
-            fmt_bytes(s.gradients),
-            fmt_bytes(s.optimizer),
-            fmt_bytes(s.activations),
-            other,
-            fmt_bytes(s.total),
-        )
-    per = (
-        f" ({plan.processes} processes × {fmt_bytes(plan.peak // plan.processes)})"
-        if plan.processes > 1
-        else ""
-    )
-    table.caption = (
-        f"totals include {fmt_bytes(RUNTIME_OVERHEAD)} runtime per process; activations are an estimate"
-    )
-    if plan.available is None:
-        verdict = Text(f"peak {fmt_bytes(plan.peak)}{per}; available memory unknown")
-    elif plan.peak <= TIGHT * plan.available:
-        verdict = Text(
-            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): fits",
-            style="green",
-        )
-    elif plan.fits:
-        verdict = Text(
-            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): "
-            f"fits, with little headroom ({plan.peak / plan.available:.0%})",
-            style="yellow",
-        )
-    else:
-        verdict = Text(
-            f"peak {fmt_bytes(plan.peak)}{per} of {fmt_bytes(plan.available)} available ({plan.available_source}): "
-            "does NOT fit",
-            style="bold red",
-        )
-    parts = [table, verdict]
-    parts += [Text(f"• {line}") for line in plan.suggestions]
-    return Group(*parts)
-
-
-def render(renderable, width: int = 120) -> str:
-    from rich.console import Console
-
-    console = Console(width=width, file=io.StringIO(), color_system=None)
-    console.print(renderable)
-    return console.file.getvalue()
-
-
 # --- flearn update --dry-run -----------------------------------------------------------------
 
 
@@ -570,7 +465,6 @@ def dry_run_plan(
 ) -> MemoryPlan:
     """The memory plan of an update config: its model (config only; the embedded default is converted
     once if it was not yet), method, stage settings and LoRA shape."""
-    from flearning.config import stage_plan
     from flearning.models import resolve_model
 
     source = resolve_model(cfg.model)
@@ -585,10 +479,3 @@ def dry_run_plan(
         available=available,
         trust_remote_code=cfg.trust_remote_code,
     )
-
-
-def dry_run_report(
-    cfg: UpdateConfig, *, seq_len: int = 32, processes: int = 1, available: int | None = None
-) -> str:
-    """``flearn update --dry-run``: the memory plan as text (a table, the verdict, suggestions)."""
-    return render(plan_table(dry_run_plan(cfg, seq_len=seq_len, processes=processes, available=available)))

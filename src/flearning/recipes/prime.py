@@ -1,9 +1,9 @@
 """Prime: teach a base model the OLD facts until it demonstrably holds them.
 
-The benchmark protocol (DESIGN.md §1) starts every method from the same θ that knows K_old. "3 epochs"
-is not enough on a small model (SmolLM2-135M reached 0.52 old-fact accuracy after 3 epochs at 5e-5 on
-50 facts), so we train until teacher-forced accuracy on K_old reaches a threshold, checking after
-every epoch, up to a maximum number of epochs, and report what was reached.
+Every method of the bench starts from the same θ that knows K_old. A fixed few epochs do not get a small
+model there, so the priming stage trains until teacher-forced accuracy on K_old reaches a threshold,
+checking after every epoch, up to a maximum number of epochs, and reports what was reached. Its
+defaults are the bench's prime settings (``flearning.config.PrimeSettings``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from flearning.config import PrimeSettings
 from flearning.data.records import KnowledgeRecord
 from flearning.training import TrainConfig, train
 
@@ -21,8 +22,6 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
-
-PRIME_STAGE = {"lr": 1e-4, "epochs": 15.0, "batch_size": 8}
 
 
 @dataclass
@@ -52,7 +51,7 @@ def prime(
     records: Sequence[KnowledgeRecord],
     cfg: TrainConfig | None = None,
     *,
-    threshold: float = 0.9,
+    threshold: float | None = None,
     progress: bool = True,
 ) -> PrimeResult:
     """Fine-tune ``model`` in place on (prompt, target_old) until old-fact accuracy ≥ ``threshold``
@@ -62,13 +61,15 @@ def prime(
         model: the base model θ₀ (fp32).
         tokenizer: its tokenizer.
         records: the facts; their ``target_old`` is taught.
-        cfg: stage settings; ``epochs`` is the maximum (default: lr 1e-4, up to 15 epochs, batch 8).
-        threshold: stop as soon as accuracy reaches this (0..1).
+        cfg: stage settings; ``epochs`` is the maximum (default: ``PrimeSettings``, the bench's).
+        threshold: stop as soon as accuracy reaches this (0..1; default: ``PrimeSettings.threshold``).
         progress: progress bars.
     Returns:
         ``PrimeResult`` with θ, accuracy before/after and per-epoch history.
     """
-    cfg = cfg or TrainConfig(**PRIME_STAGE)
+    defaults = PrimeSettings()
+    cfg = cfg or defaults.train_config(seed=0)
+    threshold = defaults.threshold if threshold is None else threshold
     start = time.perf_counter()
     before = old_fact_accuracy(model, tokenizer, records)
     history: list[tuple[int, float]] = []
