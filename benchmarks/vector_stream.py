@@ -189,10 +189,11 @@ def naive_apply(model_dir: Path, vector_dir: Path, lam: float, out: Path) -> Non
 def phases(root: Path) -> None:
     """Time the pieces of stream_apply separately (inputs already in the page cache)."""
     from flearning.vectors import streaming
+    from flearning.vectors.streaming.names import model_architecture
 
     out = {}
     t = time.perf_counter()
-    arch, _ = streaming.model_architecture(root / "base")
+    arch, _ = model_architecture(root / "base")
     out["build_meta_model_s"] = time.perf_counter() - t
     t = time.perf_counter()
     streaming.checkpoint_fingerprint(root / "base")
@@ -237,7 +238,7 @@ def compare(a: Path, b: Path) -> dict:
     """Largest absolute difference between two checkpoints, one tensor at a time."""
     import torch
 
-    from flearning.vectors.streaming import open_checkpoint, read_block
+    from flearning.io.safetensors import open_checkpoint, read_block
 
     ea, eb = open_checkpoint(a).entries, open_checkpoint(b).entries
     assert sorted(ea) == sorted(eb), "different tensor names"

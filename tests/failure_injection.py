@@ -137,9 +137,9 @@ def half_write_text(monkeypatch, when: Callable[[Path], bool]) -> HalfWrites:
 def half_write_streamed_shards(monkeypatch) -> HalfWrites:
     """Make the streaming writer (``flearn vector apply --stream``) fail half-way through its first block
     of tensor bytes, as ``write(2)`` does on a full disk: ``OSError(ENOSPC)`` without a file name."""
-    from flearning.vectors import streaming
+    from flearning.io import safetensors
 
-    real = streaming._write_all
+    real = safetensors.write_all
     record = HalfWrites()
 
     def write_all(fh, data) -> None:
@@ -151,7 +151,7 @@ def half_write_streamed_shards(monkeypatch) -> HalfWrites:
         record.written.append(len(view) // 2)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(streaming, "_write_all", write_all)
+    monkeypatch.setattr(safetensors, "write_all", write_all)
     return record
 
 

@@ -7,9 +7,19 @@ traceback.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 MAX_SHOWN = 20
+
+
+def format_names(items: Iterable[str], limit: int = MAX_SHOWN) -> str:
+    """Indented lines (messages or names) to append to an error message, at most ``limit`` of them,
+    then "... and N more"; the string starts with a newline."""
+    items = list(items)
+    shown = "".join(f"\n  {item}" for item in items[:limit])
+    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
+    return shown + more
 
 
 class FlearnError(Exception):

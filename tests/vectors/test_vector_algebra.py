@@ -11,7 +11,7 @@ from vector_helpers import finetuned_copy, params
 
 from flearning.errors import FlearnError
 from flearning.models import model_fingerprint
-from flearning.vectors import KnowledgeVector, VectorError, forget
+from flearning.vectors import KnowledgeVector, Provenance, VectorError, forget
 from tiny import tiny_llama
 
 EMBED = "model.embed_tokens.weight"
@@ -63,20 +63,22 @@ def test_identical_models_are_refused(base):
 
 def test_metadata_records_the_base(base, finetuned):
     vector = KnowledgeVector.from_models(
-        base, finetuned, base_model="tiny", data_hash="abc", hyperparameters={"lr": 5e-5, "epochs": 3}
+        base,
+        finetuned,
+        Provenance(base_model="tiny", data_hash="abc", hyperparameters={"lr": 5e-5, "epochs": 3}),
     )
     meta = vector.metadata
     assert meta.kind == "full" and meta.method == "ft" and meta.base_model == "tiny"
     assert meta.base_fingerprint == model_fingerprint(base)
     assert meta.hyperparameters == {"lr": 5e-5, "epochs": 3}
     assert meta.flearning_version and meta.created
-    given = KnowledgeVector.from_models(base, finetuned, base_fingerprint="given")
+    given = KnowledgeVector.from_models(base, finetuned, Provenance(base_fingerprint="given"))
     assert given.metadata.base_fingerprint == "given"
 
 
 def test_hyperparameters_must_be_json(base, finetuned):
     with pytest.raises(VectorError, match="metadata"):
-        KnowledgeVector.from_models(base, finetuned, hyperparameters={"x": object()})
+        KnowledgeVector.from_models(base, finetuned, Provenance(hyperparameters={"x": object()}))
 
 
 def test_layout_mismatch_between_models_is_refused(base):
@@ -90,7 +92,7 @@ def test_layout_mismatch_between_models_is_refused(base):
 def test_from_state_dicts_matches_from_models_and_dedupes_tied_names(base, finetuned):
     sd_base, sd_ft = base.state_dict(), finetuned.state_dict()
     assert "lm_head.weight" in sd_base  # a live state_dict lists the tied tensor twice
-    vector = KnowledgeVector.from_state_dicts(sd_base, sd_ft, base_fingerprint="fp")
+    vector = KnowledgeVector.from_state_dicts(sd_base, sd_ft, Provenance(base_fingerprint="fp"))
     reference = KnowledgeVector.from_models(base, finetuned)
     assert vector.keys() == reference.keys()
     assert all(torch.equal(vector[k], reference[k]) for k in vector)
@@ -329,7 +331,9 @@ def test_from_deltas_wraps_precomputed_deltas(base, finetuned):
         k: p.detach().float() - q.detach().float()
         for (k, p), q in zip(finetuned.named_parameters(), base.parameters(), strict=True)
     }
-    vector = KnowledgeVector.from_deltas(deltas, kind="full", base_fingerprint="fp", method="update:ft")
+    vector = KnowledgeVector.from_deltas(
+        deltas, Provenance(base_fingerprint="fp", method="update:ft"), kind="full"
+    )
     assert vector.keys() == reference.keys()  # zero deltas dropped the same way
     assert all(torch.equal(vector[k], reference[k]) for k in vector)
     assert vector.metadata.method == "update:ft" and vector.metadata.base_fingerprint == "fp"

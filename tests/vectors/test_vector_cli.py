@@ -11,10 +11,11 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 from vector_helpers import finetuned_copy, params, randomize_lora
 
-from flearning.cli.vector import PROVENANCE_FILE, vector_app
+from flearning.cli.vector import vector_app
 from flearning.errors import FlearnError
 from flearning.models import model_fingerprint
 from flearning.vectors import KnowledgeVector, VectorError
+from flearning.vectors.metadata import PROVENANCE_FILE
 from tiny import tiny_llama
 
 

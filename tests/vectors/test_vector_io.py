@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from flearning.vectors import KnowledgeVector, VectorError
+from flearning.vectors import KnowledgeVector, Provenance, VectorError
 from flearning.vectors import files as vio
 
 
@@ -17,9 +17,7 @@ def vector(base, finetuned):
     return KnowledgeVector.from_models(
         base,
         finetuned,
-        base_model="tiny",
-        data_hash="d1",
-        hyperparameters={"lr": 5e-5, "targets": ["q", "v"]},
+        Provenance(base_model="tiny", data_hash="d1", hyperparameters={"lr": 5e-5, "targets": ["q", "v"]}),
     )
 
 

@@ -21,7 +21,7 @@ from peft import LoraConfig, get_peft_model
 from vector_helpers import params, randomize_lora
 
 from flearning.models import model_fingerprint
-from flearning.vectors import KnowledgeVector, VectorError
+from flearning.vectors import KnowledgeVector, Provenance, VectorError
 from tiny import tiny_llama
 
 
@@ -61,7 +61,12 @@ def test_base_fingerprint_seen_through_the_wrapper_equals_the_plain_model():
     expected = model_fingerprint(base)
     model = lora_model(base)  # wraps base in place
     assert KnowledgeVector.from_lora(model).metadata.base_fingerprint == expected
-    assert KnowledgeVector.from_lora(model, base_fingerprint="given").metadata.base_fingerprint == "given"
+    assert (
+        KnowledgeVector.from_lora(
+            model, provenance=Provenance(base_fingerprint="given")
+        ).metadata.base_fingerprint
+        == "given"
+    )
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -1,4 +1,4 @@
-"""Streaming knowledge vectors on safetensors checkpoints (``arithmetic.streaming``).
+"""Streaming knowledge vectors on safetensors checkpoints (``vectors.streaming``, ``io.safetensors``).
 
 Every result is compared with the in-memory path (``KnowledgeVector`` + ``save_pretrained``), on tiny
 models saved both as one file and sharded (``max_shard_size="20KB"`` gives 6–7 shards).
@@ -22,10 +22,15 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from typer.testing import CliRunner
 from vector_helpers import finetuned_copy, params, randomize_lora
 
-from flearning.cli.vector import PROVENANCE_FILE, vector_app
+from flearning.cli.vector import vector_app
+from flearning.io import safetensors as st
+from flearning.io.safetensors import SafetensorsError
 from flearning.models import load_model, model_fingerprint
-from flearning.vectors import KnowledgeVector, VectorError, streaming
+from flearning.vectors import KnowledgeVector, Provenance, VectorError, streaming
 from flearning.vectors import files as vio
+from flearning.vectors.apply import apply_to_directory
+from flearning.vectors.metadata import PROVENANCE_FILE
+from flearning.vectors.streaming import blocks, names
 from tiny import tiny_llama
 
 SHARD = "20KB"
@@ -80,13 +85,13 @@ def reference():
 
 def test_tied_checkpoint_stores_the_embedding_once_under_its_parameter_name(dirs, sharded):
     base, _ = dirs
-    ckpt = streaming.open_checkpoint(base)
+    ckpt = st.open_checkpoint(base)
     assert ckpt.sharded == sharded and (len(ckpt.shards) > 3) == sharded
     assert "lm_head.weight" not in ckpt.entries and "model.embed_tokens.weight" in ckpt.entries
-    arch, why = streaming.model_architecture(base)
+    arch, why = names.model_architecture(base)
     assert arch is not None, why
     assert arch.aliases["lm_head.weight"] == "model.embed_tokens.weight"
-    assert list(streaming.model_parameters(ckpt, arch)) == sorted(
+    assert list(names.model_parameters(ckpt, arch)) == sorted(
         dict(tiny_llama(0).named_parameters()), key=list(ckpt.entries).index
     )
 
@@ -123,20 +128,20 @@ def test_fingerprint_without_config_is_refused_not_guessed(tmp_path, tokenizer):
 
 def test_broken_checkpoints_are_refused(tmp_path, tokenizer):
     path = save(tiny_llama(0), tmp_path / "m", True, tokenizer)
-    index = json.loads((path / streaming.INDEX_FILE).read_text())
+    index = json.loads((path / st.INDEX_FILE).read_text())
     shard = sorted(set(index["weight_map"].values()))[-1]
     data = (path / shard).read_bytes()
     (path / shard).write_bytes(data[:-4])
-    with pytest.raises(VectorError, match="the file has .* bytes, its header describes"):
-        streaming.open_checkpoint(path)
+    with pytest.raises(SafetensorsError, match="the file has .* bytes, its header describes"):
+        st.open_checkpoint(path)
     (path / shard).unlink()
-    with pytest.raises(VectorError, match="shards named in .* are missing"):
-        streaming.open_checkpoint(path)
+    with pytest.raises(SafetensorsError, match="shards named in .* are missing"):
+        st.open_checkpoint(path)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "pytorch_model.bin").write_bytes(b"x")
-    with pytest.raises(VectorError, match=r"only in pickle format \(pytorch_model\.bin\), refused"):
-        streaming.open_checkpoint(pickled)
+    with pytest.raises(SafetensorsError, match=r"only in pickle format \(pytorch_model\.bin\), refused"):
+        st.open_checkpoint(pickled)
 
 
 # -- Δ = FT(θ) − θ ------------------------------------------------------------------------------------------
@@ -144,7 +149,7 @@ def test_broken_checkpoints_are_refused(tmp_path, tokenizer):
 
 def test_stream_difference_equals_the_in_memory_vector(tmp_path, dirs, sharded, reference):
     base, tuned = dirs
-    result = streaming.stream_difference(base, tuned, tmp_path / "vec", data_hash="d1")
+    result = streaming.stream_difference(base, tuned, tmp_path / "vec", Provenance(data_hash="d1"))
     vector = KnowledgeVector.load(tmp_path / "vec")
     assert vector.keys() == reference.keys()  # named_parameters order, tied embedding once
     assert all(torch.equal(vector[k], reference[k]) for k in reference)
@@ -166,13 +171,13 @@ def test_vector_shards_map_one_to_one_to_model_shards(tmp_path, dirs, sharded):
     if not sharded:
         assert files == ["vector.json", "vector.safetensors"] and record["format_version"] == 1
         return
-    model_shards = [s.path.name for s in streaming.open_checkpoint(base).shards]
+    model_shards = [s.path.name for s in st.open_checkpoint(base).shards]
     assert record["format_version"] == vio.SHARDED_FORMAT_VERSION
     assert files == [vio.shard_file_name(i, len(model_shards)) for i in range(1, len(model_shards) + 1)] + [
         "vector.json"
     ]
     assert record["shards"] == {f: vio.sha256_file(tmp_path / "vec" / f) for f in files[:-1]}
-    index = json.loads((base / streaming.INDEX_FILE).read_text())["weight_map"]
+    index = json.loads((base / st.INDEX_FILE).read_text())["weight_map"]
     for key, file in record["weight_map"].items():
         number = file.removeprefix("vector-")[:5]
         assert index[key] == model_shards[int(number) - 1], key  # the model shard with the same number
@@ -269,7 +274,8 @@ def test_bf16_checkpoint_stays_bf16_and_matches_in_memory(tmp_path, tokenizer):
     assert all(t.dtype == torch.bfloat16 for t in tensors_of(tmp_path / "out").values())
     # a vector whose fingerprint is of the model loaded in bf16 is accepted too
     bf16_vector = KnowledgeVector.from_deltas(
-        vector.deltas, base_fingerprint=model_fingerprint(load_model(base, dtype=torch.bfloat16)[0])
+        vector.deltas,
+        Provenance(base_fingerprint=model_fingerprint(load_model(base, dtype=torch.bfloat16)[0])),
     )
     bf16_vector.save(tmp_path / "vec16")
     streaming.stream_apply(base, tmp_path / "vec16", -0.5, tmp_path / "out16")
@@ -286,15 +292,15 @@ def test_block_kernels_are_bit_identical_to_ops(dtype, lam):
     gen = torch.Generator().manual_seed(0)
     theta = (torch.randn(37, 11, generator=gen) * 0.02).to(dtype)
     delta = torch.randn(37, 11, generator=gen) * 1e-3
-    buffers = streaming.BlockBuffers()
+    buffers = blocks.BlockBuffers()
     expected = ops.updated_values({"w": theta}, {"w": delta}, lam)["w"]
-    got, bad = streaming.updated_block(theta, delta, lam, buffers)
+    got, bad = blocks.updated_block(theta, delta, lam, buffers)
     assert bad == 0 and got.dtype == dtype and torch.equal(got, expected)
     tuned = (theta.float() + delta).to(dtype)
-    diff = streaming.difference_block(theta, tuned, buffers)
+    diff = blocks.difference_block(theta, tuned, buffers)
     assert torch.equal(diff, ops.difference({"w": theta}, {"w": tuned})["w"])
     # buffers are reused, not reallocated, for blocks of the same or a smaller size
-    again, _ = streaming.updated_block(theta[:5], delta[:5], lam, buffers)
+    again, _ = blocks.updated_block(theta[:5], delta[:5], lam, buffers)
     assert again.data_ptr() == got.data_ptr()
 
 
@@ -303,30 +309,30 @@ def test_block_kernel_counts_values_that_overflow_the_stored_dtype():
 
     theta = torch.tensor([[1.0, 60000.0], [2.0, float("nan")]], dtype=torch.float16)
     delta = torch.tensor([[0.0, 1e4], [0.0, 0.0]])
-    _, bad = streaming.updated_block(theta, delta, 1.0, streaming.BlockBuffers())
+    _, bad = blocks.updated_block(theta, delta, 1.0, blocks.BlockBuffers())
     assert bad == 2  # 70000 is finite in fp32 but inf in fp16; the NaN stays NaN
     with pytest.raises(VectorError, match="2 of 4 values not finite"):
         ops.updated_values({"w": theta}, {"w": delta}, 1.0)
-    assert streaming.all_finite(torch.zeros(0)) and not streaming.all_finite(torch.tensor([float("-inf")]))
+    assert blocks.all_finite(torch.zeros(0)) and not blocks.all_finite(torch.tensor([float("-inf")]))
 
 
 def test_row_blocks_cover_every_row_once():
-    assert list(streaming.row_blocks((10, 4), chunk_bytes=48)) == [(0, 3), (3, 6), (6, 9), (9, 10)]
-    assert list(streaming.row_blocks((3, 100), chunk_bytes=8)) == [(0, 1), (1, 2), (2, 3)]  # a row at least
-    assert list(streaming.row_blocks(())) == [None] and list(streaming.row_blocks((0, 5))) == []
+    assert list(st.row_blocks((10, 4), chunk_bytes=48)) == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert list(st.row_blocks((3, 100), chunk_bytes=8)) == [(0, 1), (1, 2), (2, 3)]  # a row at least
+    assert list(st.row_blocks(())) == [None] and list(st.row_blocks((0, 5))) == []
 
 
 # -- memory: one block at a time ---------------------------------------------------------------------------
 
 
 class OpenCounter:
-    """Wraps ``streaming._safe_open``: counts handles alive and tensors/bytes read from files alive."""
+    """Wraps ``st._safe_open``: counts handles alive and tensors/bytes read from files alive."""
 
     def __init__(self, monkeypatch):
         self.handles = self.max_handles = self.opened = 0
         self.tensors = self.max_tensors = 0
         self.bytes = self.max_bytes = 0
-        monkeypatch.setattr(streaming, "_safe_open", self.open)
+        monkeypatch.setattr(st, "_safe_open", self.open)
 
     def _track(self, tensor):
         size = tensor.numel() * tensor.element_size()
@@ -456,7 +462,7 @@ def test_peak_rss_does_not_grow_with_the_shard_size(tmp_path):
 
 
 def vector_with(tmp_path, deltas, **kwargs) -> Path:
-    KnowledgeVector.from_deltas(deltas, drop_zero=False, **kwargs).save(tmp_path / "bad-vec")
+    KnowledgeVector.from_deltas(deltas, Provenance(**kwargs), drop_zero=False).save(tmp_path / "bad-vec")
     return tmp_path / "bad-vec"
 
 
@@ -478,7 +484,7 @@ def test_vectors_that_do_not_fit_are_refused(tmp_path, dirs, deltas, message):
 
 def test_nan_in_the_last_shard_leaves_nothing_behind(tmp_path, dirs, reference):
     base, _ = dirs
-    ckpt = streaming.open_checkpoint(base)
+    ckpt = st.open_checkpoint(base)
     last = next(e.name for e in reversed(ckpt.shards[-1].entries) if e.name in reference)
     deltas = dict(reference.deltas)
     deltas[last] = deltas[last].clone()
@@ -796,8 +802,16 @@ def test_cli_applies_and_computes_lora_adapters_by_streaming(tmp_path, tokenizer
     assert_same_tensors(tmp_path / "out", tmp_path / "out2")
 
 
-def test_cli_and_streaming_write_the_same_provenance_file():
-    assert PROVENANCE_FILE == streaming.PROVENANCE_FILE
+def test_in_memory_and_streamed_apply_write_the_same_provenance_file(tmp_path, dirs, reference):
+    """One file name and one record for both paths (were two constants kept equal by hand)."""
+    base, _ = dirs
+    reference.save(tmp_path / "vec")
+    apply_to_directory(base, tmp_path / "vec", -0.5, tmp_path / "mem")
+    streaming.stream_apply(base, tmp_path / "vec", -0.5, tmp_path / "str")
+    in_memory = json.loads((tmp_path / "mem" / PROVENANCE_FILE).read_text())
+    streamed = json.loads((tmp_path / "str" / PROVENANCE_FILE).read_text())
+    assert streamed == {**in_memory, "streamed": True}
+    assert in_memory["vector"] == str(tmp_path / "vec") and in_memory["lambda"] == -0.5
 
 
 def test_save_file_vectors_and_streamed_vectors_have_the_same_format(tmp_path, dirs, reference):

@@ -4,7 +4,7 @@ Sign convention: ``apply`` always computes θ + L·Δ. Forgetting (F-Learning's 
 negative L: ``flearn vector apply --model M --vector V --lambda=-0.7 --out M2``.
 
 Big checkpoints: ``compute`` and ``apply`` stream safetensors files tensor by tensor
-(``arithmetic.streaming``) instead of loading models, with ``--stream``, and by default when the model
+(``vectors.streaming``) instead of loading models, with ``--stream``, and by default when the model
 directory is sharded (``model.safetensors.index.json``), the vector is sharded, or ``apply --vector`` is a
 LoRA adapter directory. ``--no-stream`` forces the in-memory path.
 """
@@ -17,8 +17,6 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from flearning.errors import FlearnError
-
 if TYPE_CHECKING:
     from flearning.vectors.vector import KnowledgeVector
 
@@ -30,8 +28,6 @@ vector_app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Compute, apply and inspect knowledge vectors (Δ = fine-tuned − base).",
 )
-
-PROVENANCE_FILE = "flearn_vector_applied.json"  # the same name as streaming.PROVENANCE_FILE
 
 _STREAM_HELP = (
     "Stream the safetensors files tensor by tensor instead of loading whole models (memory: a few "
@@ -51,8 +47,7 @@ def _summary(vector: KnowledgeVector) -> str:
 def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output that cannot be written before any work: a file, a non-empty directory without
     --overwrite, a path under a file, a directory the system does not let us write (FlearnError, exit 2)."""
-    from flearning.io.atomic import check_output_dir
-    from flearning.vectors.files import check_writable_target
+    from flearning.io.atomic import check_output_dir, check_writable_target
 
     check_writable_target(out.expanduser(), overwrite=overwrite)
     check_output_dir(out, overwrite=True)  # the parent: writable, not a file; a non-empty out was checked
@@ -65,11 +60,6 @@ def _writing(out: Path, what: str):
     return write_errors_as_flearn(
         out.expanduser().absolute(), what=what, note="Nothing was written; a previous output is untouched."
     )
-
-
-def _inside(path: Path, other: Path) -> bool:
-    """Whether ``path`` is ``other`` or lies below it."""
-    return path == other or other in path.parents
 
 
 @vector_app.command("compute")
@@ -96,121 +86,29 @@ def compute_command(
     ),
 ) -> None:
     """Compute the knowledge vector of a fine-tuning: from a fine-tuned model or from a LoRA adapter."""
-    if (finetuned is None) == (lora_adapter is None):
-        raise FlearnError(
-            "give exactly one of --finetuned DIR (full fine-tuning) or --lora-adapter DIR (LoRA)"
-        )
+    from flearning.vectors.apply import compute_vector
+    from flearning.vectors.streaming import StreamResult
+
     _check_out(out, overwrite)  # fail before minutes of loading
-    source = _local_model(base, stream)
-    if source is not None:
-        with _writing(out, "the vector"):
-            _compute_streamed(source, base, out, finetuned, lora_adapter, method, keep_zero, overwrite)
-        return
-    from flearning.models import load_model, model_fingerprint
-    from flearning.vectors.vector import KnowledgeVector
-
-    model, _ = load_model(base)
-    fingerprint = model_fingerprint(model)
-    if finetuned is not None:
-        tuned, _ = load_model(finetuned)
-        vector = KnowledgeVector.from_models(
-            model,
-            tuned,
-            base_model=str(base),
-            base_fingerprint=fingerprint,
-            method=method or "ft",
-            hyperparameters={"finetuned": str(finetuned)},
-            drop_zero=not keep_zero,
-        )
-    else:
-        peft_model = _load_lora(model, lora_adapter)
-        vector = KnowledgeVector.from_lora(
-            peft_model,
-            base_model=str(base),
-            base_fingerprint=fingerprint,
-            method=method or "lora",
-            hyperparameters={"adapter": str(lora_adapter)},
-            drop_zero=not keep_zero,
-        )
     with _writing(out, "the vector"):
-        vector.save(out, overwrite=overwrite)
-    typer.echo(f"{_summary(vector)} -> {out}")
-
-
-def _local_model(spec: str, stream: bool | None) -> Path | None:
-    """The model directory to stream from, or None for the in-memory path (see ``_STREAM_HELP``)."""
-    if stream is False:
-        return None
-    from flearning.models import resolve_model
-    from flearning.vectors.streaming import is_sharded_checkpoint
-
-    path = Path(resolve_model(spec))
-    if not path.is_dir():
-        if stream:
-            raise FlearnError(f"streaming needs a local model directory; '{spec}' is not one")
-        return None
-    return path if stream or is_sharded_checkpoint(path) else None
-
-
-def _compute_streamed(
-    source: Path,
-    base: str,
-    out: Path,
-    finetuned: Path | None,
-    lora_adapter: Path | None,
-    method: str | None,
-    keep_zero: bool,
-    overwrite: bool,
-) -> None:
-    from flearning.vectors import streaming
-
-    if finetuned is not None:
-        result = streaming.stream_difference(
-            source,
-            finetuned,
+        result = compute_vector(
+            base,
             out,
-            base_model=str(base),
-            method=method or "ft",
-            hyperparameters={"finetuned": str(finetuned)},
+            finetuned=finetuned,
+            lora_adapter=lora_adapter,
+            method=method,
             drop_zero=not keep_zero,
             overwrite=overwrite,
+            stream=stream,
         )
-        kind = "full"
-    else:
-        assert lora_adapter is not None
-        result = streaming.stream_lora_vector(
-            source,
-            lora_adapter,
-            out,
-            base_model=str(base),
-            method=method or "lora",
-            hyperparameters={"adapter": str(lora_adapter)},
-            drop_zero=not keep_zero,
-            overwrite=overwrite,
-        )
-        kind = "lora"
+    if not isinstance(result, StreamResult):
+        typer.echo(f"{_summary(result)} -> {out}")
+        return
     typer.echo(
-        f"{kind} vector: {result.num_tensors} tensors, {result.num_params:,} parameters, "
-        f"norm {result.norm:.6g}, max |Δ| {result.max_abs:.3g} -> {out} "
+        f"{'full' if finetuned is not None else 'lora'} vector: {result.num_tensors} tensors, "
+        f"{result.num_params:,} parameters, norm {result.norm:.6g}, max |Δ| {result.max_abs:.3g} -> {out} "
         f"(streamed, {result.num_shards} file{'s' if result.num_shards != 1 else ''}, {result.seconds:.1f} s)"
     )
-
-
-def _load_lora(model, adapter_dir: Path):
-    """Wrap ``model`` with the LoRA adapter in ``adapter_dir`` (safetensors only)."""
-    from flearning.io.safetensors import refuse_pickles
-
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise FlearnError(f"{adapter_dir}: not a PEFT adapter directory (no adapter_config.json)")
-    if not (adapter_dir / "adapter_model.safetensors").is_file():
-        refuse_pickles(adapter_dir, "the adapter is")
-        raise FlearnError(f"{adapter_dir}: no adapter_model.safetensors")
-    from peft import PeftModel
-
-    try:
-        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
-    except (ValueError, KeyError, RuntimeError, OSError) as ex:
-        raise FlearnError(f"{adapter_dir}: cannot load the adapter onto the base model: {ex}") from ex
 
 
 @vector_app.command("apply")
@@ -245,66 +143,24 @@ def apply_command(
 
     --vector is a knowledge-vector directory or, streamed, a PEFT LoRA adapter directory.
     """
-    import json
+    from flearning.vectors.apply import apply_vector
+    from flearning.vectors.lora import is_lora_adapter
+    from flearning.vectors.streaming import StreamResult
 
-    from flearning.models import load_model, resolve_model
-    from flearning.vectors import streaming
-    from flearning.vectors.files import (
-        SHARDED_FORMAT_VERSION,
-        atomic_directory,
-        check_writable_target,
-        read_record,
-    )
-    from flearning.vectors.ops import check_scalar
-    from flearning.vectors.vector import KnowledgeVector
-
-    lam = check_scalar(lam, "--lambda")
     _check_out(out, overwrite)
-    adapter = streaming.is_lora_adapter(vector_path)
-    if adapter and stream is False:
-        raise FlearnError(
-            f"{vector_path} is a LoRA adapter directory: apply it with --stream (or compute a vector "
-            "first: flearn vector compute --lora-adapter)"
+    with _writing(out, "the model"):
+        result = apply_vector(
+            model_path, vector_path, lam, out, check_base=check_base, overwrite=overwrite, stream=stream
         )
-    sharded_vector = not adapter and read_record(vector_path)[1]["format_version"] == SHARDED_FORMAT_VERSION
-    source = _local_model(model_path, True if (adapter or sharded_vector) and stream is None else stream)
-    if source is not None:
-        with _writing(out, "the model"):
-            result = streaming.stream_apply(
-                source, vector_path, lam, out, check_base=check_base, overwrite=overwrite
-            )
-        typer.echo(
-            f"applied {'LoRA adapter' if adapter else 'vector'} {vector_path} with lambda={lam} to "
-            f"{model_path} -> {out} (streamed: {result.num_tensors} tensors, {result.num_params:,} "
-            f"parameters changed, {result.num_shards} file{'s' if result.num_shards != 1 else ''}, "
-            f"{result.seconds:.1f} s)"
-        )
+    if not isinstance(result, StreamResult):
+        typer.echo(f"applied {_summary(result)} with lambda={lam} to {model_path} -> {out}")
         return
-    out_abs = out.expanduser().resolve()
-    vector = KnowledgeVector.load(vector_path)  # cheap checks first, the model load is the slow part
-    source = Path(resolve_model(model_path))
-    if source.exists():
-        src_abs = source.resolve()
-        if _inside(out_abs, src_abs) or _inside(src_abs, out_abs):
-            raise FlearnError(
-                f"--out {out} would write into (or over) the input model {model_path}; choose another"
-            )
-    check_writable_target(out_abs, overwrite=overwrite)
-
-    model, tokenizer = load_model(source)
-    vector.apply_to(model, lam, check_base=check_base)
-    with _writing(out, "the model"), atomic_directory(out_abs, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        provenance = {
-            "model": str(model_path),
-            "vector": str(vector_path),
-            "lambda": lam,
-            "operation": "theta + lambda * delta",
-            "vector_metadata": vector.metadata.model_dump(mode="json"),
-        }
-        (tmp / PROVENANCE_FILE).write_text(json.dumps(provenance, indent=2) + "\n")
-    typer.echo(f"applied {_summary(vector)} with lambda={lam} to {model_path} -> {out}")
+    typer.echo(
+        f"applied {'LoRA adapter' if is_lora_adapter(vector_path) else 'vector'} {vector_path} with "
+        f"lambda={lam} to {model_path} -> {out} (streamed: {result.num_tensors} tensors, "
+        f"{result.num_params:,} parameters changed, {result.num_shards} "
+        f"file{'s' if result.num_shards != 1 else ''}, {result.seconds:.1f} s)"
+    )
 
 
 @vector_app.command("scale")
@@ -315,10 +171,8 @@ def scale_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
 ) -> None:
     """Write a new vector S·Δ."""
-    from flearning.vectors.ops import check_scalar
     from flearning.vectors.vector import KnowledgeVector
 
-    by = check_scalar(by, "--by")
     _check_out(out, overwrite)
     scaled = KnowledgeVector.load(vector_path) * by
     with _writing(out, "the vector"):

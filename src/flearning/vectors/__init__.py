@@ -1,8 +1,8 @@
 """Knowledge vectors: Δ = FT(θ, K) − θ, their algebra, and applying them (θ ± λ·Δ).
 
-In memory: ``KnowledgeVector``. For checkpoints bigger than RAM (safetensors, one file or sharded):
-``stream_difference``, ``stream_lora_vector``, ``stream_apply`` and ``checkpoint_fingerprint`` from
-``vectors.streaming``.
+In memory: ``KnowledgeVector`` (its provenance: ``Provenance``). For checkpoints bigger than RAM
+(safetensors, one file or sharded): ``stream_difference``, ``stream_lora_vector``, ``stream_apply`` and
+``checkpoint_fingerprint`` from ``vectors.streaming``.
 
 Exports are loaded lazily: ``flearn --help`` imports this package (through ``cli.vector``) and must
 not pay for torch.
@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from flearning.vectors.metadata import Provenance, VectorMetadata
     from flearning.vectors.ops import VectorError
     from flearning.vectors.streaming import (
         StreamResult,
@@ -21,9 +22,10 @@ if TYPE_CHECKING:
         stream_difference,
         stream_lora_vector,
     )
-    from flearning.vectors.vector import KnowledgeVector, VectorMetadata, VectorStats, forget
+    from flearning.vectors.vector import KnowledgeVector, VectorStats, forget
 
-_VECTOR = ("KnowledgeVector", "VectorMetadata", "VectorStats", "forget")
+_VECTOR = ("KnowledgeVector", "VectorStats", "forget")
+_METADATA = ("Provenance", "VectorMetadata")
 _STREAMING = (
     "StreamResult",
     "checkpoint_fingerprint",
@@ -34,6 +36,7 @@ _STREAMING = (
 
 __all__ = [
     "KnowledgeVector",
+    "Provenance",
     "StreamResult",
     "VectorError",
     "VectorMetadata",
@@ -51,6 +54,10 @@ def __getattr__(name: str):
         from flearning.vectors import vector
 
         return getattr(vector, name)
+    if name in _METADATA:
+        from flearning.vectors import metadata
+
+        return getattr(metadata, name)
     if name in _STREAMING:
         from flearning.vectors import streaming
 

@@ -4,17 +4,28 @@ Keys are the base model's parameter names (``model.layers.0.self_attn.q_proj.wei
 applies to the plain model exactly like a full fine-tuning vector. Only plain LoRA on linear layers is
 supported: variants (DoRA, aLoRA, ...), LoRA on embeddings/convolutions, ``lora_bias``, trained
 ``modules_to_save`` and initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ) change
-the model by something other than B·A·scaling, and are refused with the reason.
+the model by something other than B·A·scaling, and are refused with the reason. The one home of LoRA
+handling: a live peft model (``lora_deltas``) and an adapter directory read from its files
+(``read_adapter_config``, ``layer_scaling``, streamed by ``streaming.sources.LoraAdapterFiles``).
 """
 
 from __future__ import annotations
 
+import json
+import math
+import os
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.vectors.ops import VectorError, format_names
+from flearning.errors import format_names
+from flearning.io.safetensors import refuse_pickles
+from flearning.vectors.ops import VectorError
 
 if TYPE_CHECKING:
     import torch
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 # Initialisations that move the principal components out of the base weight: the adapter then
 # does not describe the change from the original model.
@@ -75,6 +86,12 @@ def lora_config(model: torch.nn.Module, adapter_name: str) -> Any | None:
     config = configs[adapter_name]
     if config.peft_type != PeftType.LORA:
         raise VectorError(f"adapter '{adapter_name}' is {config.peft_type.value}, not LoRA")
+    check_config(config, adapter_name)
+    return config
+
+
+def check_config(config: Any, adapter_name: str) -> None:
+    """Refuse (``VectorError``, every reason listed) a ``LoraConfig`` whose change is not B·A·scaling."""
     problems = []
     init = config.init_lora_weights
     if isinstance(init, str) and init.lower().startswith(_BASE_MUTATING_INITS):
@@ -100,7 +117,6 @@ def lora_config(model: torch.nn.Module, adapter_name: str) -> Any | None:
         raise VectorError(
             f"cannot build a knowledge vector from adapter '{adapter_name}':" + format_names(problems)
         )
-    return config
 
 
 def lora_deltas(model: torch.nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
@@ -162,11 +178,7 @@ def lora_deltas(model: torch.nn.Module, adapter_name: str = "default") -> dict[s
         key = canonical.get(id(weight), base_name(f"{name}.weight"))
         a = module.lora_A[adapter_name].weight.detach().to("cpu", torch.float32)
         b = module.lora_B[adapter_name].weight.detach().to("cpu", torch.float32)
-        with torch.no_grad():
-            delta = b @ a
-            if module.fan_in_fan_out:  # Conv1D stores the weight as (in, out)
-                delta = delta.T
-            delta = (delta * module.scaling[adapter_name]).contiguous()
+        delta = lora_delta(a, b, module.scaling[adapter_name], module.fan_in_fan_out)
         if tuple(delta.shape) != tuple(weight.shape):
             problems.append(
                 f"{name}: B·A has shape {tuple(delta.shape)}, the base weight {tuple(weight.shape)}"
@@ -235,8 +247,11 @@ def lora_hyperparameters(model: torch.nn.Module, adapter_name: str) -> dict[str,
         ``{"lora": {...}}``, or ``{}`` when the model carries no config.
     """
     config = lora_config(model, adapter_name)
-    if config is None:
-        return {}
+    return {} if config is None else config_hyperparameters(config, adapter_name)
+
+
+def config_hyperparameters(config: Any, adapter_name: str = "default") -> dict[str, Any]:
+    """``{"lora": {...}}``: the settings of a ``LoraConfig`` worth recording next to the vector."""
     targets = config.target_modules
     if isinstance(targets, (set, list, tuple)):
         targets = sorted(targets)
@@ -252,3 +267,110 @@ def lora_hyperparameters(model: torch.nn.Module, adapter_name: str) -> dict[str,
             "alpha_pattern": dict(config.alpha_pattern or {}),
         }
     }
+
+
+def lora_delta(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool,
+    rows: tuple[int, int] | None = None,
+) -> torch.Tensor:
+    """ΔW = B·A·scaling in fp32 (``(B·A)ᵀ`` for ``fan_in_fan_out``: GPT-2 style ``Conv1D`` stores the
+    weight as (in, out)), or only its rows ``rows`` (start, stop), computed without the others."""
+    import torch
+
+    with torch.no_grad():
+        if rows is None:
+            delta = (b @ a).T if fan_in_fan_out else b @ a
+        else:  # rows of (B·A)ᵀ are columns of B·A
+            start, stop = rows
+            delta = (b @ a[:, start:stop]).T if fan_in_fan_out else b[start:stop] @ a
+        return (delta * scaling).contiguous()
+
+
+def layer_scaling(config: Any, module: str) -> tuple[int, float]:
+    """(r, scaling) of the layer ``module`` as peft sets them: ``rank_pattern``/``alpha_pattern`` resolved
+    by peft's own ``get_pattern_key``, scaling α/r (α/√r with ``use_rslora``)."""
+    from peft.utils.other import get_pattern_key
+
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    return r, alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def is_lora_adapter(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a PEFT adapter directory (has ``adapter_config.json``)."""
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def check_adapter_dir(path: str | os.PathLike) -> Path:
+    """``path`` as a PEFT adapter directory with safetensors weights (pickled weights are refused)."""
+    path = Path(path).expanduser()
+    if not is_lora_adapter(path):
+        raise VectorError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        refuse_pickles(path, "the adapter is", error=VectorError)
+        raise VectorError(f"{path}: no {ADAPTER_WEIGHTS}")
+    return path
+
+
+def read_adapter_config(adapter_dir: Path) -> Any:
+    """The ``LoraConfig`` of an adapter directory, refused (with reasons) where B·A·scaling is not its
+    whole change: ``check_config``'s reasons, and the LoRA variants that only the config names."""
+    import dataclasses
+
+    from peft import LoraConfig
+
+    try:
+        raw = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as ex:
+        raise VectorError(f"{adapter_dir / ADAPTER_CONFIG}: cannot read ({ex})") from ex
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":
+        kind = raw.get("peft_type") if isinstance(raw, dict) else None
+        raise VectorError(f"{adapter_dir}: a {kind} adapter, not LoRA")
+    try:
+        config = LoraConfig.from_pretrained(str(adapter_dir))
+    except (TypeError, ValueError) as ex:
+        raise VectorError(f"{adapter_dir / ADAPTER_CONFIG}: not a valid LoraConfig ({ex})") from ex
+    check_config(config, "default")  # the refusals for a live peft model (DoRA, PiSSA-like inits, ...)
+    problems = []
+    for spec in dataclasses.fields(config):
+        if spec.name == "init_lora_weights":
+            variants = [v for v in spec.metadata.get("lora_variants", ()) if config.init_lora_weights == v]
+            problems += [
+                f"init_lora_weights='{v}' is a LoRA variant, not plain B·A·scaling" for v in variants
+            ]
+        elif spec.metadata.get("is_lora_variant") and getattr(config, spec.name):
+            problems.append(f"{spec.name} selects a LoRA variant, not plain B·A·scaling")
+    if getattr(config, "layer_replication", None):
+        problems.append("layer_replication changes the base model's layers")
+    if problems:
+        raise VectorError(f"cannot apply adapter {adapter_dir}:" + format_names(problems))
+    return config
+
+
+def key_refusal(name: str) -> str:
+    """Why a tensor of an adapter file that is not ``*.lora_A.weight``/``*.lora_B.weight`` is refused."""
+    if "lora_embedding_" in name:
+        return "LoRA on an embedding layer is not supported (only linear layers)"
+    if "lora_magnitude_vector" in name:
+        return "DoRA magnitude; its change is not B·A·scaling"
+    if "modules_to_save" in name:
+        return "a fully trained module copy (modules_to_save), not a low-rank delta"
+    if "trainable_tokens" in name:
+        return "trainable token rows, not a low-rank delta"
+    if ".lora_B." in name and name.endswith(".bias"):
+        return "lora_bias also changes the bias"
+    return "not a LoRA A/B weight"
+
+
+def load_adapter(model: torch.nn.Module, adapter_dir: str | os.PathLike) -> torch.nn.Module:
+    """``model`` wrapped with the LoRA adapter in ``adapter_dir`` (safetensors only), for ``from_lora``."""
+    from peft import PeftModel
+
+    adapter_dir = check_adapter_dir(adapter_dir)
+    try:
+        return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    except (ValueError, KeyError, RuntimeError, OSError) as ex:
+        raise VectorError(f"{adapter_dir}: cannot load the adapter onto the base model: {ex}") from ex

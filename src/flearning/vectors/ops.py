@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from numbers import Real
 from typing import TYPE_CHECKING
 
-from flearning.errors import MAX_SHOWN, FlearnError
+from flearning.errors import FlearnError, format_names
 
 if TYPE_CHECKING:
     import torch
@@ -20,22 +20,6 @@ if TYPE_CHECKING:
 
 class VectorError(FlearnError):
     """A knowledge vector does not fit a model or another vector, or its files are broken."""
-
-
-def format_names(items: Iterable[str], limit: int = MAX_SHOWN) -> str:
-    """Indented lines for an error message, at most ``limit`` of them.
-
-    Args:
-        items: messages or tensor names.
-        limit: how many to show before summarising the rest.
-
-    Returns:
-        A string starting with a newline, ready to append to a message.
-    """
-    items = list(items)
-    shown = "".join(f"\n  {item}" for item in items[:limit])
-    more = f"\n  ... and {len(items) - limit} more" if len(items) > limit else ""
-    return shown + more
 
 
 def check_scalar(value: object, what: str = "lambda") -> float:

@@ -1,16 +1,10 @@
 """``KnowledgeVector``: Δ = FT(θ, K) − θ as named fp32 tensors, with its provenance.
 
-Keys are parameter names as ``named_parameters()`` of the plain (non-peft) model gives them, so a tied
-embedding/lm_head appears once and is updated once. A vector may cover a subset of the parameters, but
-every key it has must exist in the model with the same shape.
-
-F-Learning's forgetting step θ' = θ − λ·Δ_old is ``vector.apply_to(model, -lam)`` or ``forget(model,
-vector, lam)``.
-
-Zero deltas: every constructor (``from_models``, ``from_state_dicts``, ``from_deltas``, ``from_lora``)
-drops tensors that are exactly zero by default (``drop_zero=True``), e.g. frozen embeddings. That is lossless (θ + λ·0 = θ bit for bit) and keeps the
-file to what changed; the dropped names are recorded in the metadata. Pass ``drop_zero=False`` to keep
-every parameter, e.g. to add two vectors whose frozen sets differ (``+`` requires equal key sets).
+Keys are ``named_parameters()`` names of the plain (non-peft) model, so a tied embedding/lm_head is one
+key. A vector may cover a subset of the parameters, each with the model's shape. F-Learning's forgetting
+step θ' = θ − λ·Δ_old is ``forget(model, vector, lam)`` (or ``vector.apply_to(model, -lam)``). Every
+constructor drops tensors that are exactly zero (``drop_zero=True``; lossless, the names are recorded):
+pass ``drop_zero=False`` to keep them, e.g. to add vectors whose frozen sets differ.
 """
 
 from __future__ import annotations
@@ -20,13 +14,20 @@ import math
 import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, ValidationError
-
+from flearning.errors import format_names
 from flearning.vectors import ops
-from flearning.vectors.ops import VectorError, format_names
+from flearning.vectors.metadata import (
+    ALL_ZERO,
+    Kind,
+    Provenance,
+    VectorMetadata,
+    build_metadata,
+    now,
+    parse_metadata,
+)
+from flearning.vectors.ops import VectorError
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -34,35 +35,6 @@ if TYPE_CHECKING:
     import torch
 
 log = logging.getLogger(__name__)
-
-Kind = Literal["full", "lora", "mixed"]
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _version() -> str:
-    from flearning._version import __version__
-
-    return __version__
-
-
-class VectorMetadata(BaseModel):
-    """Where a knowledge vector comes from; stored in ``vector.json``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    kind: Kind = Field(description="full: difference of two models; lora: B·A·scaling of an adapter")
-    base_model: str | None = Field(None, description="id or path of the base model θ")
-    base_fingerprint: str | None = Field(None, description="flearning.models.model_fingerprint(θ)")
-    method: str | None = Field(None, description="how the fine-tuned side was made, e.g. 'ft' or 'lora'")
-    data_hash: str | None = Field(None, description="hash of the training data (K_old)")
-    hyperparameters: dict[str, JsonValue] = Field(default_factory=dict)
-    dropped_zero: list[str] = Field(default_factory=list, description="parameters left out: Δ was 0")
-    history: list[str] = Field(default_factory=list, description="algebra applied after creation")
-    created: str = Field(default_factory=_now)
-    flearning_version: str = Field(default_factory=_version)
 
 
 @dataclass(frozen=True)
@@ -105,201 +77,115 @@ class KnowledgeVector:
     def from_deltas(
         cls,
         deltas: Mapping[str, torch.Tensor],
+        provenance: Provenance | None = None,
         *,
         kind: Kind = "full",
-        base_model: str | None = None,
-        base_fingerprint: str | None = None,
-        method: str | None = None,
-        data_hash: str | None = None,
-        hyperparameters: Mapping[str, Any] | None = None,
         drop_zero: bool = True,
     ) -> KnowledgeVector:
         """A vector from deltas computed elsewhere (e.g. θ* − θ kept during a recipe).
 
         Second names of tied tensors are dropped (keeping the first), as ``named_parameters()`` does.
-
-        Args:
-            deltas: parameter name → delta.
-            kind: "full", "lora" or "mixed".
-            base_model: id or path of θ, recorded.
-            base_fingerprint: ``model_fingerprint(θ)``, recorded and checked by ``apply_to``.
-            method: recorded.
-            data_hash: recorded.
-            hyperparameters: recorded (JSON values).
-            drop_zero: leave out tensors that are exactly zero.
-
-        Returns:
-            The vector.
+        ``provenance`` is recorded as given (``base_fingerprint`` is checked by ``apply_to``); ``kind`` is
+        "full", "lora" or "mixed"; ``drop_zero`` leaves out tensors that are exactly zero.
         """
-        return cls._build(
-            dict(ops.dedupe_shared(deltas)),
-            drop_zero=drop_zero,
-            kind=kind,
-            base_model=base_model,
-            base_fingerprint=base_fingerprint,
-            method=method,
-            data_hash=data_hash,
-            hyperparameters=hyperparameters,
-        )
+        return cls._build(dict(ops.dedupe_shared(deltas)), provenance, kind=kind, drop_zero=drop_zero)
 
     @classmethod
     def from_state_dicts(
         cls,
         base: Mapping[str, torch.Tensor],
         finetuned: Mapping[str, torch.Tensor],
+        provenance: Provenance | None = None,
         *,
         kind: Kind = "full",
-        base_model: str | None = None,
-        base_fingerprint: str | None = None,
-        method: str | None = None,
-        data_hash: str | None = None,
-        hyperparameters: Mapping[str, Any] | None = None,
         drop_zero: bool = True,
     ) -> KnowledgeVector:
         """Δ = finetuned − base over two state dicts with exactly the same keys and shapes.
 
         Second names of tied tensors (``lm_head.weight`` aliasing the embedding in a live
         ``state_dict()``) are dropped from both, keeping the first name as ``named_parameters()`` does.
-
-        Args:
-            base: θ's tensors.
-            finetuned: FT(θ)'s tensors.
-            kind: "full" or "lora".
-            base_model: id or path of θ, recorded.
-            base_fingerprint: ``model_fingerprint(θ)``, recorded and checked by ``apply_to``.
-            method: how FT(θ) was made, recorded.
-            data_hash: hash of the fine-tuning data, recorded.
-            hyperparameters: fine-tuning settings, recorded (JSON values).
-            drop_zero: leave out tensors whose delta is exactly zero.
-
-        Returns:
-            The vector.
+        ``provenance``, ``kind`` and ``drop_zero`` as for ``from_deltas``.
         """
         deltas = ops.difference(*_untie(base, finetuned))
-        return cls._build(
-            deltas,
-            drop_zero=drop_zero,
-            kind=kind,
-            base_model=base_model,
-            base_fingerprint=base_fingerprint,
-            method=method,
-            data_hash=data_hash,
-            hyperparameters=hyperparameters,
-        )
+        return cls._build(deltas, provenance, kind=kind, drop_zero=drop_zero)
 
     @classmethod
     def from_models(
         cls,
         base: torch.nn.Module,
         finetuned: torch.nn.Module,
+        provenance: Provenance | None = None,
         *,
-        base_model: str | None = None,
-        base_fingerprint: str | None = None,
-        method: str | None = "ft",
-        data_hash: str | None = None,
-        hyperparameters: Mapping[str, Any] | None = None,
         drop_zero: bool = True,
     ) -> KnowledgeVector:
-        """Δ = finetuned − base over ``named_parameters()`` (tied weights once), in fp32.
+        """Δ = finetuned − base over ``named_parameters()`` (tied weights once), in fp32; kind "full".
 
         Args:
             base: θ, a plain (non-peft) model.
             finetuned: FT(θ), same architecture.
-            base_model: id or path of θ; default ``base.config._name_or_path`` if set.
-            base_fingerprint: default ``model_fingerprint(base)`` (about 1 s per 135M parameters).
-            method: how FT(θ) was made.
-            data_hash: hash of the fine-tuning data.
-            hyperparameters: fine-tuning settings (JSON values).
+            provenance: recorded; by default base model ``base.config._name_or_path`` (if set), method
+                "ft" and fingerprint ``model_fingerprint(base)``.
             drop_zero: leave out tensors whose delta is exactly zero (frozen parameters).
-
-        Returns:
-            The vector, kind "full".
         """
         from flearning.models import model_fingerprint
 
         deltas = ops.difference(dict(base.named_parameters()), dict(finetuned.named_parameters()))
-        if base_fingerprint is None:
-            base_fingerprint = model_fingerprint(base)
-        return cls._build(
-            deltas,
-            drop_zero=drop_zero,
-            kind="full",
-            base_model=base_model if base_model is not None else _name_or_path(base),
-            base_fingerprint=base_fingerprint,
-            method=method,
-            data_hash=data_hash,
-            hyperparameters=hyperparameters,
+        provenance = (provenance or Provenance()).with_defaults(
+            base_model=lambda: _name_or_path(base),
+            base_fingerprint=lambda: model_fingerprint(base),
+            method="ft",
         )
+        return cls._build(deltas, provenance, kind="full", drop_zero=drop_zero)
 
     @classmethod
     def from_lora(
         cls,
         peft_model: torch.nn.Module,
         adapter_name: str = "default",
+        provenance: Provenance | None = None,
         *,
-        base_model: str | None = None,
-        base_fingerprint: str | None = None,
-        method: str | None = "lora",
-        data_hash: str | None = None,
-        hyperparameters: Mapping[str, Any] | None = None,
         drop_zero: bool = True,
     ) -> KnowledgeVector:
-        """Δ = B·A·scaling per adapted linear layer, keyed by the base parameter name.
+        """Δ = B·A·scaling per adapted linear layer, keyed by the base parameter name; kind "lora".
 
         Args:
             peft_model: a ``PeftModel`` (or ``LoraModel``) with a plain LoRA adapter on linear layers.
             adapter_name: the adapter to read.
-            base_model: id or path of θ; default the wrapped model's ``_name_or_path``.
-            base_fingerprint: default: the fingerprint of the base weights under the wrapper, which equals
-                ``model_fingerprint(θ)`` taken before wrapping.
-            method: recorded.
-            data_hash: recorded.
-            hyperparameters: recorded; the adapter's LoRA settings are added under "lora".
+            provenance: recorded; by default base model the wrapped model's ``_name_or_path``, method
+                "lora", and the fingerprint of the base weights under the wrapper (which equals
+                ``model_fingerprint(θ)`` taken before wrapping). The adapter's LoRA settings are added to
+                the hyperparameters under "lora".
             drop_zero: leave out layers whose B·A is exactly zero (an untrained adapter).
-
-        Returns:
-            The vector, kind "lora".
         """
         from flearning.vectors import lora
 
         deltas = lora.lora_deltas(peft_model, adapter_name)
-        if base_fingerprint is None:
-            base_fingerprint = lora.base_fingerprint(peft_model)
-        params = {**lora.lora_hyperparameters(peft_model, adapter_name), **(hyperparameters or {})}
-        return cls._build(
-            deltas,
-            drop_zero=drop_zero,
-            kind="lora",
-            base_model=base_model if base_model is not None else _name_or_path(lora.unwrap_peft(peft_model)),
-            base_fingerprint=base_fingerprint,
-            method=method,
-            data_hash=data_hash,
-            hyperparameters=params,
+        provenance = (provenance or Provenance()).with_defaults(
+            base_model=lambda: _name_or_path(lora.unwrap_peft(peft_model)),
+            base_fingerprint=lambda: lora.base_fingerprint(peft_model),
+            method="lora",
         )
+        settings = {**lora.lora_hyperparameters(peft_model, adapter_name), **provenance.hyperparameters}
+        return cls._build(deltas, provenance, kind="lora", drop_zero=drop_zero, hyperparameters=settings)
 
     @classmethod
     def _build(
         cls,
         deltas: dict[str, torch.Tensor],
+        provenance: Provenance | None,
         *,
+        kind: Kind,
         drop_zero: bool,
-        hyperparameters: Mapping[str, Any] | None,
-        **fields: Any,
+        hyperparameters: Mapping[str, Any] | None = None,
     ) -> KnowledgeVector:
         dropped: list[str] = []
         if drop_zero:
             deltas, dropped = ops.drop_zero(deltas)
             if not deltas:
-                raise VectorError(
-                    "every delta is zero: the fine-tuned weights equal the base weights (same model twice, "
-                    "or a fine-tuning that changed nothing)"
-                )
-        try:
-            metadata = VectorMetadata(
-                hyperparameters=dict(hyperparameters or {}), dropped_zero=dropped, **fields
-            )
-        except ValidationError as ex:
-            raise VectorError(f"invalid vector metadata: {ex}") from ex
+                raise VectorError(ALL_ZERO)
+        metadata = build_metadata(
+            provenance, kind=kind, dropped_zero=dropped, hyperparameters=hyperparameters
+        )
         return cls(deltas, metadata)
 
     # -- container protocol ----------------------------------------------------------------------------
@@ -335,7 +221,7 @@ class KnowledgeVector:
 
     def _derived(self, deltas: dict[str, torch.Tensor], step: str, **updates: Any) -> KnowledgeVector:
         meta = self.metadata.model_copy(
-            update={"history": [*self.metadata.history, step], "created": _now(), **updates}
+            update={"history": [*self.metadata.history, step], "created": now(), **updates}
         )
         return KnowledgeVector(deltas, meta)
 
@@ -416,9 +302,6 @@ class KnowledgeVector:
             model: a plain (non-peft) model.
             check_base: also require the model's fingerprint to equal the vector's base fingerprint
                 (skipped if the vector has none).
-
-        Returns:
-            None.
         """
         if getattr(model, "peft_config", None) or any(
             ".base_layer." in n for n, _ in model.named_parameters()
@@ -458,9 +341,12 @@ class KnowledgeVector:
         Returns:
             The same model, updated.
         """
+        return self._apply(model, ops.check_scalar(lam, "lambda"), check_base=check_base)
+
+    def _apply(self, model: torch.nn.Module, lam: float, *, check_base: bool) -> torch.nn.Module:
+        """``apply_to`` with ``lam`` already checked (λ is checked once, where it enters)."""
         import torch
 
-        lam = ops.check_scalar(lam, "lambda")
         self.check_fits(model, check_base=check_base)
         params = dict(model.named_parameters())
         new_values = ops.updated_values(params, self.deltas, lam)
@@ -499,11 +385,7 @@ class KnowledgeVector:
         from flearning.vectors.files import load_vector
 
         deltas, meta = load_vector(path)
-        try:
-            metadata = VectorMetadata.model_validate(meta)
-        except ValidationError as ex:
-            raise VectorError(f"{path}: invalid metadata in vector.json:" + format_names([str(ex)])) from ex
-        return cls(deltas, metadata)
+        return cls(deltas, parse_metadata(path, meta))
 
 
 def forget(
@@ -520,8 +402,7 @@ def forget(
     Returns:
         The same model, updated.
     """
-    lam = ops.check_scalar(lam, "lambda")
-    return vector.apply_to(model, -lam, check_base=check_base)
+    return vector._apply(model, -ops.check_scalar(lam, "lambda"), check_base=check_base)
 
 
 def _name_or_path(model: torch.nn.Module) -> str | None:
