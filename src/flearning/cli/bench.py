@@ -25,7 +25,9 @@ def bench_command(
     ),
     config: Path | None = typer.Option(None, "--config", "-c", help="YAML bench configuration."),
     profile: str | None = typer.Option(
-        None, "--profile", help="quick (a smoke run in minutes) or paper (200 edits, 3 seeds)."
+        None,
+        "--profile",
+        help="quick (a smoke run in minutes on the shipped samples) or paper (200 edits of the full datasets, 3 seeds).",
     ),
     model: str | None = typer.Option(None, "--model", "-m"),
     data: list[str] | None = typer.Option(
