@@ -265,7 +265,7 @@ RESERVED_NAMES = ("cache", "summary.json", "table.md")
 
 def data_root(given: Path | None = None) -> Path:
     """Where the full datasets are: ``given``, else $FLEARN_DATA, else ../shared/data (an absolute path)."""
-    return Path(given or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT).resolve()
+    return Path(os.path.abspath(given or os.environ.get(DATA_ENV) or DEFAULT_DATA_ROOT))
 
 
 def full_data(root: Path | None = None) -> dict[str, Path]:
