@@ -258,3 +258,14 @@ def test_given_datasets_replace_the_profile_s(data_root, tmp_path):
     facts = tmp_path / "facts.json"
     cfg = load_config(BenchConfig, None, [], {"data": {"toy": str(facts)}}, profile="paper")
     assert cfg.data == {"toy": facts}
+
+
+def test_a_data_root_that_cannot_be_a_path_is_a_config_problem_not_a_crash(monkeypatch):
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    root = '"a\\0b"'  # YAML for a path with a NUL byte: no file can be there
+    assert load_config(BenchConfig, None, [f"data_root={root}"]).data == {
+        name: sample_path(file) for name, file in SAMPLE_DATA.items()
+    }
+    assert "command line:data: the full datasets are not under the data root" in problems(
+        None, [f"data_root={root}"], profile="paper"
+    )
