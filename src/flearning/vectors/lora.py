@@ -1,12 +1,10 @@
-"""The knowledge vector of a LoRA adapter: ΔW = B·A·scaling per adapted linear layer.
+"""The knowledge vector of a LoRA adapter: ΔW = B·A·scaling per adapted linear layer, keyed by the base
+model's parameter names, so it applies to the plain model like a full fine-tuning vector.
 
-Keys are the base model's parameter names (``model.layers.0.self_attn.q_proj.weight``), so a LoRA vector
-applies to the plain model exactly like a full fine-tuning vector. Only plain LoRA on linear layers is
-supported: variants (DoRA, aLoRA, ...), LoRA on embeddings/convolutions, ``lora_bias``, trained
-``modules_to_save`` and initialisations that rewrite the base weights (PiSSA, OLoRA, CorDA, LoftQ) change
-the model by something other than B·A·scaling, and are refused with the reason. The one home of LoRA
-handling: a live peft model (``lora_deltas``) and an adapter directory read from its files
-(``read_adapter_config``, ``layer_scaling``, streamed by ``streaming.sources.LoraAdapterFiles``).
+The one home of LoRA handling, for a live peft model (``lora_deltas``) and for an adapter directory read
+from its files (``read_adapter_config``, ``layer_scaling``, ``lora_delta``; streamed by
+``streaming.sources``). Only plain LoRA on linear layers: variants (DoRA, ...), LoRA on embeddings,
+``lora_bias``, ``modules_to_save`` and inits that rewrite the base (PiSSA, LoftQ, ...) are refused.
 """
 
 from __future__ import annotations
