@@ -334,6 +334,18 @@ class BenchConfig(BaseModel):
     out: Path | None = None
     trust_remote_code: ConfigBool = False
 
+    def stage_plan(self, method: Method, seed: int, lam: float | None = None) -> StagePlan:
+        """The stages of ``method`` at ``seed``: the same learning settings for every method, the forget
+        settings of its kind (``forget_full`` or ``forget_lora``)."""
+        full = default_stage("full", self.lora, seed, self.full.given())
+        lora = default_stage("lora", self.lora, seed, self.lora_stage.given())
+        forget = None
+        if method.forget is not None:
+            overrides = self.forget_full if method.forget == "full" else self.forget_lora
+            forget = default_stage(method.forget, self.lora, seed, overrides.given())
+        learn = learn_config(method, full, lora, self.linf_bound)
+        return StagePlan(learn=learn, forget=forget, lam=lam if lam is not None else 0.0)
+
     @field_validator("methods")
     @classmethod
     def _known(cls, methods: list[str]) -> list[str]:
