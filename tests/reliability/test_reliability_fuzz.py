@@ -18,12 +18,12 @@ from flearning.config import (
     BenchConfig,
     PrimeSettings,
     UpdateConfig,
-    default_stage,
     load_config,
     stage_plan,
 )
 from flearning.data import FORMATS, load_dataset
 from flearning.errors import ConfigError, FlearnError
+from flearning.methods import METHODS
 from flearning.training import TrainConfig
 
 FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -280,12 +280,13 @@ def check_bench_config(cfg: BenchConfig) -> None:
         assert cfg.lambdas and all(type(v) is float for v in cfg.lambdas)
     for name in ("generation", "fluency", "trust_remote_code"):
         assert type(getattr(cfg, name)) is bool
-    # as Bench.setup and Bench.primed build them: cannot fail once the config loaded
+    # as the bench builds them (every method: all four stage sections): cannot fail once the config loaded
     for seed in cfg.seeds[:2]:
-        TrainConfig(lr=cfg.prime.lr, epochs=cfg.prime.max_epochs, batch_size=cfg.prime.batch_size, seed=seed)
-        for kind, stage in zip(("full", "lora", "full", "lora"), BENCH_STAGES, strict=True):
-            train_cfg = default_stage(kind, cfg.lora, seed, getattr(cfg, stage).given())
-            assert all(math.isfinite(v) for v in (train_cfg.lr, train_cfg.epochs, train_cfg.weight_decay))
+        cfg.prime.train_config(seed)
+        for method in METHODS.values():
+            plan = cfg.stage_plan(method, seed)
+            for train_cfg in filter(None, (plan.learn, plan.forget)):
+                assert all(math.isfinite(v) for v in (train_cfg.lr, train_cfg.epochs, train_cfg.weight_decay))
 
 
 @FUZZ
