@@ -1,31 +1,11 @@
 """How much memory an update needs, per training stage, before anything is loaded (``--dry-run``).
 
-Training here is fp32 with AdamW, so a fully fine-tuned parameter costs 16 bytes while it trains:
-4 (weight) + 4 (gradient) + 8 (Adam's m and v). A LoRA stage keeps the frozen weights (4 bytes each)
-and pays 16 bytes only per adapter parameter. On top of that:
-
-* activations, estimated from the architecture, the batch and the sequence length (below);
-* F-Learning's forget stage with full fine-tuning trains a *copy* of θ (``Δ_old = FT(θ) − θ`` needs θ
-  untouched), so θ is held twice, and Δ_old itself (4 bytes per parameter) lives on through the
-  learning stage; a LoRA forget stage's Δ_old is dense only over the adapted weight matrices;
-* ft-c keeps its anchor θ₀ (4 bytes per trainable parameter) to project onto;
-* ``flearn update`` with an output directory keeps θ (4 bytes per parameter) to write θ* − θ;
-* a fixed runtime overhead per process (Python, torch, transformers: ~0.5 GiB resident).
-
-The parameter count comes from the model's config alone: the model is built on torch's ``meta``
-device (shapes, no storage), so planning a 7B model takes a second and no memory.
-
-Activation estimate (fp32, per token, per decoder layer of a Llama-like model with hidden size h,
-key/value width h_kv, MLP width I, a heads and sequence length s): the tensors autograd keeps for the
-backward pass are the two norms' inputs and outputs (4h), q/k/v and rotated q/k (2h + 3h_kv), the
-attention output (h), the attention probabilities (a·s) and the gated MLP's four I-wide tensors (4I):
-``7h + 3h_kv + 4I + a·s`` values, times 1.2 for what that count misses (temporaries of the backward
-pass, the allocator). Add ``4·V`` per token for the logits, the loss's log-softmax and their gradients
-(V = vocabulary). Calibrated on this CPU against the peak RSS of full fine-tuning of random Llamas
-(12-33M parameters, vocabularies of 2k and 32k, batches 4-32): gradients + Adam + activations came
-out 1-10 % below the measured increase, which the runtime overhead covers; for SmolLM2-135M at batch 8
-the plan gives 3.3 GB where ≈3 GB was measured. The weight, gradient and optimizer terms are exact;
-the activation term is an estimate.
+``plan_memory`` takes the ``StagePlan`` config builds and counts fp32 weights, gradients and AdamW state
+(exact), the tensors the recipe keeps beside the model (the copy of θ a full-FT forget stage trains,
+Δ_old, ft-c's anchor, the θ kept to write θ* − θ), activations (an estimate from the architecture, the
+batch and the sequence length) and a runtime allowance, and suggests what to change when it does not fit.
+The model's shape comes from its config on torch's ``meta`` device: no weights are read. What is
+counted, and how the activation term was calibrated: docs/DISTRIBUTED.md, "Memory planning".
 """
 
 from __future__ import annotations
@@ -49,7 +29,7 @@ if TYPE_CHECKING:
 FP32 = 4  # bytes: weights, gradients, activations and vectors are all fp32 in this project
 ADAM = 2 * FP32  # AdamW's m and v per trainable parameter
 RUNTIME_OVERHEAD = 512 * 2**20  # resident Python + torch + transformers, per process (rough)
-ACTIVATION_FACTOR = 1.2  # saved tensors the per-layer count misses (calibrated, see above)
+ACTIVATION_FACTOR = 1.2  # saved tensors the per-layer count misses (calibrated: docs/DISTRIBUTED.md)
 TIGHT = 0.9  # a plan using more than this share of the available memory gets a warning
 ACCELERATE_CONFIGS = "configs/accelerate"
 
@@ -195,7 +175,8 @@ def _attr(config: Any, *names: str) -> int:
 
 
 def activation_bytes(shape: ModelShape, batch_size: int, seq_len: int, lora_rank_width: int = 0) -> int:
-    """Activations kept for the backward pass of one micro-batch (see the module docstring)."""
+    """Activations kept for the backward pass of one micro-batch (the count is explained in
+    docs/DISTRIBUTED.md, "Memory planning")."""
     per_layer = 7 * shape.hidden + 3 * shape.kv_hidden + 4 * shape.intermediate + shape.heads * seq_len
     per_token = (
         ACTIVATION_FACTOR * shape.layers * per_layer + 4 * shape.vocab + 2 * shape.hidden + lora_rank_width
