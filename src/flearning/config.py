@@ -3,7 +3,8 @@
 
 ``load_config`` layers (profile) < YAML file < command-line options < ``key=value`` overrides and reports
 every problem at once, as ``source:field: what is wrong``. ``stage_plan`` turns an update config into the
-stages' ``TrainConfig``s; every default (stage hyper-parameters, ε, priming, the model) is stated here once.
+stages' ``TrainConfig``s (``BenchConfig.stage_plan`` for the bench). Every default (stage
+hyper-parameters, ε, priming, datasets) is stated here once; the default model is ``models.DEFAULT_MODEL``.
 """
 
 from __future__ import annotations
