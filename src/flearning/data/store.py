@@ -1,17 +1,21 @@
-"""Writing records in the project's JSONL format, and a content hash of records for caches."""
+"""Writing records in the project's JSONL format, and a content hash of records for caches.
+
+``save_jsonl`` writes a dataset atomically, UTF-8, one record per line with empty optional fields left
+out (the format ``load_records`` reads). ``records_hash`` keys the caches that depend on what the
+records say (the bench's stages), not on how their file was formatted.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from flearning.data.records import KnowledgeRecord
+from flearning.io.atomic import atomic_write
 
 _HASH_SCHEME = b"flearning.records/v1\n"  # bump when the record fields change meaning
 
@@ -36,10 +40,11 @@ def record_to_json(record: KnowledgeRecord) -> dict[str, Any]:
 
 
 def save_jsonl(records: Iterable[KnowledgeRecord], path: str | os.PathLike[str]) -> Path:
-    """Write records as JSON Lines, atomically.
+    """Write records as JSON Lines, atomically (``io.atomic.atomic_write``).
 
     Everything is serialised first, then written to a temporary file in the target's directory and
-    renamed over the target, so a reader sees the old file or the complete new one, never a part.
+    renamed over the target, so a reader sees the old file or the complete new one, never a part. The
+    file gets the permissions of a plain new file (a dataset is meant to be shared).
 
     Args:
         records: the records, written in order.
@@ -49,19 +54,12 @@ def save_jsonl(records: Iterable[KnowledgeRecord], path: str | os.PathLike[str])
     """
     path = Path(path)
     lines = [json.dumps(record_to_json(r), ensure_ascii=False) + "\n" for r in records]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             fh.writelines(lines)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; a dataset is meant to be shared
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+
+    atomic_write(path, write)
     return path
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +19,7 @@ from flearning.errors import FlearnError
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.evaluation.probes import pad_token_id, probe_key, probes_hash, record_probes, unique_probes
 from flearning.evaluation.scoring import Probe, score_probes
+from flearning.io.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -64,17 +63,8 @@ class ReferencePredictions:
         return cls(str(data["model_fingerprint"]), str(data["records_hash"]), preds)
 
     def save(self, path: Path) -> None:
-        """Write as JSON, atomically."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as fh:
-                json.dump(self.to_json(), fh, separators=(",", ":"))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write as JSON, atomically (``io.atomic.atomic_write_text``)."""
+        atomic_write_text(Path(path), json.dumps(self.to_json(), separators=(",", ":")))
 
     @classmethod
     def load(cls, path: Path) -> ReferencePredictions:

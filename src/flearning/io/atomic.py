@@ -1,11 +1,11 @@
-"""Atomic output directories: a result appears complete or not at all.
+"""Writing outputs safely: a result appears complete or not at all, and never over an input.
 
-Everything is written into a hidden temporary directory beside the target and renamed into place at
-the end. An existing target (with ``overwrite``) is first moved aside and removed only after the new
-one is in place, so a failure at any point leaves the previous good output untouched.
-
-``atomic_entries`` does the same for a set of entries inside a directory that stays (a report in a
-directory of the user's, a bench's results beside its cache): only the entries written are swapped.
+Checks before any work (``check_output_dir``, ``check_writable_target``, ``refuse_overlap``); writers
+that stage everything in a hidden temporary sibling and rename it into place (``atomic_directory``,
+``atomic_write``, the ``staged_directory`` + ``replace_directory`` pair), so a failure leaves the
+previous output untouched; ``atomic_entries`` for a set of entries inside a directory that stays (a
+report, a bench's results beside its cache); and the translation of write failures (disk full,
+read-only, no permission) into a ``FlearnError`` naming the output (``write_errors_as_flearn``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePath
 
@@ -35,14 +35,9 @@ def check_output_dir(
     itself (its parent is not touched), and it may not be a protected input or inside one.
     """
     out = Path(out).expanduser().resolve()
-    for path in protected or []:
-        try:
-            p = Path(path).expanduser().resolve()
-        except OSError:
-            continue
-        overlaps = p.is_relative_to(out) if replaced_whole else out.is_relative_to(p)
-        if out == p or overlaps:
-            raise FlearnError(f"{out}: refusing to write into the input model's directory ({p})")
+    p = overlapping(out, protected or [], holds=replaced_whole, within=not replaced_whole)
+    if p is not None:
+        raise FlearnError(f"{out}: refusing to write into the input model's directory ({p})")
     if out.exists() and not out.is_dir():
         raise FlearnError(f"{out}: output path exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -57,6 +52,51 @@ def check_output_dir(
         parent_existing = parent_existing.parent
     probe_writable(parent_existing, out)
     return out
+
+
+def overlapping(
+    out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, holds: bool = True, within: bool = True
+) -> Path | None:
+    """The first of ``inputs`` (resolved) that the output ``out`` would write into or over: ``out`` is
+    that input, or (``holds``) holds it, or (``within``) lies inside it; None if there is none. Both are
+    compared resolved (``~`` expanded, symlinks followed); an input that cannot be resolved is skipped."""
+    out = Path(out).expanduser().resolve()
+    for path in inputs:
+        try:
+            p = Path(path).expanduser().resolve()
+        except OSError:
+            continue
+        if out == p or (holds and p.is_relative_to(out)) or (within and out.is_relative_to(p)):
+            return p
+    return None
+
+
+def refuse_overlap(
+    out: str | os.PathLike,
+    inputs: Mapping[str, str | os.PathLike],
+    *,
+    named: str | None = None,
+    error: type[FlearnError] = FlearnError,
+) -> None:
+    """Raise ``error`` if the output ``out`` is one of ``inputs`` (``{"input model": path, ...}``), holds
+    one or lies inside one (``overlapping``): "the output OUT would write into (or over) the input model
+    PATH; choose another". ``named`` replaces "the output OUT" (e.g. ``"--out out"``); PATH is shown as
+    given."""
+    for what, path in inputs.items():
+        if overlapping(out, [path]) is not None:
+            shown = named or f"the output {Path(out).expanduser().resolve()}"
+            raise error(f"{shown} would write into (or over) the {what} {path}; choose another")
+
+
+def check_writable_target(
+    target: str | os.PathLike, *, overwrite: bool, error: type[FlearnError] = FlearnError
+) -> None:
+    """Raise ``error`` if ``target`` is a file, or a non-empty directory and not ``overwrite``."""
+    target = Path(target)
+    if target.exists() and not target.is_dir():
+        raise error(f"{target}: exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise error(f"{target}: directory exists and is not empty (overwrite=True / --overwrite replaces it)")
 
 
 def probe_writable(directory: Path, out: Path) -> None:
@@ -87,29 +127,67 @@ def refuse_current_directory(out: Path) -> None:
 
 
 @contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``out``, on any error it vanishes."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+def atomic_directory(
+    out: str | os.PathLike, *, overwrite: bool = True, error: type[FlearnError] = FlearnError
+) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``out`` (``replace_directory``) with the
+    permissions of ordinary files, on any error it vanishes.
+
+    ``out`` is checked before writing and again just before the swap (it may have changed meanwhile):
+    a file is refused, and so is a non-empty directory unless ``overwrite`` (``check_writable_target``,
+    raising ``error``).
+    """
+    out = Path(out).expanduser().absolute()
+    check_writable_target(out, overwrite=overwrite, error=error)
+    with staged_directory(out) as tmp:
         yield tmp
         normalise_permissions(tmp)
-        if out.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, aside / "previous")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(aside / "previous", out)  # put the previous output back
-                shutil.rmtree(aside, ignore_errors=True)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        check_writable_target(out, overwrite=overwrite, error=error)
+        replace_directory(tmp, out)
+
+
+@contextmanager
+def staged_directory(target: Path, *, prefix: str | None = None) -> Iterator[Path]:
+    """Yield a new hidden directory beside ``target`` in which to write its new content, removed if the
+    block fails. Named ``.NAME.tmp-XXXXXXXX``, or ``prefix`` + 8 random characters (``prefix`` should be
+    one ``final_path`` maps back to ``target``, such as ``.tmp-NAME-``)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=prefix or f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_directory(new: Path, target: Path, *, aside: Path | None = None) -> None:
+    """Rename the finished directory ``new`` to ``target``, its sibling. An existing ``target`` is first
+    moved aside, put back if the rename of ``new`` fails, and removed once ``new`` is in place: a failure
+    leaves the previous ``target``, and a kill between the two renames leaves it in the aside place.
+
+    ``aside``: where the previous ``target`` waits, a name the caller recognises (a leftover there is
+    removed first); by default inside a fresh hidden ``.NAME.old-XXXXXXXX`` directory.
+    """
+    new, target = Path(new), Path(target)
+    if not target.exists():
+        os.replace(new, target)
+        return
+    if aside is None:
+        holder = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        aside = holder / "previous"
+    else:
+        holder = aside
+        if aside.exists():  # left by an earlier replacement whose new directory is in place
+            shutil.rmtree(aside)
+    os.replace(target, aside)
+    try:
+        os.replace(new, target)
+    except BaseException:
+        os.replace(aside, target)  # put the previous one back
+        shutil.rmtree(holder, ignore_errors=True)
+        raise
+    shutil.rmtree(holder, ignore_errors=True)
 
 
 def umask() -> int:

@@ -32,7 +32,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,7 +396,7 @@ def save_checkpoint(
     """
     from safetensors.torch import save_file
 
-    from flearning.io.atomic import write_errors_as_flearn
+    from flearning.io.atomic import replace_directory, staged_directory, write_errors_as_flearn
 
     directory = Path(directory)
     name = f"step-{position.step:08d}" + ("-final" if complete else "")
@@ -406,8 +405,7 @@ def save_checkpoint(
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob(".tmp-*"):  # left by a process killed while writing
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=directory))
-        try:
+        with staged_directory(target, prefix=f".tmp-{name}-") as tmp:
             model_tensors = {k: v.detach().cpu().contiguous() for k, v in params.items()}
             save_file(model_tensors, str(tmp / MODEL_FILE), metadata={"format": FORMAT})
             state_tensors: dict[str, torch.Tensor] = {"rng/torch": rng.torch_cpu}
@@ -432,22 +430,10 @@ def save_checkpoint(
             (tmp / JSON_FILE).write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
             for f in (MODEL_FILE, STATE_FILE, JSON_FILE):
                 _fsync_file(tmp / f)
-            aside = None
-            if target.exists():  # the same step saved again (e.g. after a resume): replace it
-                aside = directory / f"{_ASIDE}{name}"
-                if aside.exists():  # left by an earlier replacement whose new checkpoint is in place
-                    shutil.rmtree(aside)
-                os.replace(target, aside)
-            try:
-                os.replace(tmp, target)
-            except BaseException:
-                if aside is not None:  # the old one goes back: a checkpoint of this step is always there
-                    os.replace(aside, target)
-                raise
+            # the same step saved again (e.g. after a resume) replaces the old one, which waits aside under
+            # a name checkpoint_dirs counts (and goes back if the rename fails): this step is always there
+            replace_directory(tmp, target, aside=directory / f"{_ASIDE}{name}")
             _fsync_dir(directory)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     # only now that the new checkpoint is in place: the older ones (and one moved aside) go
     for _, _, old in checkpoint_dirs(directory):
         if old != target:

@@ -18,15 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.io.atomic import normalise_permissions
+from flearning.io import atomic
 from flearning.io.safetensors import refuse_pickles
 from flearning.vectors.ops import VectorError, format_names
 
@@ -72,57 +68,15 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def check_writable_target(target: Path, *, overwrite: bool) -> None:
-    """Refuse a target that is a file, or a non-empty directory without ``overwrite``.
-
-    Args:
-        target: the directory to be written.
-        overwrite: whether a non-empty directory may be replaced.
-
-    Returns:
-        None.
-    """
-    if target.exists() and not target.is_dir():
-        raise VectorError(f"{target}: exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise VectorError(
-            f"{target}: directory exists and is not empty (overwrite=True / --overwrite replaces it)"
-        )
+    """``io.atomic.check_writable_target`` raising ``VectorError``: a file, or a non-empty directory
+    without ``overwrite``, is refused."""
+    atomic.check_writable_target(target, overwrite=overwrite, error=VectorError)
 
 
-@contextmanager
-def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory that replaces ``target`` when the block ends without an error.
-
-    Args:
-        target: the final directory.
-        overwrite: replace a non-empty existing directory (else ``VectorError``).
-
-    Returns:
-        A context manager yielding the temporary directory to fill.
-    """
-    target = Path(target).expanduser().absolute()
-    check_writable_target(target, overwrite=overwrite)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        yield tmp
-        normalise_permissions(tmp)
-        old = None
-        if target.exists():
-            check_writable_target(target, overwrite=overwrite)  # may have changed meanwhile
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(target, old)
-        try:
-            os.replace(tmp, target)
-        except BaseException:
-            if old is not None:
-                os.replace(old, target)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> AbstractContextManager[Path]:
+    """``io.atomic.atomic_directory`` raising ``VectorError``: yield a temporary directory that replaces
+    ``target`` when the block ends without an error (a non-empty one only with ``overwrite``)."""
+    return atomic.atomic_directory(target, overwrite=overwrite, error=VectorError)
 
 
 def save_vector(
