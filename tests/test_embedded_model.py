@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flearning.models import cache_root, ensure_embedded, load_from_gguf, load_model
+from flearning.models import cache_root, ensure_embedded, load_model
+from flearning.models.embedded import load_from_gguf
 
 pytestmark = pytest.mark.slow
 
@@ -16,9 +17,9 @@ def test_conversion_runs_once_and_matches_gguf_logits(monkeypatch):
     assert (path / "model.safetensors").is_file() and (path / ".flearn-complete").is_file()
 
     # A second call must not convert again.
-    import flearning.models as models
+    import flearning.models.embedded as embedded
 
-    monkeypatch.setattr(models, "load_from_gguf", lambda name: pytest.fail("converted twice"))
+    monkeypatch.setattr(embedded, "load_from_gguf", lambda name: pytest.fail("converted twice"))
     assert ensure_embedded() == path
 
     # How long this load takes is measured by benchmarks/model_load.py, not asserted here.

@@ -21,7 +21,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import flearning.models as models
+import flearning.models.embedded as embedded
 from flearning.cli import main
 from flearning.errors import FlearnError
 from flearning.models import DEFAULT_MODEL, check_model_dir, ensure_embedded
@@ -69,7 +69,7 @@ CONVERTER = textwrap.dedent(
     import fcntl, json, os, shutil, sys, time
     from pathlib import Path
 
-    import flearning.models as models
+    import flearning.models.embedded as embedded
 
     source, log, markers = map(Path, sys.argv[1:4])
     real_flock = fcntl.flock
@@ -94,8 +94,8 @@ CONVERTER = textwrap.dedent(
             fh.write(json.dumps({"pid": os.getpid(), "start": start, "end": time.time()}) + "\\n")
 
     fcntl.flock = flock
-    models.convert_embedded = convert
-    path = models.ensure_embedded()
+    embedded.convert_embedded = convert
+    path = embedded.ensure_embedded()
     print(json.dumps({"pid": os.getpid(), "path": str(path)}))
     """
 )
@@ -163,7 +163,7 @@ def test_failed_conversion_leaves_no_trace(cache, monkeypatch, previous):
         target.mkdir()
         (target / "config.json").write_text("{}")
     written: list[Path] = []
-    monkeypatch.setattr(models, "load_from_gguf", lambda name: (tiny_llama(), tiny_tokenizer()))
+    monkeypatch.setattr(embedded, "load_from_gguf", lambda name: (tiny_llama(), tiny_tokenizer()))
     monkeypatch.setattr(transformers.modeling_utils, "safe_save_file", fail_half_way(written))
 
     with pytest.raises(FlearnError) as raised:
@@ -212,7 +212,7 @@ def test_write_failure_during_conversion_exits_2_and_leaves_nothing(cache, monke
     """``flearn model info`` on the embedded model when the cache cannot be written: exit code 2, the
     cache path and the reason, a hint to set FLEARN_CACHE, no traceback, no temporary directory."""
     written: list[Path] = []
-    monkeypatch.setattr(models, "convert_embedded", half_written_conversion(code, written))
+    monkeypatch.setattr(embedded, "convert_embedded", half_written_conversion(code, written))
 
     assert main(["-q", "model", "info"]) == 2
 
@@ -228,7 +228,7 @@ def test_a_cache_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     cache.write_text("not a directory")
     monkeypatch.setenv("FLEARN_CACHE", str(cache))
-    monkeypatch.setattr(models, "convert_embedded", lambda name, out: pytest.fail("converted"))
+    monkeypatch.setattr(embedded, "convert_embedded", lambda name, out: pytest.fail("converted"))
 
     with pytest.raises(FlearnError) as raised:
         ensure_embedded()
@@ -243,8 +243,8 @@ def test_a_cache_that_is_a_file_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_conversion_log_states_the_measured_time(cache, monkeypatch, tiny_model_dir, caplog):
     """benchmarks/results/model_load.json: a first load (conversion included) takes about 15 s."""
-    monkeypatch.setattr(models, "convert_embedded", copy_conversion(tiny_model_dir))
-    with caplog.at_level("INFO", logger="flearning.models"):
+    monkeypatch.setattr(embedded, "convert_embedded", copy_conversion(tiny_model_dir))
+    with caplog.at_level("INFO", logger="flearning.models.embedded"):
         ensure_embedded()
     assert "from GGUF once (about 15 s) into" in caplog.text
 
@@ -254,7 +254,7 @@ NOW = 1_800_000_000.0  # the clock of remove_stale_temp_dirs in these tests (``f
 
 @pytest.fixture
 def frozen_clock(monkeypatch) -> None:
-    monkeypatch.setattr(models, "time", SimpleNamespace(time=lambda: NOW))
+    monkeypatch.setattr(embedded, "time", SimpleNamespace(time=lambda: NOW))
 
 
 def set_mtime(path: Path, seconds_ago: float) -> None:
@@ -282,9 +282,9 @@ def test_stale_temp_dirs_of_killed_conversions_are_removed(
         path.mkdir()
         set_mtime(path, 2 * HOUR)
     (models_dir / f".{DEFAULT_MODEL}.lock").touch()
-    monkeypatch.setattr(models, "convert_embedded", copy_conversion(tiny_model_dir))
+    monkeypatch.setattr(embedded, "convert_embedded", copy_conversion(tiny_model_dir))
 
-    with caplog.at_level("INFO", logger="flearning.models"):
+    with caplog.at_level("INFO", logger="flearning.models.embedded"):
         target = ensure_embedded()
 
     assert not stale.exists() and not older.exists()
@@ -313,9 +313,9 @@ def test_a_recently_changed_temp_dir_is_kept(fresh, cache, monkeypatch, tiny_mod
         set_mtime(running, HOUR - 60)  # everything changed 59 minutes ago
     else:
         set_mtime(running / "sub" / "model.safetensors", 30)  # still being written
-    monkeypatch.setattr(models, "convert_embedded", copy_conversion(tiny_model_dir))
+    monkeypatch.setattr(embedded, "convert_embedded", copy_conversion(tiny_model_dir))
 
-    with caplog.at_level("INFO", logger="flearning.models"):
+    with caplog.at_level("INFO", logger="flearning.models.embedded"):
         target = ensure_embedded()
 
     assert sorted(str(p.relative_to(running)) for p in running.rglob("*")) == [
@@ -341,7 +341,7 @@ def test_a_running_conversions_temp_dir_is_left_alone(cache, monkeypatch, tiny_m
     models_dir.mkdir(parents=True)
     running = models_dir / f".{DEFAULT_MODEL}.tmp-runn1ng0"
     shutil.copytree(tiny_model_dir, running)
-    monkeypatch.setattr(models, "convert_embedded", lambda name, out: pytest.fail("converted twice"))
+    monkeypatch.setattr(embedded, "convert_embedded", lambda name, out: pytest.fail("converted twice"))
     result: list[Path] = []
     with open(models_dir / f".{DEFAULT_MODEL}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # the other converter
@@ -359,7 +359,7 @@ def test_a_running_conversions_temp_dir_is_left_alone(cache, monkeypatch, tiny_m
 
 @pytest.mark.parametrize("mask", [0o022, 0o002], ids=["umask-022", "umask-002"])
 def test_converted_files_get_normal_permissions(cache, monkeypatch, mask):
-    monkeypatch.setattr(models, "load_from_gguf", lambda name: (tiny_llama(), tiny_tokenizer()))
+    monkeypatch.setattr(embedded, "load_from_gguf", lambda name: (tiny_llama(), tiny_tokenizer()))
     old = os.umask(mask)
     try:
         target = ensure_embedded()

@@ -15,14 +15,11 @@ import torch
 
 from flearning.cli import main
 from flearning.errors import FlearnError
-from flearning.models import (
+from flearning.models import check_model_dir, load_model, model_fingerprint, resolve_model
+from flearning.models.loading import (
     DECODER_FLAG_MODEL_TYPES,
     check_causal_lm,
-    check_model_dir,
     is_causal_lm_class,
-    load_model,
-    model_fingerprint,
-    resolve_model,
     summarise_keys,
 )
 from tiny import tiny_llama, tiny_tokenizer, toy_facts
