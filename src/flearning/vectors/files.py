@@ -18,11 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flearning.io import atomic
+from flearning.io.atomic import atomic_directory
 from flearning.io.safetensors import refuse_pickles
 from flearning.vectors.ops import VectorError, format_names
 
@@ -67,18 +66,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def check_writable_target(target: Path, *, overwrite: bool) -> None:
-    """``io.atomic.check_writable_target`` raising ``VectorError``: a file, or a non-empty directory
-    without ``overwrite``, is refused."""
-    atomic.check_writable_target(target, overwrite=overwrite, error=VectorError)
-
-
-def atomic_directory(target: str | os.PathLike, *, overwrite: bool = False) -> AbstractContextManager[Path]:
-    """``io.atomic.atomic_directory`` raising ``VectorError``: yield a temporary directory that replaces
-    ``target`` when the block ends without an error (a non-empty one only with ``overwrite``)."""
-    return atomic.atomic_directory(target, overwrite=overwrite, error=VectorError)
-
-
 def save_vector(
     tensors: dict[str, torch.Tensor],
     metadata: dict[str, Any],
@@ -100,7 +87,7 @@ def save_vector(
     from safetensors.torch import save_file
 
     target = Path(path).expanduser()
-    with atomic_directory(target, overwrite=overwrite) as tmp:
+    with atomic_directory(target, overwrite=overwrite, error=VectorError) as tmp:
         save_file(
             {k: t.contiguous() for k, t in tensors.items()},
             str(tmp / TENSORS_FILE),
