@@ -252,8 +252,8 @@ _HINTS = {
     errno.EROFS: "choose a writable location",
 }
 _OS_ERROR_IN_TEXT = re.compile(r"os error (\d+)")
-# The temporary names the atomic writers use: ``.NAME.tmp-XXXXXXXX`` (atomic_directory, atomic_write, the
-# vector writer), ``.tmp-NAME-XXXXXXXX`` (training checkpoints) and ``.tmp-XXXXXXXX`` (atomic_entries).
+# The temporary names the atomic writers use: ``.NAME.tmp-XXXXXXXX`` (staged_directory, so atomic_directory,
+# and atomic_write), ``.tmp-NAME-XXXXXXXX`` (training checkpoints) and ``.tmp-XXXXXXXX`` (atomic_entries).
 _TEMP_NAME = re.compile(r"^\.(?:(?P<a>.+)\.tmp-|tmp-(?:(?P<b>.+)-)?)[a-z0-9_]{8}$")
 
 
