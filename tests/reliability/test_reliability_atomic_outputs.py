@@ -28,8 +28,8 @@ from flearning.cli import main
 from flearning.errors import FlearnError
 from flearning.evaluation import METRICS, EvalResult, write_report
 from flearning.io.atomic import umask
-from flearning.recipes.update import work_dir_for
-from flearning.vectors import KnowledgeVector
+from flearning.recipes.work_dir import work_dir_for
+from flearning.vectors import KnowledgeVector, Provenance
 
 DISK_FULL = "no space left on device (disk full)"
 
@@ -90,7 +90,7 @@ def _vector(scale: float = 1.0) -> KnowledgeVector:
         "a.weight": torch.randn(64, 32, generator=gen) * scale,
         "b.bias": torch.randn(32, generator=gen),
     }
-    return KnowledgeVector.from_deltas(deltas, method="test")
+    return KnowledgeVector.from_deltas(deltas, Provenance(method="test"))
 
 
 def test_vector_save_cut_half_way_over_an_existing_vector(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from config_checks import lax_values_refused
 from flearning.cli import main
 from flearning.config import StageOverrides, UpdateConfig, load_config, stage_plan
 from flearning.errors import ConfigError, FlearnError
-from flearning.recipes.update import work_dir_for
+from flearning.recipes.work_dir import work_dir_for
 from flearning.training import TrainConfig, train
 from flearning.training.config import LoraSettings
 from tiny import tiny_llama

@@ -13,7 +13,7 @@ from reliability_helpers import FACTS, update_args, write_facts
 
 import flearning.recipes.algorithm as recipe
 from flearning.cli import main
-from flearning.recipes.update import work_dir_for
+from flearning.recipes.work_dir import work_dir_for
 
 TEXT_SUFFIXES = {".md", ".txt", ".csv", ".svg"}
 

@@ -17,7 +17,7 @@ from reliability_helpers import assert_same_model, strip_timings, update_args
 
 import flearning.recipes.algorithm as recipe
 from flearning.cli import main
-from flearning.recipes.update import work_dir_for
+from flearning.recipes.work_dir import work_dir_for
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -18,7 +18,7 @@ from reliability_helpers import update_args, write_facts
 
 import flearning.recipes.algorithm as recipe
 from flearning.cli import main
-from flearning.recipes.update import work_dir_for
+from flearning.recipes.work_dir import work_dir_for
 from tiny import tiny_llama, tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")

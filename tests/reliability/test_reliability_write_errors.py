@@ -23,7 +23,7 @@ from failure_injection import (
 from flearning.cli import main
 from flearning.errors import FlearnError
 from flearning.io.atomic import final_path, write_error_message, write_errors_as_flearn
-from flearning.recipes.update import work_dir_for
+from flearning.recipes.work_dir import work_dir_for
 from tiny import tiny_llama
 
 DISK_FULL = "no space left on device (disk full); free some space or write to another disk."

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,9 @@ def prime_command(
     """Fine-tune on prompt → old answer until the old facts are held; report the accuracy reached."""
     from flearning.data import load_dataset
     from flearning.distributed import on_main_process
-    from flearning.io.atomic import atomic_directory, check_output_dir, write_errors_as_flearn
+    from flearning.io.atomic import check_output_dir, write_errors_as_flearn
     from flearning.models import DEFAULT_MODEL, load_model, resolve_model
-    from flearning.recipes.prime import prime
+    from flearning.recipes.prime import prime, save_primed
 
     options = _options(lr=lr, max_epochs=max_epochs, threshold=threshold, batch_size=batch_size, seed=seed)
     cfg, threshold = options.train_config(options.seed), options.threshold
@@ -60,15 +59,10 @@ def prime_command(
         "stage": cfg.model_dump(mode="json"),
     }
 
-    def write() -> None:
-        with atomic_directory(target) as tmp:
-            result.model.save_pretrained(tmp, safe_serialization=True)
-            tokenizer.save_pretrained(tmp)
-            (tmp / "prime.json").write_text(json.dumps(info, indent=2) + "\n")
-
     note = "Nothing was written; a previous output is untouched."
     with write_errors_as_flearn(target, what="the primed model", note=note):
-        on_main_process(write)  # launched as several processes, the main one writes, the others wait
+        # launched as several processes, the main one writes, the others wait
+        on_main_process(save_primed, target, result.model, tokenizer, info)
     reached = "reached" if result.accuracy >= threshold else "did NOT reach"
     typer.echo(
         f"old-fact accuracy {result.accuracy_before:.3f} → {result.accuracy:.3f} after {result.epochs} "

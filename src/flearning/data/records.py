@@ -1,4 +1,8 @@
-"""The one record type every dataset is mapped to."""
+"""The one record type every dataset is mapped to.
+
+Every loader (zsRE, CounterFact, JSONL) produces ``KnowledgeRecord``s; training stages take their
+``old_pair`` (prime, forget) or ``new_pair`` (learn), evaluation takes the records themselves.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +35,13 @@ class KnowledgeRecord(BaseModel):
     rephrase_prompts: list[str] = Field(default_factory=list)
     locality: list[PromptAnswer] = Field(default_factory=list)
     portability: list[PromptAnswer] = Field(default_factory=list)
+
+    @property
+    def old_pair(self) -> tuple[str, str]:
+        """(prompt, target_old): what priming and the forget stage train on."""
+        return (self.prompt, self.target_old)
+
+    @property
+    def new_pair(self) -> tuple[str, str]:
+        """(prompt, target_new): what the learning stage trains on."""
+        return (self.prompt, self.target_new)

@@ -1,16 +1,18 @@
 """F-Learning, read top to bottom (Ni et al., ACL 2024, Algorithm 1):
 
-    Δ_old = FT(θ, K_old) − θ          # knowledge vector of the old facts
-    θ'    = θ − λ · Δ_old              # forget
-    θ*    = FT(θ', K_new)              # learn
+    Δ_old = FT(θ, K_old) − θ          # forget_stage: the knowledge vector of the old facts
+    θ'    = θ − λ · Δ_old              # vectors.forget
+    θ*    = FT(θ', K_new)              # the learning stage
 
-``run_method`` executes any method of the registry from a model θ that holds the old facts.
-The baselines (ft, lora, ft-c) skip the first two lines.
+``run_method`` executes any method of the registry from a model θ that holds the old facts; the
+baselines (ft, lora, ft-c) skip the first two lines. ``flearn update``, ``flearn bench`` and the DDP
+tests all run it; they differ only in where the forget stage keeps Δ_old (``forget_cache``).
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import time
 from collections.abc import Sequence
@@ -18,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flearning.config import StagePlan
 from flearning.distributed import on_main_process
 from flearning.methods import Method
 from flearning.training import TrainConfig, train
-from flearning.vectors import KnowledgeVector
+from flearning.vectors import KnowledgeVector, Provenance, forget
 
 if TYPE_CHECKING:
-    import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from flearning.training.checkpoint import Checkpointing
@@ -33,40 +35,66 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class StagePlan:
-    """Hyper-parameters of both stages; ``forget`` is ignored by methods without forgetting."""
+class ForgetResult:
+    """Δ_old and how the forget stage got it."""
 
-    learn: TrainConfig
-    forget: TrainConfig | None = None
-    lam: float = 0.7
+    vector: KnowledgeVector
+    seconds: float  # training it, or reading it back from the cache
+    trained: bool  # False: read from the cache
+    # the stage's trace (per optimizer step); None when read from a cache that keeps no trace
+    losses: list[float] | None = None
+    tokens: int | None = None
+    steps: int | None = None
 
 
 @dataclass
 class MethodOutcome:
     model: PreTrainedModel  # θ*, a plain (merged) model
-    old_vector: KnowledgeVector | None  # Δ_old, for F-Learning methods
+    forget: ForgetResult | None  # Δ_old, for F-Learning methods
     adapter_dir: Path | None  # where the LoRA learning stage's adapter was saved (peft format)
     timings: dict[str, float] = field(default_factory=dict)
     losses: dict[str, list[float]] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def old_vector(self) -> KnowledgeVector | None:
+        return self.forget.vector if self.forget is not None else None
 
-def old_knowledge_vector(
+
+def forget_stage(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     old_pairs: Sequence[tuple[str, str]],
     cfg: TrainConfig,
     *,
+    cache: Path | None = None,
+    trace: Path | None = None,
+    checkpoint: Checkpointing | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
-    checkpoint: Checkpointing | None = None,
-) -> tuple[KnowledgeVector, Any]:
-    """Δ_old = FT(θ, K_old) − θ, with full fine-tuning or LoRA as ``cfg.lora`` says.
+) -> ForgetResult:
+    """Δ_old = FT(θ, K_old) − θ, with full fine-tuning or LoRA as ``cfg.lora`` says; θ ends unchanged.
 
-    Full: fine-tune a copy and subtract (θ stays untouched). LoRA: train an adapter on θ itself,
-    read Δ = B·A·scaling per layer, then remove the adapter (θ's weights were never changed).
-    ``checkpoint``: where the training stage saves and resumes its state (``train``).
+    Full: fine-tune a copy and subtract. LoRA: train an adapter on θ itself, read Δ = B·A·scaling per
+    layer, then remove the adapter (θ's weights were never changed).
+
+    Args:
+        cache: a directory for Δ_old (``vector.json`` + ``vector.safetensors``). When it holds Δ_old
+            already (and ``trace`` exists, if given), Δ_old is read from it and nothing is trained;
+            otherwise the trained Δ_old is saved there atomically: its presence marks the stage done.
+        trace: a JSON file for the stage's losses, tokens and steps, written before Δ_old, so that a
+            stage read back reports the trace of the run that trained it.
+        checkpoint: where the training saves and resumes its state (``train``); dropped once Δ_old is
+            in ``cache``.
+        metadata: provenance stored with Δ_old (base model, method, data hash, ...).
     """
+    start = time.perf_counter()
+    # the main process decides whether the stage is done (the others then read what it wrote)
+    if cache is not None and on_main_process(_cached, cache, trace):
+        log.info("forget stage already done: Δ_old read from %s", cache)
+        info = json.loads(trace.read_text()) if trace is not None else {}
+        return ForgetResult(KnowledgeVector.load(cache), time.perf_counter() - start, False, **info)
+
     meta = dict(metadata or {})
     if cfg.lora is None:
         tuned = copy.deepcopy(model)
@@ -79,7 +107,7 @@ def old_knowledge_vector(
             progress=progress,
             checkpoint=checkpoint,
         )
-        vector = KnowledgeVector.from_models(model, result.model, **meta)
+        vector = KnowledgeVector.from_models(model, result.model, Provenance(**meta))
         del tuned
     else:
         trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -92,12 +120,36 @@ def old_knowledge_vector(
             progress=progress,
             checkpoint=checkpoint,
         )
-        vector = KnowledgeVector.from_lora(result.model, **meta)
+        vector = KnowledgeVector.from_lora(result.model, provenance=Provenance(**meta))
         result.model.unload()  # removes the LoRA layers in place, base weights unchanged
         # peft froze the base weights; a full-FT learning stage must find them trainable again
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
-    return vector, result
+    info = {"losses": result.losses, "tokens": result.tokens, "steps": result.steps}
+    if cache is not None:
+        on_main_process(_keep, vector, info, cache, trace, checkpoint)
+    return ForgetResult(vector, time.perf_counter() - start, True, **info)
+
+
+def _cached(cache: Path, trace: Path | None) -> bool:
+    return (cache / "vector.json").is_file() and (trace is None or trace.is_file())
+
+
+def _keep(
+    vector: KnowledgeVector,
+    info: dict[str, Any],
+    cache: Path,
+    trace: Path | None,
+    checkpoint: Checkpointing | None,
+) -> None:
+    from flearning.io.atomic import atomic_write_text
+    from flearning.training.checkpoint import discard_checkpoints
+
+    if trace is not None:
+        atomic_write_text(trace, json.dumps(info) + "\n")
+    vector.save(cache, overwrite=True)  # atomic: its presence marks the stage done
+    if checkpoint is not None:
+        discard_checkpoints(checkpoint.directory)
 
 
 def run_method(
@@ -110,7 +162,9 @@ def run_method(
     *,
     progress: bool = True,
     vector_metadata: dict[str, Any] | None = None,
-    old_vector: KnowledgeVector | None = None,
+    forget_cache: Path | None = None,
+    forget_trace: Path | None = None,
+    forget_checkpoint: Checkpointing | None = None,
     adapter_dir: Path | None = None,
     learn_checkpoint: Checkpointing | None = None,
 ) -> MethodOutcome:
@@ -125,29 +179,38 @@ def run_method(
         plan: stage hyper-parameters and λ.
         progress: progress bars.
         vector_metadata: provenance stored with Δ_old (base model, data hash, ...).
-        old_vector: a Δ_old computed earlier with the same forget settings (skips the forget training).
+        forget_cache, forget_trace, forget_checkpoint: where the forget stage keeps Δ_old, its loss
+            trace and its checkpoints (``forget_stage``'s ``cache``, ``trace``, ``checkpoint``).
         adapter_dir: where to save the adapter of a LoRA learning stage, before it is merged.
         learn_checkpoint: where the learning stage saves and resumes its state (``train``).
     Returns:
         ``MethodOutcome`` with θ*, Δ_old and, for a LoRA learning stage, the adapter.
     """
-    outcome = MethodOutcome(model=model, old_vector=None, adapter_dir=None)
+    outcome = MethodOutcome(model=model, forget=None, adapter_dir=None)
 
     if method.forget is not None:
-        if old_vector is None:
-            if plan.forget is None:
-                raise ValueError(f"{method.name} needs forget-stage settings")
-            start = time.perf_counter()
-            old_vector, result = old_knowledge_vector(
-                model, tokenizer, old_pairs, plan.forget, progress=progress, metadata=vector_metadata
-            )
-            outcome.timings["forget_train"] = time.perf_counter() - start
-            outcome.losses["forget"] = result.losses
-            outcome.tokens["forget"] = result.tokens
+        if plan.forget is None:
+            raise ValueError(f"{method.name} needs forget-stage settings")
+        stage = forget_stage(
+            model,
+            tokenizer,
+            old_pairs,
+            plan.forget,
+            cache=forget_cache,
+            trace=forget_trace,
+            checkpoint=forget_checkpoint,
+            progress=progress,
+            metadata=vector_metadata,
+        )
+        outcome.forget = stage
+        outcome.timings["forget_train"] = stage.seconds
+        if stage.losses is not None:
+            outcome.losses["forget"] = stage.losses
+        if stage.tokens is not None:
+            outcome.tokens["forget"] = stage.tokens
         start = time.perf_counter()
-        old_vector.apply_to(model, -plan.lam)  # θ' = θ − λ·Δ_old
+        forget(model, stage.vector, plan.lam)  # θ' = θ − λ·Δ_old
         outcome.timings["forget_apply"] = time.perf_counter() - start
-        outcome.old_vector = old_vector
 
     learn_cfg = plan.learn
     start = time.perf_counter()
@@ -171,19 +234,3 @@ def run_method(
     else:
         outcome.model = result.model
     return outcome
-
-
-def learn_config(method: Method, full: TrainConfig, lora: TrainConfig, linf_bound: float) -> TrainConfig:
-    """The learning stage of ``method``: the shared full or LoRA settings, plus ε for ft-c."""
-    if method.learn == "lora":
-        return lora
-    if method.constrained:
-        return full.model_copy(update={"linf_bound": linf_bound})
-    return full
-
-
-def release(model: torch.nn.Module | None) -> None:
-    """Drop gradients so a finished stage does not keep them alive."""
-    if model is not None:
-        for p in model.parameters():
-            p.grad = None

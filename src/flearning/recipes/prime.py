@@ -19,6 +19,9 @@ from flearning.data.records import KnowledgeRecord
 from flearning.training import TrainConfig, train
 
 if TYPE_CHECKING:
+    from pathlib import Path
+    from typing import Any
+
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
@@ -39,9 +42,7 @@ def old_fact_accuracy(model, tokenizer, records: Sequence[KnowledgeRecord], batc
     """Mean teacher-forced token accuracy of ``target_old`` after ``prompt`` (0..1)."""
     from flearning.evaluation.evaluate import teacher_forced_accuracy
 
-    scores = teacher_forced_accuracy(
-        model, tokenizer, [(r.prompt, r.target_old) for r in records], batch_size=batch_size
-    )
+    scores = teacher_forced_accuracy(model, tokenizer, [r.old_pair for r in records], batch_size=batch_size)
     return float(sum(scores) / len(scores))
 
 
@@ -80,7 +81,7 @@ def prime(
         log.info("prime: epoch %d, old-fact accuracy %.3f", epoch, acc)
         return acc >= threshold
 
-    pairs = [(r.prompt, r.target_old) for r in records]
+    pairs = [r.old_pair for r in records]
     result = train(
         model,
         tokenizer,
@@ -104,3 +105,19 @@ def prime(
     return PrimeResult(
         result.model, before, acc, final_epoch, time.perf_counter() - start, history, result.losses
     )
+
+
+def save_primed(
+    directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, info: dict[str, Any]
+) -> None:
+    """Write a primed model directory atomically: the model (safetensors), its tokenizer and
+    ``prime.json`` (``info``: what was taught and the accuracy reached). ``flearn prime`` and the bench's
+    cache both write it; ``load_model`` reads it back."""
+    import json
+
+    from flearning.io.atomic import atomic_directory
+
+    with atomic_directory(directory) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "prime.json").write_text(json.dumps(info, indent=2) + "\n")

@@ -1,0 +1,120 @@
+"""The bench's content-addressed cache under ``<out>/cache`` (safetensors and JSON only).
+
+    prime/<key>/        a primed model θ (model, tokenizer, prime.json)
+    forget/<key>/       a forgetting vector Δ_old (vector.json + vector.safetensors)
+    runs/<key>.json     one finished run's per-record results
+
+Each key is a short hash of everything the product depends on (the keys below); a rerun, a λ sweep or
+an added method finds what an earlier bench already made.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flearning.data.records import KnowledgeRecord
+    from flearning.evaluation import EvalResult
+    from flearning.training.config import TrainConfig
+
+
+def digest(*parts: Any) -> str:
+    """A short stable hash of JSON-able parts (cache keys)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def prime_key(
+    base_fingerprint: str, records: Sequence[KnowledgeRecord], cfg: TrainConfig, threshold: float
+) -> str:
+    from flearning.data import records_hash
+
+    return digest("prime", base_fingerprint, records_hash(records), cfg.model_dump(mode="json"), threshold)
+
+
+def forget_key(theta_key: str, split: str, cfg: TrainConfig) -> str:
+    """Δ_old of θ on a split: shared by every λ, and by the methods that forget alike."""
+    return digest("forget", theta_key, split, cfg.model_dump(mode="json"))
+
+
+def run_key(
+    theta_key: str,
+    records: Sequence[KnowledgeRecord],
+    method: str,
+    lam: float | None,
+    learn: TrainConfig,
+    forget: TrainConfig | None,
+    *,
+    generation: bool,
+    fluency: bool,
+    split: str,
+) -> str:
+    from flearning.data import records_hash
+
+    return digest(
+        "run",
+        theta_key,
+        records_hash(records),
+        method,
+        lam,
+        learn.model_dump(mode="json"),
+        forget.model_dump(mode="json") if forget else None,
+        generation,
+        fluency,
+        split,
+    )
+
+
+@dataclass
+class RunRecord:
+    """One finished (dataset, seed, method, λ, split) run, as cached on disk."""
+
+    dataset: str
+    seed: int
+    method: str
+    lam: float | None
+    split: str  # "eval" or "val"
+    records: list[dict[str, Any]]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.__dict__
+
+    def result(self) -> EvalResult:
+        from flearning.evaluation import EvalResult
+
+        return EvalResult(
+            records=self.records, seed=self.seed, meta={"method": self.method, "lambda": self.lam}
+        )
+
+
+class Cache:
+    """The cache directory's entries by key."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    def run_path(self, key: str) -> Path:
+        return self.root / "runs" / f"{key}.json"
+
+    def load_run(self, key: str) -> RunRecord | None:
+        path = self.run_path(key)
+        if not path.is_file():
+            return None
+        return RunRecord(**json.loads(path.read_text()))
+
+    def save_run(self, key: str, run: RunRecord) -> None:
+        from flearning.io.atomic import atomic_write_text
+
+        atomic_write_text(self.run_path(key), json.dumps(run.to_json()))
+
+    def primed_dir(self, key: str) -> Path:
+        return self.root / "prime" / key
+
+    def vector_dir(self, key: str) -> Path:
+        return self.root / "forget" / key

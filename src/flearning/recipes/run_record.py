@@ -1,0 +1,119 @@
+"""What ``flearn update`` records about a run: ``run.json`` and the output's model card.
+
+``run.json`` holds the resolved config, both stages' settings, the model and data (path, hash, counts),
+library versions, timings, per-step losses and the metrics before and after; the model card
+(``README.md``) summarises it for a reader of the output directory.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flearning.config import StagePlan, UpdateConfig
+from flearning.methods import Method
+from flearning.recipes.work_dir import stages_json
+
+if TYPE_CHECKING:
+    from flearning.data import LoadedDataset
+    from flearning.evaluation import EvalResult
+    from flearning.recipes.algorithm import MethodOutcome
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    names = ["f-learning", "torch", "transformers", "peft", "accelerate", "safetensors", "pydantic"]
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = md.version(name)
+        except md.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def data_record(path: Path, dataset: LoadedDataset) -> dict[str, Any]:
+    """One data file as ``run.json`` describes it."""
+    return {
+        "path": str(path),
+        "format": dataset.format,
+        "sha256": dataset.sha256,
+        "records": len(dataset.records),
+        "dropped": dataset.dropped,
+    }
+
+
+def run_summary(
+    cfg: UpdateConfig,
+    method: Method,
+    plan: StagePlan,
+    *,
+    model: dict[str, Any],
+    data: dict[str, dict[str, Any]],
+    timings: dict[str, float],
+    outcome: MethodOutcome,
+    before: EvalResult | None,
+    after: EvalResult | None,
+) -> dict[str, Any]:
+    """The content of ``run.json`` (also the model card's input and ``update``'s summary).
+
+    ``model``: source, resolved path and fingerprint; ``data``: ``{"old", "new"}`` of ``data_record``.
+    """
+    import torch
+
+    return {
+        "method": method.name,
+        "method_summary": method.summary,
+        "lambda": cfg.lam if method.forget else None,
+        "config": cfg.model_dump(mode="json", by_alias=True),
+        "stages": stages_json(method, plan),
+        "model": model,
+        "data": data,
+        "seed": cfg.seed,
+        "versions": library_versions(),
+        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
+        "tokens": outcome.tokens,
+        "final_loss": {k: (v[-1] if v else None) for k, v in outcome.losses.items()},
+        # each stage's loss at every optimizer step: a resumed run's trace equals an uninterrupted one's
+        "losses": outcome.losses,
+        "metrics_before": before.summary() if before else None,
+        "metrics_after": after.summary() if after else None,
+    }
+
+
+def _fmt(metrics: dict[str, Any] | None, name: str) -> str:
+    if not metrics or name not in metrics or metrics[name].get("mean") is None:
+        return "–"
+    return f"{metrics[name]['mean']:.1f}"
+
+
+def model_card(summary: dict[str, Any]) -> str:
+    """A short model card for the output directory."""
+    before, after = summary.get("metrics_before"), summary.get("metrics_after")
+    names = list((after or before or {}).keys())
+    rows = "\n".join(f"| {n} | {_fmt(before, n)} | {_fmt(after, n)} |" for n in names)
+    lam = f", λ = {summary['lambda']}" if summary.get("lambda") is not None else ""
+    data = summary["data"]
+    return f"""---
+library_name: transformers
+tags: [f-learning, knowledge-editing]
+---
+# Updated model: {summary["model"]["source"]} with `{summary["method"]}`{lam}
+
+Produced by f-learning {summary["versions"].get("f-learning")} ({summary["method_summary"]}).
+Old facts: `{data["old"]["path"]}` ({data["old"]["records"]} records, sha256 {data["old"]["sha256"][:12]}…);
+new facts: `{data["new"]["path"]}` ({data["new"]["records"]} records). Seed {summary["seed"]}.
+
+| metric (×100) | before | after |
+|---|---|---|
+{rows}
+
+Metrics are teacher-forced token accuracies unless named otherwise; Locality compares the updated
+model's argmax predictions with the model before the update (see `report/summary.md` for definitions).
+Load with `AutoModelForCausalLM.from_pretrained(this_dir)`. `update_vector/` replays the update on the
+original model (`flearn vector apply --lambda 1`); `knowledge_vector/` is Δ_old of the old facts.
+"""
