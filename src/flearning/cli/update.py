@@ -1,4 +1,4 @@
-"""``flearn update``."""
+"""``flearn update``: the command-line face of ``recipes.update`` (options → ``UpdateConfig``)."""
 
 from __future__ import annotations
 
@@ -51,11 +51,7 @@ def update_command(
 ) -> None:
     """Forget the old facts, learn the new ones, write the updated model, its vectors and a report.
 
-    Resuming: while it runs, an update keeps its finished stages in OUT.partial/ (checkpoints every
-    checkpoint_every optimizer steps, the forget stage's knowledge vector). After an interruption (Ctrl-C,
-    a crash, a full disk), rerun the same command: it resumes where it stopped and writes the same model as
-    an uninterrupted run. OUT.partial/ made with other settings is refused, naming what differs; --restart
-    discards it. It is removed once OUT is written.
+    Resuming (the --resume help above; recipes/work_dir.py for how): rerun the same command.
 
     Example: flearn update --data data/samples/facts.jsonl --method flearning-ft --lambda 0.7 --out runs/x
     """

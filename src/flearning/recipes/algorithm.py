@@ -4,9 +4,8 @@
     θ'    = θ − λ · Δ_old              # vectors.forget
     θ*    = FT(θ', K_new)              # the learning stage
 
-``run_method`` executes any method of the registry from a model θ that holds the old facts; the
-baselines (ft, lora, ft-c) skip the first two lines. ``flearn update``, ``flearn bench`` and the DDP
-tests all run it; they differ only in where the forget stage keeps Δ_old (``forget_cache``).
+``run_method`` runs any method of the registry from θ (the baselines skip the first two lines);
+``flearn update``, ``flearn bench`` and the DDP tests all do, differing only in ``forget_cache``.
 """
 
 from __future__ import annotations
@@ -55,10 +54,6 @@ class MethodOutcome:
     timings: dict[str, float] = field(default_factory=dict)
     losses: dict[str, list[float]] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
-
-    @property
-    def old_vector(self) -> KnowledgeVector | None:
-        return self.forget.vector if self.forget is not None else None
 
 
 def forget_stage(

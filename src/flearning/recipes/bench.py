@@ -1,21 +1,11 @@
-"""``flearn bench``: the paper's experiment, every method side by side (DESIGN.md §1 protocol).
+"""``flearn bench``: the paper's experiment, every method side by side from one primed θ.
 
-    for each dataset, for each seed:
-        θ₀ = base model
-        θ  = prime(θ₀, K_old)                 # one shared model that holds the old facts
-        for each method (and λ):
-            θ* = method(θ, K_old, K_new)      # same learning hyper-parameters for all methods
-            evaluate θ* against θ             # Locality relative to θ
+    for each dataset and seed:   θ  = prime(θ₀, K_old)           # one shared model holding the old facts
+        for each method and λ:   θ* = method(θ, K_old, K_new)    # the same learning settings for all
+                                 evaluate θ* against θ           # Locality relative to θ
 
-Every expensive product is cached under ``<out>/cache`` by a content hash of what it depends on
-(base model fingerprint, records, hyper-parameters, seed): the primed model, each forgetting vector
-(shared by every λ, and by flearning-lora and flearning-lora-ft, which forget alike) and each
-finished run's per-record results. A λ sweep or an added method reruns only what is new, and a killed
-bench rerun with the same command continues where it stopped.
-
-``lambdas="auto"`` picks λ per F-Learning method on a validation split disjoint from the evaluated
-records: maximise Reliability + Generality on validation, subject to Locality not more than
-``locality_tolerance`` points below the ``ft`` baseline's validation Locality.
+Every product is cached by content (``bench_cache``): a λ sweep, an added method or the rerun of a killed
+bench computes only what is new. ``lambdas="auto"`` chooses λ on a validation split (``_choose_lambdas``).
 """
 
 from __future__ import annotations
@@ -255,7 +245,9 @@ class Bench:
         return self.write(wall)
 
     def _choose_lambdas(self, val: Split, bar) -> dict[str, float]:
-        """λ per F-Learning method from the validation split (never the evaluated records)."""
+        """λ per F-Learning method from the validation split, disjoint from the evaluated records: maximise
+        Reliability + Generality on validation, subject to Locality not more than ``locality_tolerance``
+        points below the ``ft`` baseline's validation Locality."""
         baseline = self.run_one(val, "ft", None)
         self.runs.append(baseline)
         bar.update(1)

@@ -1,16 +1,9 @@
 """The ``flearn update`` recipe: setup → (evaluate θ) → forget → learn → evaluate θ* → save.
 
-Output directory (written atomically):
-    config.json, model.safetensors, tokenizer files   the updated model θ* (Hugging Face format)
-    knowledge_vector/                                  Δ_old of F-Learning methods (safetensors + JSON)
-    update_vector/                                     θ* − θ: apply it to θ to replay the whole update
-    adapter/                                           the LoRA adapter of a LoRA learning stage
-    report/                                            evaluation of θ (before) and θ* (after)
-    run.json                                           resolved config, versions, hashes, timings, losses, metrics
-    README.md                                          model card
-
-Finished stages are kept in ``<out>.partial/`` until the output is in place, so that rerunning an
-interrupted update resumes it (``recipes/work_dir.py`` describes how).
+``UpdateRecipe`` keeps the run's state on itself: ``__init__`` checks the settings, ``setup`` loads the
+data and the model, ``run`` trains and evaluates, ``save`` writes the output directory atomically (its
+layout: ``UpdateRecipe.save``). Finished stages wait in ``<out>.partial/`` until the output is in place,
+so that rerunning an interrupted update resumes it (``recipes/work_dir.py``).
 """
 
 from __future__ import annotations
@@ -231,7 +224,16 @@ class UpdateRecipe:
 
     # ---- save ------------------------------------------------------------------------------------
     def save(self) -> UpdateResult:
-        """The run summary; with an output directory, written there atomically with θ* (``run.json`` last)."""
+        """The run summary; with an output directory, written there atomically (``run.json`` last):
+
+        config.json, model.safetensors, tokenizer files   θ* (Hugging Face format)
+        knowledge_vector/    Δ_old of F-Learning methods (safetensors + JSON)
+        update_vector/       θ* − θ: apply it to θ to replay the whole update
+        adapter/             the LoRA adapter of a LoRA learning stage
+        report/              evaluation of θ (before) and θ* (after)
+        run.json             resolved config, versions, hashes, timings, losses, metrics
+        README.md            model card
+        """
         outcome = self.outcome
         summary = run_summary(
             self.cfg,
@@ -272,8 +274,8 @@ class UpdateRecipe:
         self.tokenizer.save_pretrained(stage_dir)
         if outcome.adapter_dir is not None:  # saved in the work directory by the LoRA learning stage
             shutil.copytree(outcome.adapter_dir, stage_dir / "adapter")
-        if outcome.old_vector is not None:
-            outcome.old_vector.save(stage_dir / "knowledge_vector")
+        if outcome.forget is not None:
+            outcome.forget.vector.save(stage_dir / "knowledge_vector")
         if self.theta is not None:
             delta = {k: p.detach().float() - self.theta[k].float() for k, p in model.named_parameters()}
             meta = dict(

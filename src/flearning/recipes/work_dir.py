@@ -1,12 +1,11 @@
 """The ``<out>.partial`` work directory through which an interrupted ``flearn update`` resumes.
 
-While it runs, an update keeps its finished work beside the output: ``identity.json`` (what the run
-depends on), ``forget/`` (checkpoints of the forget stage), ``knowledge_vector/`` + ``forget.json`` (Δ_old
-and its loss trace once the forget stage is done) and ``learn/`` (checkpoints of the learning stage; a
-``-final`` one once it is done). Rerunning the same command after an interruption or a crash resumes
-from there and writes the same model as an uninterrupted run; the directory is removed once the output
-is in place. One made by a different run (other data, model, method, λ or stage settings) is refused,
-naming what differs (``resume="restart"`` / ``--restart`` discards it).
+It holds ``identity.json`` (what the run depends on), ``forget/`` and ``learn/`` (each stage's checkpoints;
+a ``-final`` one once learning is done) and ``knowledge_vector/`` + ``forget.json`` (Δ_old and its loss
+trace once the forget stage is done). Rerunning the same command resumes from there and writes the same
+model as an uninterrupted run; the directory is removed once the output is in place. One made by
+another run (other data, model, method, λ or stage settings) is refused, naming what differs;
+``--restart`` discards it.
 """
 
 from __future__ import annotations
