@@ -55,6 +55,8 @@ class Bench:
         self.cache = Cache(self.out / "cache")
         # dataset -> (evaluated records, validation records); filled by setup()
         self.datasets: dict[str, tuple[list[KnowledgeRecord], list[KnowledgeRecord]]] = {}
+        self.base = self.tokenizer = None  # θ₀, filled by setup()
+        self.base_fp = ""
         self.runs: list[RunRecord] = []
         self.primes: dict[str, list[dict[str, Any]]] = {}
         self.chosen_lambda: dict[str, dict[str, dict[int, float]]] = {}

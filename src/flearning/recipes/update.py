@@ -63,10 +63,19 @@ class UpdateRecipe:
         self.plan = stage_plan(cfg)
         self.old_file, self.new_file = cfg.data_files()
         self.timings: dict[str, float] = {}
+        # set by setup()
+        self.old_ds = self.new_ds = None  # LoadedDataset
+        self.old_pairs: list[tuple[str, str]] = []
+        self.new_pairs: list[tuple[str, str]] = []
+        self.model_source = ""  # cfg.model resolved (a directory or a hub id)
         self.out: Path | None = None
-        self.work: Path | None = None  # <out>.partial, while the update runs
+        self.model = self.tokenizer = None
+        self.base_fp = ""  # θ's fingerprint
         self.theta: dict[str, Any] | None = None  # θ's parameters, for update_vector/
-        self.before = self.after = self.reference = None
+        self.vector_meta: dict[str, Any] = {}  # provenance of Δ_old and of update_vector/
+        self.work: Path | None = None  # <out>.partial, while the update runs
+        # set by run()
+        self.reference = self.before = self.after = None
         self.outcome: MethodOutcome | None = None
 
     # ---- setup -----------------------------------------------------------------------------------
@@ -162,8 +171,6 @@ class UpdateRecipe:
             if self.work is not None:
                 close_after_failure(self.work, resumable=True)
             raise
-        if self.work is not None:
-            on_main_process(shutil.rmtree, self.work, ignore_errors=True)
 
     # ---- run -------------------------------------------------------------------------------------
     def run(self) -> None:
@@ -253,6 +260,8 @@ class UpdateRecipe:
             summary["timings_seconds"]["save"] = on_main_process(self._write_output, summary)
             if outcome.adapter_dir is not None:
                 outcome.adapter_dir = self.out / "adapter"
+        if self.work is not None:  # the output is in place: nothing is left to resume
+            on_main_process(shutil.rmtree, self.work, ignore_errors=True)
         return UpdateResult(out=self.out, summary=summary, outcome=outcome)
 
     def _write_output(self, summary: dict[str, Any]) -> float:
