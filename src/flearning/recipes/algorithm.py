@@ -90,7 +90,7 @@ def forget_stage(
         info = json.loads(trace.read_text()) if trace is not None else {}
         return ForgetResult(KnowledgeVector.load(cache), time.perf_counter() - start, False, **info)
 
-    meta = dict(metadata or {})
+    provenance = Provenance(**(metadata or {}))
     if cfg.lora is None:
         tuned = copy.deepcopy(model)
         result = train(
@@ -102,7 +102,7 @@ def forget_stage(
             progress=progress,
             checkpoint=checkpoint,
         )
-        vector = KnowledgeVector.from_models(model, result.model, Provenance(**meta))
+        vector = KnowledgeVector.from_models(model, result.model, provenance)
         del tuned
     else:
         trainable = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -115,7 +115,7 @@ def forget_stage(
             progress=progress,
             checkpoint=checkpoint,
         )
-        vector = KnowledgeVector.from_lora(result.model, provenance=Provenance(**meta))
+        vector = KnowledgeVector.from_lora(result.model, provenance=provenance)
         result.model.unload()  # removes the LoRA layers in place, base weights unchanged
         # peft froze the base weights; a full-FT learning stage must find them trainable again
         for name, p in model.named_parameters():
