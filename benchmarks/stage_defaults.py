@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, machine, write_json  # noqa: E402
+from common import machine, write_json  # noqa: E402
 
 
 def main() -> None:
@@ -28,9 +28,10 @@ def main() -> None:
     from flearning.data import load_records
     from flearning.evaluation.evaluate import teacher_forced_accuracy
     from flearning.models import load_model
+    from flearning.resources import sample_path
     from flearning.training import LoraSettings, TrainConfig, train
 
-    records = load_records(REPO / "data" / "samples" / "counterfact-200.json", limit=args.n)
+    records = load_records(sample_path("counterfact-200.json"), limit=args.n)
     new = [(r.prompt, r.target_new) for r in records]
     old = [(r.prompt, r.target_old) for r in records]
     model, tokenizer = load_model()

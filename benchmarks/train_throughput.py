@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import REPO, machine, matmul_gflops, write_json  # noqa: E402
+from common import machine, matmul_gflops, write_json  # noqa: E402
 
 
 def measure(model, tokenizer, pairs, cfg) -> dict:
@@ -111,9 +111,10 @@ def main() -> None:
 
     from flearning.data import load_records
     from flearning.models import count_parameters, load_model
+    from flearning.resources import sample_path
     from flearning.training import LoraSettings, TrainConfig
 
-    records = load_records(REPO / "data" / "samples" / "counterfact-200.json")
+    records = load_records(sample_path("counterfact-200.json"))
     pairs = [(r.prompt, r.target_new) for r in records]
     model, tokenizer = load_model()
     params = count_parameters(model)

@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flearning.resources import samples_dir
+
 REPO = Path(__file__).resolve().parents[2]
-SAMPLES = REPO / "data" / "samples"
+SAMPLES = samples_dir()
 SHARED_DATA = REPO.parent / "shared" / "data"
 
 

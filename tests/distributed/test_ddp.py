@@ -32,10 +32,11 @@ import ddp_worker as worker
 import pytest
 import torch
 
+from flearning.resources import configs_dir
+
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
 WORKER = HERE / "ddp_worker.py"
-ACCELERATE_CONFIG = REPO / "configs" / "accelerate" / "ddp-cpu.yaml"
+ACCELERATE_CONFIG = configs_dir() / "accelerate" / "ddp-cpu.yaml"
 SCENARIOS = [
     "flearning_ft",
     "flearning_lora_ft",

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from eval_helpers import assert_same_records
 
+from flearning.resources import sample_path
+
 REPO = Path(__file__).resolve().parents[2]
-SAMPLE = REPO / "data" / "samples" / "counterfact-200.json"
+SAMPLE = sample_path("counterfact-200.json")
 SHARED = REPO.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"
 N_RECORDS = 16
 

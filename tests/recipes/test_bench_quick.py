@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from flearning.cli import main
 from flearning.evaluation import METRICS
 from flearning.methods import METHODS
+from flearning.resources import sample_path
 
 pytestmark = pytest.mark.slow
-
-REPO_DATA = Path(__file__).resolve().parents[2] / "data" / "samples"
 
 
 def test_quick_profile_reports_every_method_and_metric(tmp_path):
@@ -27,9 +25,9 @@ def test_quick_profile_reports_every_method_and_metric(tmp_path):
             str(out),
             "--no-progress",
             "--data",
-            f"zsre={REPO_DATA / 'zsre-200.json'}",
+            f"zsre={sample_path('zsre-200.json')}",
             "--data",
-            f"counterfact={REPO_DATA / 'counterfact-200.json'}",
+            f"counterfact={sample_path('counterfact-200.json')}",
         ]
     )
     assert code == 0
