@@ -1,4 +1,9 @@
-"""Knowledge data: one record type, loaders for ZsRE, CounterFact and the user's own JSONL facts."""
+"""Knowledge data: one record type (``KnowledgeRecord``) and the loaders that map ZsRE, CounterFact
+(EasyEdit and ROME layouts) and the user's own JSONL facts onto it.
+
+Training and evaluation only ever see records, never a file's layout. The formats, their detection, the
+drop rules and the error messages are documented in the samples' README (``data/README.md``).
+"""
 
 from flearning.data.formats import FORMATS
 from flearning.data.loading import DROP_REASONS, LoadedDataset, load_dataset, load_records

@@ -1,16 +1,10 @@
 """Per-format record parsers: one raw JSON value in, one ``Candidate`` (or problems) out.
 
-Each parser reads the fields its format defines, checks their JSON types, and collects a ``Problem``
-for every missing or mistyped field instead of stopping at the first one, so a user fixes a file in one
-pass. Parsers never apply the drop rules (empty or unchanged targets): ``loading`` does that, so the
-rules and their counts live in one place.
-
-Conventions shared by every format:
-- Text is stripped of surrounding white space (some ZsRE ``alt`` values start with a space).
-- A required prompt must be a non-empty string; a target may be empty (such records are dropped).
-- Optional text that is absent, ``null`` or empty after stripping counts as absent.
-- A record's id is its own ``id``/``case_id`` (string or integer) when present, else its 0-based
-  position among the file's records.
+Each parser checks the fields its format defines and collects a ``Problem`` for every missing or
+mistyped one, so a user fixes a file in one pass. Parsers never apply the drop rules: ``loading`` does,
+so the rules and their counts live in one place. Shared conventions: text is stripped; optional text
+that is absent, ``null`` or blank counts as absent; a record's id is its ``id``/``case_id``, else its
+0-based position among the file's records.
 """
 
 from __future__ import annotations

@@ -1,45 +1,10 @@
 """Load a knowledge dataset file into ``KnowledgeRecord``s, or report everything wrong with it at once.
 
-Formats (``FORMATS``):
-
-``zsre``
-    MEND/EasyEdit JSON list: ``src`` → old ``answers[0]`` / new ``alt``; ``rephrase``, ``loc``/``loc_ans``,
-    ``subject``, optional ``portability``.
-``counterfact``
-    EasyEdit JSON list: ``prompt`` → old ``ground_truth`` / new ``target_new``; ``rephrase_prompt``,
-    ``locality_prompt``/``locality_ground_truth``, ``subject``, ``case_id``.
-``counterfact-rome``
-    ROME JSON list: ``requested_rewrite{prompt ("{}" template), subject, target_true{str},
-    target_new{str}}``, ``paraphrase_prompts``, ``neighborhood_prompts`` (answered by the true target).
-``jsonl``
-    The project's own format: JSON Lines, one object per line, blank lines allowed::
-
-        {"id": "uk-pm", "prompt": "The Prime Minister of the United Kingdom is",
-         "target_old": "Rishi Sunak", "target_new": "Keir Starmer", "subject": "United Kingdom",
-         "rephrase_prompts": ["The head of the UK government is"],
-         "locality": [{"prompt": "The capital of Australia is", "answer": "Canberra"}],
-         "portability": [{"prompt": "The party of the UK Prime Minister is the", "answer": "Labour Party"}]}
-
-    (shown wrapped; in the file each object is on one line). ``prompt``, ``target_old`` and
-    ``target_new`` are required strings; ``id`` (string or integer), ``subject`` (string),
-    ``rephrase_prompts`` (list of strings), ``locality`` and ``portability`` (lists of
-    ``{"prompt", "answer"}`` objects) are optional. Any other field is an error.
-
-The format is detected from the content when not given: a ``.jsonl``/``.ndjson`` suffix or a first
-line that is a complete object with ``target_old`` means ``jsonl``; a JSON list is classified by the
-fields of its first object (``requested_rewrite`` → counterfact-rome; ``src``, ``alt``, ``answers``
-or ``loc_ans`` → zsre; ``ground_truth``, ``target_new``, ``locality_ground_truth`` or
-``rephrase_prompt`` → counterfact).
-
-Drop rules (every format): a record whose old or new target is empty, or whose new target equals the
-old one (after stripping white space, case-sensitive), cannot be updated and is dropped with a count
-per reason (``DROP_REASONS``); with ``strict=True`` such records are errors instead.
-
-Errors: every problem is collected and raised together as one ``InputError``; each line reads
-``FILE:record N:FIELD: what is wrong`` where N is the 0-based index of the record in the JSON list,
-or ``FILE:line N:FIELD: ...`` with the 1-based line number for JSON Lines files. Problems with the
-file as a whole (unreadable, empty, malformed JSON, not a list) read ``FILE: what is wrong``. Loading
-either returns every record or raises: nothing is half-loaded.
+The format (``FORMATS``: ``zsre``, ``counterfact``, ``counterfact-rome``, the project's ``jsonl``) is
+detected from the content when not given. Records whose old or new target is empty, or unchanged, are
+dropped and counted per reason (``DROP_REASONS``; errors with ``strict=True``). Every problem is raised
+together as one ``InputError`` naming the file, record (or line) and field: nothing is half-loaded.
+Field mappings, detection rules and messages: ``data/README.md``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
-"""Evaluation: Reliability, Generality, Locality, Portability, Old retention, Efficacy, Paraphrase score,
-Generation exact match and Fluency (DESIGN.md §2), batched, with reports.
+"""Evaluation: every metric of ``docs/DESIGN.md`` ("Metrics") for a model on knowledge records, batched,
+with reports.
 
-Typical use::
-
-    from flearning.evaluation import evaluate, reference_predictions, write_report
-
-    ref = reference_predictions(theta, tokenizer, records)          # the model before the update
-    result = evaluate(theta_star, tokenizer, records, reference=ref)
-    result.summary()["reliability"]  # {"mean": x100, "std": x100, "n": records}
-    write_report({"flearning-ft": [result]}, "out/report")
-
-Names are imported lazily: ``import flearning.evaluation`` (done by the CLI at start-up) must not
-import torch.
+``flearning.evaluation.evaluate.evaluate`` scores θ* against the ``reference_predictions`` of θ (the
+model before the update); ``write_report`` writes the files. Names are imported lazily:
+``import flearning.evaluation`` (done by the CLI at start-up) must not import torch.
 """
 
 from __future__ import annotations

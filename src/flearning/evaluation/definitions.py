@@ -6,8 +6,7 @@ Kept free of torch so that reports, tables and the CLI's help can use them cheap
 from __future__ import annotations
 
 # Rows per teacher-forced forward pass and per generate call. Results do not depend on it (batched ==
-# one at a time, tested); on 500 CounterFact records with SmolLM2-135M on 2 CPU cores, 64 rows ran
-# 1.13x faster than 16 (benchmarks/eval_throughput.py).
+# one at a time, tested); the value is the fastest measured by benchmarks/eval_throughput.py.
 DEFAULT_BATCH_SIZE = 64
 
 # Order used in every table and plot.

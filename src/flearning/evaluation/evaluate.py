@@ -1,4 +1,9 @@
-"""``evaluate``: every metric of DESIGN.md §2 for a model on a list of knowledge records, batched."""
+"""``evaluate``: every metric of ``docs/DESIGN.md`` ("Metrics") for a model on knowledge records.
+
+One batched teacher-forced pass over the distinct (prompt, target) probes, then batched greedy decoding
+for the generation metrics. Batching never changes a value: ``oracle.evaluate_oracle`` is the
+one-record-at-a-time implementation it is tested against.
+"""
 
 from __future__ import annotations
 
@@ -125,11 +130,11 @@ def evaluate(
     progress: bool = True,
     seed: int | None = None,
 ) -> EvalResult:
-    """Score ``model`` on ``records`` with every metric of DESIGN.md §2, batched.
+    """Score ``model`` on ``records`` with every metric of ``docs/DESIGN.md`` ("Metrics"), batched.
 
     All teacher-forced metrics come from one batched pass over the distinct (prompt, target) probes;
     generation metrics from batched greedy decoding. Batching does not change any value (see
-    ``scoring``); ``sequential.evaluate_oracle`` is the one-at-a-time implementation it is checked
+    ``scoring``); ``oracle.evaluate_oracle`` is the one-at-a-time implementation it is checked
     against.
 
     Args:
@@ -141,7 +146,7 @@ def evaluate(
         batch_size: rows per teacher-forced forward pass.
         generation_batch_size: rows per ``generate`` call (default ``batch_size``). A decoding step reads
             all weights once whatever the number of rows, but a batch decodes until its largest budget
-            and pads to its longest prompt: on 500 CounterFact records 64 rows took 7.6 s, 256 rows 9.2 s.
+            and pads to its longest prompt, so larger is not always faster (benchmarks/README.md).
         generation: compute Generation exact match (greedy decoding).
         fluency: compute Fluency (greedy decoding of ``fluency_tokens`` tokens: slow).
         fluency_tokens: new tokens generated for Fluency.

@@ -1,4 +1,8 @@
-"""From knowledge records to token probes, through ``encode_pair`` so positions match training."""
+"""From knowledge records to token probes: every (prompt, target) a metric scores, deduplicated.
+
+Probes go through ``encode_pair``, as training does, so a target's positions are the ones the model
+was trained on.
+"""
 
 from __future__ import annotations
 

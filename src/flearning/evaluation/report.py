@@ -1,19 +1,10 @@
-"""Evaluation reports: per-record JSONL, summary JSON/Markdown/CSV and PNG plots, written atomically.
+"""Evaluation reports: ``records.jsonl`` (one line per method, seed and record), ``summary.json``,
+``summary.md`` and ``summary.csv`` (methods x metrics, with the exact definitions), ``metrics.png`` and,
+for a λ sweep, ``sweep.json``/``sweep.png``.
 
-Layout of ``out_dir``::
-
-    records.jsonl   one line per (method, seed, record) with every metric
-    summary.json    per method and metric: mean x100, std over records, std over seeds, n
-    summary.md      methods x metrics table ("mean ± std") and the exact metric definitions
-    summary.csv     the same table
-    metrics.png     bar chart of methods x metrics
-    sweep.json, sweep.png   metric vs λ, when sweep data is given
-
-The report's files are swapped in together: they are written into a temporary directory inside
-``out_dir`` and renamed over the previous report's files at the end, so the directory holds the previous
-report or the new one, never a mix. The directory itself stays (a symlink stays a symlink, a mount point,
-its owner, mode and ACLs are kept), and so do the other files in it; report files of the previous report
-that the new one does not write (a ``sweep.png`` of an earlier sweep) are removed in the same swap.
+The files are written into a temporary directory inside ``out_dir`` and swapped in together, so the
+directory holds the previous report or the new one, never a mix; the directory itself (a symlink, a
+mount point, its owner and mode) and its other files stay.
 """
 
 from __future__ import annotations

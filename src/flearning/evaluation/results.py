@@ -1,4 +1,8 @@
-"""Evaluation results: per-record values, summaries (x100) and aggregation over seeds. No torch."""
+"""Evaluation results: per-record values, summaries (means and standard deviations x100) and their
+aggregation over seeds.
+
+No torch here: reports, tables and the bench's cache read results without loading a model.
+"""
 
 from __future__ import annotations
 

@@ -1,15 +1,10 @@
 """Batched execution: teacher-forced scoring of many (prompt, target) probes and greedy generation.
 
-Teacher-forced scoring pads on the right and passes an attention mask, so every real position is
-computed exactly as for the record alone. Probes that share a prompt (``target_new`` and ``target_old``
-after the same prompt) are *packed* into one row: prompt, then each target as its own segment, with a
-4D attention mask that lets a segment see the prompt and itself only, and position ids that restart
-after the prompt for every segment. Each target therefore sees exactly the context it would see alone,
-while the prompt is computed once. Only the logits at predicting positions are projected onto the
-vocabulary (``logits_to_keep``), which on a 49k vocabulary is a large part of a short forward.
-
-Generation pads on the left (with an attention mask and mask-derived position ids, handled by
-``generate``) so every row's next token comes right after its own prompt.
+Scoring pads on the right with an attention mask, so every real position is computed as for the record
+alone. Targets after the same prompt are packed into one row (a 4D mask lets each see the prompt and
+itself only, position ids restart per target), so the prompt is computed once; only predicting
+positions are projected onto the vocabulary. Generation pads on the left, so every row's next token
+follows its own prompt.
 """
 
 from __future__ import annotations

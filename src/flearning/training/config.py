@@ -1,4 +1,8 @@
-"""Hyper-parameters of one training stage (prime, forget or learn)."""
+"""Hyper-parameters of one training stage (prime, forget or learn): ``TrainConfig`` and ``LoraSettings``.
+
+Also the strict setting types every config uses (``ConfigFloat``, ``ConfigInt``, ``ConfigBool``): no
+boolean as a number, no ``"yes"`` as a switch, every float finite.
+"""
 
 from __future__ import annotations
 

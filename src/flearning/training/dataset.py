@@ -1,4 +1,8 @@
-"""Prompt→answer pairs as padded, length-grouped training batches with prompt tokens masked."""
+"""Prompt→answer pairs as padded training batches with the prompt tokens masked out of the loss.
+
+Batches group examples of similar length (less padding) in an order that is a pure function of (seed,
+epoch), so a resumed stage replays exactly the batches an uninterrupted one would.
+"""
 
 from __future__ import annotations
 

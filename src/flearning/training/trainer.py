@@ -44,7 +44,7 @@ def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch
     positions that predict an answer token (``flearning.logits``) instead of at every position.
 
     Position t predicts token t + 1, so the kept positions are those whose next label is an answer.
-    Measured on SmolLM2-135M (benchmarks/train_throughput.py): see the README's Benchmarks table.
+    What it saves is measured by benchmarks/train_throughput.py (benchmarks/README.md).
     """
     labels = batch["labels"]
     predicts = labels[:, 1:] != IGNORE_INDEX
