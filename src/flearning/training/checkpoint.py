@@ -1,26 +1,10 @@
 """Checkpoints of a training stage, so an interrupted stage resumes bit for bit.
 
-A checkpoint holds everything the next optimizer step depends on: the trainable parameters, the
-optimizer state (AdamW: step, exp_avg, exp_avg_sq per parameter), the scheduler state, the random
-number generators (torch CPU/CUDA, Python ``random``, NumPy) and the data position (epoch, batches
-consumed in that epoch, optimizer step, loss trace). The batch order is a pure function of (seed,
-epoch) (``LengthGroupedBatches``), so the data position is two integers.
-
-No file is a pickle: tensors go to safetensors, everything else to JSON. (accelerate's
-``save_state`` pickles the optimizer and the RNG states, so it is not used.) Layout::
-
-    <directory>/step-00000012[-final]/
-        model.safetensors       trainable parameters by name
-        state.safetensors       optimizer tensors ("optimizer/<index>/<key>") and torch RNG states ("rng/...")
-        state.json              identity, position, losses, optimizer groups, scheduler, Python/NumPy RNG
-
-A checkpoint is written into a hidden temporary directory and renamed into place, so it is complete
-or absent; older checkpoints of the stage are removed only after the new one is in place. A ``-final``
-checkpoint marks a finished stage (no optimizer state: it will never step again).
-
-Resuming checks the checkpoint's *identity* against the stage about to run: the training
-configuration, the training data (token ids and labels) and the starting model's fingerprint. Any
-difference is a ``FlearnError`` that names what differs.
+A checkpoint holds everything the next optimizer step depends on (trainable parameters, optimizer and
+scheduler state, random generators, data position), in safetensors and JSON only: no pickle, which is
+why accelerate's ``save_state`` is not used. It is written atomically (``io.atomic``), so it is complete
+or absent (layout: ``save_checkpoint``). Resuming checks its *identity* against the stage about to run
+(configuration, data, starting model, library versions, processes) and names what differs.
 """
 
 from __future__ import annotations
@@ -379,6 +363,17 @@ def save_checkpoint(
     complete: bool = False,
 ) -> Path:
     """Write one checkpoint atomically and remove the older ones of ``directory``.
+
+    Layout (the batch order is a pure function of (seed, epoch), ``LengthGroupedBatches``, so the data
+    position is two integers; a ``-final`` checkpoint marks a finished stage and has no optimizer state)::
+
+        <directory>/step-00000012[-final]/
+            model.safetensors   trainable parameters by name
+            state.safetensors   optimizer tensors ("optimizer/<index>/<key>"), torch RNG states ("rng/...")
+            state.json          identity, position, losses, optimizer groups, scheduler, Python/NumPy RNG
+
+    It is written in a hidden ``.tmp-step-…`` directory and renamed into place; older checkpoints of the
+    stage are removed only after the new one is in place.
 
     Args:
         directory: the stage's checkpoint directory.
