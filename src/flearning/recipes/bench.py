@@ -32,16 +32,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Split:
-    """The records runs are evaluated on, from one primed θ (``eval``: the reported records, ``val``: the
-    validation split λ is chosen on), with θ's predictions on them (Locality's reference)."""
+class Primed:
+    """θ of one (dataset, seed): the base model taught the old facts, shared by every method."""
 
     dataset: str
     seed: int
+    model: PreTrainedModel
+    key: str  # its cache key, part of every key derived from it
+    info: dict[str, Any]  # prime.json: accuracy before and after, epochs, ...
+
+
+@dataclass
+class Split:
+    """Records runs from θ are evaluated on (``eval``: the reported records, ``val``: the validation
+    split λ is chosen on), with θ's predictions on them (Locality's reference)."""
+
+    theta: Primed
     name: str
     records: list[KnowledgeRecord]
-    theta: PreTrainedModel
-    theta_key: str  # the primed θ's cache key
     reference: Any
 
 
@@ -94,7 +102,7 @@ class Bench:
         return len(self.cfg.data) * len(self.cfg.seeds) * (sum(per_method.values()) + extra_val)
 
     # ---- stages ----------------------------------------------------------------------------------
-    def primed(self, dataset: str, seed: int, records: list[KnowledgeRecord]):
+    def primed(self, dataset: str, seed: int, records: list[KnowledgeRecord]) -> Primed:
         """θ for (dataset, seed), trained once and cached as a safetensors model directory."""
         from flearning.models import load_model
         from flearning.recipes.prime import prime, save_primed
@@ -122,24 +130,27 @@ class Bench:
                 "key": key,
             }
             save_primed(path, model, self.tokenizer, info)
-        return model, key, info
+        return Primed(dataset, seed, model, key, info)
 
-    def split(self, dataset: str, seed: int, name: str, records, theta, theta_key: str) -> Split:
+    def split(self, theta: Primed, name: str, records: list[KnowledgeRecord]) -> Split:
         from flearning.evaluation import reference_predictions
 
-        reference = reference_predictions(theta, self.tokenizer, records, batch_size=self.cfg.eval_batch_size)
-        return Split(dataset, seed, name, records, theta, theta_key, reference)
+        reference = reference_predictions(
+            theta.model, self.tokenizer, records, batch_size=self.cfg.eval_batch_size
+        )
+        return Split(theta, name, records, reference)
 
     def run_one(self, split: Split, method_name: str, lam: float | None) -> RunRecord:
         """One method (at one λ) from θ on a split, evaluated; cached, and its Δ_old cached apart."""
         from flearning.evaluation.evaluate import evaluate
         from flearning.recipes.algorithm import run_method
 
+        theta = split.theta
         method = get_method(method_name)
         lam = lam if method.forget else None
-        plan = self.cfg.stage_plan(method, split.seed, lam)
+        plan = self.cfg.stage_plan(method, theta.seed, lam)
         key = run_key(
-            split.theta_key,
+            theta.key,
             split.records,
             method_name,
             lam,
@@ -155,7 +166,7 @@ class Bench:
             return cached
         outcome = run_method(
             method,
-            copy.deepcopy(split.theta),
+            copy.deepcopy(theta.model),
             self.tokenizer,
             [r.old_pair for r in split.records],
             [r.new_pair for r in split.records],
@@ -165,9 +176,7 @@ class Bench:
             # Δ_old depends on θ, the split and the forget stage only: shared by every λ and by the
             # methods that forget alike (flearning-lora and flearning-lora-ft)
             forget_cache=(
-                self.cache.vector_dir(forget_key(split.theta_key, split.name, plan.forget))
-                if plan.forget
-                else None
+                self.cache.vector_dir(forget_key(theta.key, split.name, plan.forget)) if plan.forget else None
             ),
         )
         if outcome.forget is not None and outcome.forget.trained:
@@ -184,12 +193,12 @@ class Bench:
             generation=self.cfg.generation,
             fluency=self.cfg.fluency,
             progress=False,
-            seed=split.seed,
+            seed=theta.seed,
         )
         seconds["evaluate"] = time.perf_counter() - start
         run = RunRecord(
-            split.dataset,
-            split.seed,
+            theta.dataset,
+            theta.seed,
             method_name,
             lam,
             split.name,
@@ -210,10 +219,10 @@ class Bench:
         bar = tqdm(total=self.planned_runs(), desc="bench runs", unit="run", disable=not self.progress)
         for dataset, (evaluated, validation) in self.datasets.items():
             for seed in self.cfg.seeds:
-                theta, theta_key, info = self.primed(dataset, seed, [*evaluated, *validation])
-                split = self.split(dataset, seed, "eval", evaluated, theta, theta_key)
+                theta = self.primed(dataset, seed, [*evaluated, *validation])
+                split = self.split(theta, "eval", evaluated)
                 primed_eval = evaluate(
-                    theta,
+                    theta.model,
                     self.tokenizer,
                     evaluated,
                     reference=split.reference,
@@ -222,11 +231,11 @@ class Bench:
                     progress=False,
                     seed=seed,
                 )
-                info = dict(info, metrics=primed_eval.summary())
+                info = dict(theta.info, metrics=primed_eval.summary())
                 self.primes.setdefault(dataset, []).append(info)
                 self.runs.append(RunRecord(dataset, seed, PRIMED, None, "eval", primed_eval.records))
                 chosen = (
-                    self._choose_lambdas(self.split(dataset, seed, "val", validation, theta, theta_key), bar)
+                    self._choose_lambdas(self.split(theta, "val", validation), bar)
                     if self.cfg.lambdas == "auto"
                     else {}
                 )
@@ -269,14 +278,9 @@ class Bench:
                 scored.append((allowed, objective, -lam, lam))
             best = max(scored)  # allowed first, then objective, then the smaller λ on ties
             chosen[method_name] = best[3]
-            self.chosen_lambda.setdefault(val.dataset, {}).setdefault(method_name, {})[val.seed] = best[3]
-            log.info(
-                "bench: %s %s seed %d: λ = %s chosen on validation",
-                val.dataset,
-                method_name,
-                val.seed,
-                best[3],
-            )
+            dataset, seed = val.theta.dataset, val.theta.seed
+            self.chosen_lambda.setdefault(dataset, {}).setdefault(method_name, {})[seed] = best[3]
+            log.info("bench: %s %s seed %d: λ = %s chosen on validation", dataset, method_name, seed, best[3])
         return chosen
 
     # ---- reports ---------------------------------------------------------------------------------
