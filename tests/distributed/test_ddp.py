@@ -191,18 +191,21 @@ def reference(name: str, model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def assert_same_weights(
-    got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
+    got: dict[str, torch.Tensor],
+    want: dict[str, torch.Tensor],
+    start: dict[str, torch.Tensor],
+    atol: float = ATOL,
 ):
     assert got.keys() == want.keys()
     for name in want:
         torch.testing.assert_close(
-            got[name], want[name], atol=ATOL, rtol=0, msg=lambda m, n=name: f"{n}: {m}"
+            got[name], want[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}"
         )
     diff = torch.sqrt(sum(((got[n] - want[n]) ** 2).sum() for n in want))
     update = torch.sqrt(sum(((want[n] - start[n]) ** 2).sum() for n in want))
     assert diff <= REL_UPDATE * update, f"2-process vs 1-process: {diff / update:.2e} of the update"
     # the tolerance is meaningful: training moved weights by far more than it
-    assert max((want[n] - start[n]).abs().max().item() for n in want) > 100 * ATOL
+    assert max((want[n] - start[n]).abs().max().item() for n in want) > 100 * atol
 
 
 @pytest.fixture(scope="module")
@@ -443,7 +446,10 @@ def test_flearn_update_on_two_processes_writes_the_output_once_and_matches_one_p
     )  # fmt: skip
     launched = load_file(str(out / "model.safetensors"))
     single = load_file(str(one.out / "model.safetensors"))
-    assert_same_weights(launched, single, start_weights)
+    # The module's rule, 2e-3 of the largest step an entry takes: here the forget stage's lr 0.05 times
+    # λ 1 (a per-entry error of Δ_old reaches θ' unscaled), not the learning stage's 1e-2. Measured:
+    # worst entry 3.9e-5, in a LoRA target (q_proj) of the forget stage.
+    assert_same_weights(launched, single, start_weights, atol=2e-3 * max(0.01, 1.0 * 0.05))
 
 
 def test_a_failure_on_the_main_process_stops_every_process_with_its_message(model_dir):
