@@ -14,6 +14,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 
 from flearning.errors import format_names
@@ -23,8 +24,7 @@ from flearning.vectors.metadata import PROVENANCE_FILE, write_applied_record
 from flearning.vectors.ops import VectorError, check_scalar
 from flearning.vectors.streaming.blocks import Background, BlockBuffers, StreamResult, updated_block
 from flearning.vectors.streaming.fingerprint import check_base as check_base_model
-from flearning.vectors.streaming.names import architecture_of, check_applicable, model_parameters
-from flearning.vectors.streaming.sources import DeltaSource, open_delta_source
+from flearning.vectors.streaming.sources import DeltaSource, open_delta_source, open_paired
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +68,7 @@ def stream_apply(
     refuse_overlap(out, {"input model": model_dir, "vector": vector_dir}, error=VectorError)
     check_writable_target(out, overwrite=overwrite, error=VectorError)
 
-    ckpt = st.open_checkpoint(model_dir)
-    arch = architecture_of(ckpt)
-    source = open_delta_source(vector_dir, arch.aliases if arch else None)
-    params = model_parameters(ckpt, arch)
-    delta_shapes = source.shapes()
-    check_applicable(params, delta_shapes, arch)
+    ckpt, _, source, params, delta_shapes = open_paired(model_dir, partial(open_delta_source, vector_dir))
     meta = source.metadata
 
     updates = {params[k].name: k for k in delta_shapes}  # file name → Δ key

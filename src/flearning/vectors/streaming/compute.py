@@ -14,6 +14,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,12 +29,11 @@ from flearning.vectors.streaming.blocks import Background, BlockBuffers, StreamR
 from flearning.vectors.streaming.fingerprint import recorded_fingerprint
 from flearning.vectors.streaming.names import (
     architecture_of,
-    check_applicable,
     in_parameter_order,
     meta_tensor,
     model_parameters,
 )
-from flearning.vectors.streaming.sources import LoraAdapterFiles
+from flearning.vectors.streaming.sources import LoraAdapterFiles, open_paired
 
 if TYPE_CHECKING:
     import torch
@@ -152,12 +152,7 @@ def stream_lora_vector(
     started = time.perf_counter()
     base_dir = Path(base_dir).expanduser()
     out = _check_out(out_vector_dir, {"base model": base_dir, "adapter": Path(adapter_dir)}, overwrite)
-    base = st.open_checkpoint(base_dir)
-    arch = architecture_of(base)
-    source = LoraAdapterFiles(adapter_dir, arch.aliases if arch else None)
-    params = model_parameters(base, arch)
-    shapes = source.shapes()
-    check_applicable(params, shapes, arch)
+    base, arch, source, params, shapes = open_paired(base_dir, partial(LoraAdapterFiles, adapter_dir))
     provenance = (provenance or Provenance()).with_defaults(base_model=str(base_dir), method="lora")
     lora_settings = {"lora": source.provenance().get("lora", {}), **dict(provenance.hyperparameters)}
 

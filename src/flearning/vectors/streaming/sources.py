@@ -9,16 +9,22 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from flearning.errors import format_names
-from flearning.io.safetensors import TensorEntry, read_block, read_shard_header
+from flearning.io.safetensors import Checkpoint, TensorEntry, open_checkpoint, read_block, read_shard_header
 from flearning.vectors import files as vio
 from flearning.vectors import lora
 from flearning.vectors.metadata import VectorMetadata, parse_metadata
 from flearning.vectors.ops import VectorError
+from flearning.vectors.streaming.names import (
+    Architecture,
+    architecture_of,
+    check_applicable,
+    model_parameters,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -201,3 +207,27 @@ def open_delta_source(path: str | os.PathLike, aliases: Mapping[str, str] | None
     if lora.is_lora_adapter(path):
         return LoraAdapterFiles(path, aliases)
     return VectorFiles(path)
+
+
+class Paired(NamedTuple):
+    """A model's files and a delta source that fits them (every key a floating parameter, same shape)."""
+
+    ckpt: Checkpoint
+    arch: Architecture | None
+    source: DeltaSource
+    params: dict[str, TensorEntry]
+    shapes: dict[str, tuple[int, ...]]
+
+
+def open_paired(
+    model_dir: str | os.PathLike, open_source: Callable[[Mapping[str, str] | None], DeltaSource]
+) -> Paired:
+    """Open the model's checkpoint and, with its tied names, the delta source (``open_source(aliases)``),
+    and check that Δ applies to it (``check_applicable``): where streamed apply and LoRA vectors start."""
+    ckpt = open_checkpoint(model_dir)
+    arch = architecture_of(ckpt)
+    source = open_source(arch.aliases if arch else None)
+    params = model_parameters(ckpt, arch)
+    shapes = source.shapes()
+    check_applicable(params, shapes, arch)
+    return Paired(ckpt, arch, source, params, shapes)
