@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import typer
 
 if TYPE_CHECKING:
+    from flearning.vectors.streaming import StreamResult
     from flearning.vectors.vector import KnowledgeVector
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,11 @@ def _summary(vector: KnowledgeVector) -> str:
         f"{vector.metadata.kind} vector: {s.num_tensors} tensors, {s.num_params:,} parameters, "
         f"norm {s.norm:.6g}, max |Δ| {s.max_abs:.3g}"
     )
+
+
+def _files_and_time(result: StreamResult) -> str:
+    """How many files a streamed command wrote and how long it took: "3 files, 1.2 s"."""
+    return f"{result.num_shards} file{'s' if result.num_shards != 1 else ''}, {result.seconds:.1f} s"
 
 
 def _check_out(out: Path, overwrite: bool) -> None:
@@ -107,7 +113,7 @@ def compute_command(
     typer.echo(
         f"{'full' if finetuned is not None else 'lora'} vector: {result.num_tensors} tensors, "
         f"{result.num_params:,} parameters, norm {result.norm:.6g}, max |Δ| {result.max_abs:.3g} -> {out} "
-        f"(streamed, {result.num_shards} file{'s' if result.num_shards != 1 else ''}, {result.seconds:.1f} s)"
+        f"(streamed, {_files_and_time(result)})"
     )
 
 
@@ -158,8 +164,7 @@ def apply_command(
     typer.echo(
         f"applied {'LoRA adapter' if is_lora_adapter(vector_path) else 'vector'} {vector_path} with "
         f"lambda={lam} to {model_path} -> {out} (streamed: {result.num_tensors} tensors, "
-        f"{result.num_params:,} parameters changed, {result.num_shards} "
-        f"file{'s' if result.num_shards != 1 else ''}, {result.seconds:.1f} s)"
+        f"{result.num_params:,} parameters changed, {_files_and_time(result)})"
     )
 
 
