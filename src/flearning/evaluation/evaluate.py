@@ -38,32 +38,6 @@ if TYPE_CHECKING:
     from flearning.data.records import KnowledgeRecord
 
 
-def resolve_reference(
-    reference: PreTrainedModel | ReferencePredictions | None,
-    tokenizer: PreTrainedTokenizerBase,
-    records: Sequence[KnowledgeRecord],
-    *,
-    batch_size: int,
-    pack: bool,
-    cache_dir: Path | str | None,
-    progress: bool,
-) -> ReferencePredictions | None:
-    """Turn ``evaluate``'s ``reference`` argument into predictions (computing them for a model)."""
-    if reference is None or isinstance(reference, ReferencePredictions):
-        return reference
-    if not hasattr(reference, "forward"):
-        raise TypeError("reference must be a model, ReferencePredictions or None")
-    return reference_predictions(
-        reference,
-        tokenizer,
-        records,
-        batch_size=batch_size,
-        pack=pack,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
-
-
 def record_metrics(
     record: KnowledgeRecord,
     probes: RecordProbes,
@@ -165,15 +139,13 @@ def evaluate(
         raise FlearnError("fluency needs at least one generated token")
     timings: dict[str, float] = {}
     start = time.perf_counter()
-    ref = resolve_reference(
-        reference,
-        tokenizer,
-        records,
-        batch_size=batch_size,
-        pack=pack,
-        cache_dir=cache_dir,
-        progress=progress,
-    )
+    ref = reference  # a model is turned into its predictions
+    if ref is not None and not isinstance(ref, ReferencePredictions):
+        if not hasattr(ref, "forward"):
+            raise TypeError("reference must be a model, ReferencePredictions or None")
+        ref = reference_predictions(
+            ref, tokenizer, records, batch_size=batch_size, pack=pack, cache_dir=cache_dir, progress=progress
+        )
     timings["reference"] = time.perf_counter() - start
 
     plans = [record_probes(tokenizer, r) for r in records]
