@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import math
+import operator
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -253,14 +254,19 @@ class KnowledgeVector:
             )
         ops.check_same_layout(self.deltas, other.deltas, names=("the first vector", "the second vector"))
 
-    def __add__(self, other: object) -> KnowledgeVector:
-        if not isinstance(other, KnowledgeVector):
-            return NotImplemented
+    def _combined(self, other: KnowledgeVector, op: Callable[[Any, Any], Any], step: str) -> KnowledgeVector:
+        """``op`` of the two vectors key by key; the kind is "mixed" and the data hash None where they
+        differ."""
         self._check_compatible(other)
         kind = self.metadata.kind if self.metadata.kind == other.metadata.kind else "mixed"
         data_hash = self.metadata.data_hash if self.metadata.data_hash == other.metadata.data_hash else None
-        deltas = {k: t + other.deltas[k] for k, t in self.deltas.items()}
-        return self._derived(deltas, f"add ({_describe(other)})", kind=kind, data_hash=data_hash)
+        deltas = {k: op(t, other.deltas[k]) for k, t in self.deltas.items()}
+        return self._derived(deltas, f"{step} ({_describe(other)})", kind=kind, data_hash=data_hash)
+
+    def __add__(self, other: object) -> KnowledgeVector:
+        if not isinstance(other, KnowledgeVector):
+            return NotImplemented
+        return self._combined(other, operator.add, "add")
 
     def __radd__(self, other: object) -> KnowledgeVector:
         if isinstance(other, int) and other == 0:  # lets sum([v, w]) work
@@ -270,11 +276,7 @@ class KnowledgeVector:
     def __sub__(self, other: object) -> KnowledgeVector:
         if not isinstance(other, KnowledgeVector):
             return NotImplemented
-        self._check_compatible(other)
-        kind = self.metadata.kind if self.metadata.kind == other.metadata.kind else "mixed"
-        data_hash = self.metadata.data_hash if self.metadata.data_hash == other.metadata.data_hash else None
-        deltas = {k: t - other.deltas[k] for k, t in self.deltas.items()}
-        return self._derived(deltas, f"subtract ({_describe(other)})", kind=kind, data_hash=data_hash)
+        return self._combined(other, operator.sub, "subtract")
 
     # -- numbers ----------------------------------------------------------------------------------------
 
