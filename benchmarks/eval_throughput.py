@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "benchmark": "eval_throughput",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "data": str(args.data),
+        "data": os.path.relpath(args.data, HERE.parent),  # relative to the repository
         "model": "smollm2-135m (embedded, fp32)",
         "n": len(records),
         "batch_size": args.batch_size,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -78,6 +80,13 @@ def test_summary_has_every_method_and_metric(bench_cfg):
     paired = {(p["method"], p["metric"]) for p in summary["datasets"]["toy"]["paired"]}
     assert ("flearning-ft", "reliability") in paired and ("flearning-lora-ft", "locality") in paired
     assert (bench_cfg().out / "table.md").read_text().startswith("**toy**")
+    # results record paths relative to the current directory, never this machine's absolute paths
+    written = json.loads((bench_cfg().out / "summary.json").read_text())["config"]
+    data = bench_cfg().data["toy"]
+    assert (
+        written["data"] == {"toy": os.path.relpath(data)} and not Path(written["data"]["toy"]).is_absolute()
+    )
+    assert written["out"] == os.path.relpath(bench_cfg().out)
 
 
 def test_second_run_of_a_sweep_reuses_prime_and_forget(bench_cfg):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,7 +300,7 @@ class Bench:
 
     def _write_into(self, staging: Path, wall: float) -> dict[str, Any]:
         summary: dict[str, Any] = {
-            "config": self.cfg.model_dump(mode="json"),
+            "config": _portable(self.cfg.model_dump(mode="json")),
             "wall_seconds": round(wall, 1),
             "base_fingerprint": self.base_fp,
             "counters": self.counters,
@@ -331,3 +332,14 @@ def default_out(cfg: BenchConfig) -> Path:
 def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
     """Python API of ``flearn bench``."""
     return Bench(cfg, progress=progress).run()
+
+
+def _portable(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as recorded in ``summary.json``: its file paths relative to the current
+    directory (the repository, for the shipped results), so results carry no machine's absolute paths."""
+    config = dict(config)
+    config["data"] = {name: os.path.relpath(path) for name, path in config["data"].items()}
+    for key in ("data_root", "out"):
+        if config.get(key):
+            config[key] = os.path.relpath(config[key])
+    return config
