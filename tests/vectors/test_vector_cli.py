@@ -106,6 +106,7 @@ def test_apply_forgets_with_a_negative_lambda(tmp_path, tiny_model_dir, vector_d
 
 
 def test_apply_refuses_to_write_into_the_input_model(tmp_path, tiny_model_dir, vector_dir):
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for out in (tiny_model_dir, tiny_model_dir / "sub", tiny_model_dir.parent):
         result = run(
             "apply",
@@ -123,6 +124,7 @@ def test_apply_refuses_to_write_into_the_input_model(tmp_path, tiny_model_dir, v
         assert "input model" in str(result.exception)
     assert KnowledgeVector.load(vector_dir)  # nothing was touched
     assert (tiny_model_dir / "config.json").is_file()
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 def test_apply_refuses_a_non_empty_out_unless_overwrite(tmp_path, tiny_model_dir, vector_dir):
