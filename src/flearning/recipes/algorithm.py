@@ -91,30 +91,20 @@ def forget_stage(
         return ForgetResult(KnowledgeVector.load(cache), time.perf_counter() - start, False, **info)
 
     provenance = Provenance(**(metadata or {}))
-    if cfg.lora is None:
-        tuned = copy.deepcopy(model)
-        result = train(
-            tuned,
-            tokenizer,
-            old_pairs,
-            cfg,
-            description="forget: FT on old facts",
-            progress=progress,
-            checkpoint=checkpoint,
-        )
+    lora = cfg.lora is not None
+    trainable = {name: p.requires_grad for name, p in model.named_parameters()}
+    result = train(
+        model if lora else copy.deepcopy(model),  # full FT trains a copy, LoRA an adapter on θ
+        tokenizer,
+        old_pairs,
+        cfg,
+        description=f"forget: {'LoRA' if lora else 'FT'} on old facts",
+        progress=progress,
+        checkpoint=checkpoint,
+    )
+    if not lora:
         vector = KnowledgeVector.from_models(model, result.model, provenance)
-        del tuned
     else:
-        trainable = {name: p.requires_grad for name, p in model.named_parameters()}
-        result = train(
-            model,
-            tokenizer,
-            old_pairs,
-            cfg,
-            description="forget: LoRA on old facts",
-            progress=progress,
-            checkpoint=checkpoint,
-        )
         vector = KnowledgeVector.from_lora(result.model, provenance=provenance)
         result.model.unload()  # removes the LoRA layers in place, base weights unchanged
         # peft froze the base weights; a full-FT learning stage must find them trainable again
