@@ -10,7 +10,7 @@ not pay for torch.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from flearning.vectors.metadata import Provenance, VectorMetadata
@@ -23,16 +23,6 @@ if TYPE_CHECKING:
         stream_lora_vector,
     )
     from flearning.vectors.vector import KnowledgeVector, VectorStats, forget
-
-_VECTOR = ("KnowledgeVector", "VectorStats", "forget")
-_METADATA = ("Provenance", "VectorMetadata")
-_STREAMING = (
-    "StreamResult",
-    "checkpoint_fingerprint",
-    "stream_apply",
-    "stream_difference",
-    "stream_lora_vector",
-)
 
 __all__ = [
     "KnowledgeVector",
@@ -48,22 +38,25 @@ __all__ = [
     "stream_lora_vector",
 ]
 
+_LAZY = {
+    "KnowledgeVector": "flearning.vectors.vector",
+    "VectorStats": "flearning.vectors.vector",
+    "forget": "flearning.vectors.vector",
+    "Provenance": "flearning.vectors.metadata",
+    "VectorMetadata": "flearning.vectors.metadata",
+    "VectorError": "flearning.vectors.ops",
+    "StreamResult": "flearning.vectors.streaming",
+    "checkpoint_fingerprint": "flearning.vectors.streaming",
+    "stream_apply": "flearning.vectors.streaming",
+    "stream_difference": "flearning.vectors.streaming",
+    "stream_lora_vector": "flearning.vectors.streaming",
+}
 
-def __getattr__(name: str):
-    if name in _VECTOR:
-        from flearning.vectors import vector
 
-        return getattr(vector, name)
-    if name in _METADATA:
-        from flearning.vectors import metadata
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'flearning.vectors' has no attribute {name!r}")
+    import importlib
 
-        return getattr(metadata, name)
-    if name in _STREAMING:
-        from flearning.vectors import streaming
-
-        return getattr(streaming, name)
-    if name == "VectorError":
-        from flearning.vectors.ops import VectorError
-
-        return VectorError
-    raise AttributeError(f"module 'flearning.vectors' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
