@@ -166,9 +166,10 @@ class UpdateConfig(BaseModel):
     @field_validator("method")
     @classmethod
     def _known_method(cls, value: str) -> str:
-        if value not in METHODS:
-            raise ValueError(f"unknown method '{value}'; choose one of: {', '.join(METHODS)}")
-        return value
+        try:
+            return get_method(value).name
+        except FlearnError as ex:
+            raise ValueError(str(ex)) from None
 
     def data_files(self) -> tuple[Path, Path]:
         """(file of old facts, file of new facts)."""
