@@ -87,12 +87,18 @@ def checkpoint_fingerprint(
     Returns:
         The fingerprint string; ``VectorError`` where the files cannot reproduce it exactly.
     """
+    ckpt = open_checkpoint(model_dir)
+    return _fingerprint(ckpt, *model_architecture(ckpt.root), as_stored=as_stored, chunk_bytes=chunk_bytes)
+
+
+def _fingerprint(
+    ckpt: Checkpoint, arch: Architecture | None, why: str, *, as_stored: bool, chunk_bytes: int = CHUNK_BYTES
+) -> str:
+    """``checkpoint_fingerprint`` of an open checkpoint whose architecture is known (or why not)."""
     import hashlib
 
     import torch
 
-    ckpt = open_checkpoint(model_dir)
-    arch, why = model_architecture(ckpt.root)
     sources = _state_dict_sources(ckpt, arch, why)
     h = hashlib.blake2b(digest_size=16)
     buffer = bytearray(min(chunk_bytes, 16 << 20))
@@ -112,10 +118,11 @@ def checkpoint_fingerprint(
 def check_base(ckpt: Checkpoint, expected: str, base_model: str | None) -> None:
     """Raise like ``KnowledgeVector.check_fits`` unless the checkpoint is the vector's base."""
     try:
-        actual = checkpoint_fingerprint(ckpt.root)
+        arch, why = model_architecture(ckpt.root)  # built once for both fingerprints
+        actual = _fingerprint(ckpt, arch, why, as_stored=False)
         if actual != expected and any(e.is_floating and e.dtype != "F32" for e in ckpt.entries.values()):
             # a vector computed from this model loaded in its own dtype (e.g. bf16)
-            stored = checkpoint_fingerprint(ckpt.root, as_stored=True)
+            stored = _fingerprint(ckpt, arch, why, as_stored=True)
             actual = stored if stored == expected else actual
     except FlearnError as ex:  # the files cannot reproduce it (VectorError) or cannot be read
         raise VectorError(
