@@ -113,6 +113,19 @@ def test_checkpoint_fingerprint_of_bf16_files(tmp_path, tokenizer):
     assert streaming.checkpoint_fingerprint(path, as_stored=True) == model_fingerprint(bf16)
 
 
+def test_base_check_accepts_a_vector_of_the_model_loaded_in_its_own_dtype(tmp_path, tokenizer):
+    path = save(tiny_llama(0).to(torch.bfloat16), tmp_path / "bf16", True, tokenizer)
+    bf16, _ = load_model(path, dtype=torch.bfloat16)
+    delta = KnowledgeVector.from_models(bf16, finetuned_copy(bf16), Provenance(base_fingerprint="0" * 32))
+    delta.save(tmp_path / "other")
+    with pytest.raises(VectorError, match="another base model"):
+        streaming.stream_apply(path, tmp_path / "other", -0.5, tmp_path / "refused")
+    own = Provenance(base_fingerprint=model_fingerprint(bf16))  # the as-stored fingerprint, not fp32's
+    KnowledgeVector.from_models(bf16, finetuned_copy(bf16), own).save(tmp_path / "vec")
+    streaming.stream_apply(path, tmp_path / "vec", -0.5, tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
 def test_checkpoint_fingerprint_of_a_gpt2_with_buffers(tmp_path):
     model = tiny_gpt2()
     path = save(model, tmp_path / "gpt2", True)
