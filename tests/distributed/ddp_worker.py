@@ -126,7 +126,7 @@ def run_scenario(name: str, model_dir: Path):
     from flearning.methods import get_method
     from flearning.models import model_fingerprint
     from flearning.recipes.algorithm import run_method
-    from flearning.training import train
+    from flearning.training import EpochCheck, train
 
     kind, s = scenario_settings()[name]
     model, tokenizer = load(model_dir)
@@ -147,9 +147,9 @@ def run_scenario(name: str, model_dir: Path):
             record_examples(tokenizer, s["pairs"], epochs), with_kwargs=True
         )
 
-        def next_epoch(epoch, _model):
+        def next_epoch(epoch, _model, _log):
             epochs.append([])
-            return False
+            return EpochCheck(stop=False)
 
         result = train(model, tokenizer, s["pairs"], s["cfg"], progress=False, on_epoch_end=next_epoch)
         hook.remove()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flearning.data.encoding import encode_pair
-from flearning.training import LoraSettings, TrainConfig, TrainingDivergedError, train
+from flearning.training import EpochCheck, LoraSettings, TrainConfig, TrainingDivergedError, train
 from flearning.training.dataset import IGNORE_INDEX, LengthGroupedBatches, build_examples, collate
 
 PAIRS = [(f"Fact number {i} is", f"answer{i % 5}") for i in range(24)]
@@ -117,9 +117,9 @@ def test_nan_loss_stops_with_step_and_batch_named(tiny_model, tokenizer):
 def test_on_epoch_end_can_stop_early(tiny_model, tokenizer):
     seen = []
 
-    def stop_after_two(epoch, model):
-        seen.append(epoch)
-        return epoch == 2
+    def stop_after_two(epoch, model, log):
+        seen.append((epoch, len(log)))
+        return EpochCheck(stop=epoch == 2, record={"epoch": epoch})
 
     result = train(
         tiny_model,
@@ -129,7 +129,23 @@ def test_on_epoch_end_can_stop_early(tiny_model, tokenizer):
         progress=False,
         on_epoch_end=stop_after_two,
     )
-    assert seen == [1, 2] and result.steps == 6
+    assert seen == [(1, 0), (2, 1)] and result.steps == 6
+    assert result.epoch_log == [{"epoch": 1}, {"epoch": 2}]
+
+
+def test_on_epoch_end_runs_after_the_last_epoch_and_not_inside_one(tiny_model, tokenizer):
+    seen = []
+
+    def never(epoch, model, log):
+        seen.append(epoch)
+        return EpochCheck(stop=False, record={"epoch": epoch})
+
+    # 24 pairs, batch 8: 3 steps an epoch; 2 epochs end with a check each, max_steps=4 stops inside epoch 2
+    full = train(tiny_model, tokenizer, PAIRS, TrainConfig(epochs=2), progress=False, on_epoch_end=never)
+    assert seen == [1, 2] and full.steps == 6 and [r["epoch"] for r in full.epoch_log] == [1, 2]
+    seen.clear()
+    part = train(tiny_model, tokenizer, PAIRS, TrainConfig(max_steps=4), progress=False, on_epoch_end=never)
+    assert seen == [1] and part.steps == 4
 
 
 def test_config_rejects_lora_with_linf_bound():

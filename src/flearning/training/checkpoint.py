@@ -97,6 +97,8 @@ class Position:
     tokens: int = 0
     seconds: float = 0.0  # training time spent before this run (for throughput only)
     losses: list[float] = field(default_factory=list)
+    # what an epoch-end check recorded after each complete epoch (``train``'s ``on_epoch_end``)
+    epoch_log: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass

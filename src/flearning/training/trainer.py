@@ -32,8 +32,20 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Called after each full epoch with (epoch index, model); returning True ends the stage early.
-EpochCallback = Callable[[int, torch.nn.Module], bool]
+
+
+@dataclass
+class EpochCheck:
+    """What an epoch-end check decided: stop the stage now, and what to record about the epoch (kept in
+    the stage's checkpoints, so that a resumed stage knows every check made before it)."""
+
+    stop: bool
+    record: dict[str, Any] = field(default_factory=dict)  # JSON values only
+
+
+# Called after each complete epoch with (epochs completed, model, the records of the earlier checks); a
+# check that says stop ends the stage. It runs after the last epoch too (its stop then changes nothing).
+EpochCallback = Callable[[int, torch.nn.Module, list[dict[str, Any]]], EpochCheck]
 # Called after each optimizer step with (step, loss of that step).
 StepCallback = Callable[[int, float], None]
 
@@ -69,6 +81,7 @@ class TrainResult:
     seconds: float
     tokens: int  # non-padding tokens processed (forward + backward)
     losses: list[float] = field(default_factory=list)  # one per optimizer step
+    epoch_log: list[dict[str, Any]] = field(default_factory=list)  # the epoch-end checks' records
 
     @property
     def tokens_per_second(self) -> float:
@@ -164,7 +177,9 @@ def train(
         cfg: the stage's hyper-parameters.
         description: label of the progress bar.
         progress: show a progress bar with the running loss.
-        on_epoch_end: optional callback after each complete epoch; True stops the stage.
+        on_epoch_end: optional check after each complete epoch (``EpochCheck``: stop, record); its
+            records are in ``TrainResult.epoch_log`` and in the checkpoints (a resumed stage continues
+            them, and runs a check that an interruption cut short).
         on_step: optional callback after each optimizer step, with (step, loss).
         checkpoint: save the stage's state there (periodically, at the end, and when interrupted) and
             resume from the latest compatible checkpoint: the result is bit-identical to an
@@ -200,16 +215,14 @@ def train(
     try:
         if cfg.compile:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        while not run.finished and pos.step < run.total_steps:
-            _run_epoch(run, bar, on_step)
+        while not run.finished:
+            # an epoch has ended whose check has not run (also after a resume that was cut short in it)
+            due = on_epoch_end is not None and pos.batches_done == 0 and pos.epoch > len(pos.epoch_log)
+            if due and _check_epoch(run, on_epoch_end):
+                break
             if pos.step >= run.total_steps:
                 break
-            if on_epoch_end is not None:
-                run.model.eval()
-                stop = same_on_every_process(bool(on_epoch_end(pos.epoch, run.trained)))
-                run.model.train()
-                if stop:
-                    break
+            _run_epoch(run, bar, on_step)
         pos.seconds = run.elapsed()
         if checkpoint is not None and not run.finished:
             run.save(complete=True)
@@ -233,7 +246,18 @@ def train(
         pos.tokens / max(pos.seconds, 1e-9),
         pos.losses[-1] if pos.losses else float("nan"),
     )
-    return TrainResult(run.trained, pos.step, epochs_done, pos.seconds, pos.tokens, list(pos.losses))
+    return TrainResult(
+        run.trained, pos.step, epochs_done, pos.seconds, pos.tokens, list(pos.losses), list(pos.epoch_log)
+    )
+
+
+def _check_epoch(run: _Run, on_epoch_end: EpochCallback) -> bool:
+    """Run the epoch-end check on the model in eval mode, keep its record; True: stop the stage."""
+    run.model.eval()
+    check = on_epoch_end(run.pos.epoch, run.trained, list(run.pos.epoch_log))
+    run.model.train()
+    run.pos.epoch_log.append(dict(check.record))
+    return same_on_every_process(bool(check.stop))
 
 
 @dataclass
@@ -445,7 +469,9 @@ def _run_epoch(run: _Run, bar, on_step: StepCallback | None) -> None:
         if on_step is not None:
             on_step(pos.step, pos.losses[-1])
         if pos.step >= run.total_steps:
-            return
+            if pos.step % run.steps_per_epoch:
+                return  # the last step falls inside the epoch (max_steps): the epoch is not complete
+            break  # the stage's last step ends an epoch
     pos.epoch += 1
     pos.batches_done = 0
 
