@@ -83,6 +83,16 @@ def default_stage(
         raise ConfigError(problems) from ex
 
 
+def _shipped_sample(value: Any) -> Any:
+    """``sample:NAME`` is a file shipped with the package (what the shipped configs use)."""
+    if isinstance(value, (str, Path)) and str(value).startswith(SAMPLE_PREFIX):
+        try:
+            return resolve_sample(value)
+        except FlearnError as ex:
+            raise ValueError(str(ex)) from None
+    return value
+
+
 class StageOverrides(BaseModel):
     """Optional per-stage settings; anything left out takes the default of the stage's kind."""
 
@@ -105,13 +115,66 @@ class StageOverrides(BaseModel):
         return self.model_dump(exclude_none=True)
 
 
+class LearnOverrides(StageOverrides):
+    """The learning stage's settings: a stage's, plus when it stops (``StopRule``). ``until_accuracy``
+    trains until the new facts are held, checked after every epoch, up to ``max_epochs``; ``epochs`` (or
+    ``max_steps``) instead fixes the schedule, the paper's way. ``max_locality_drop`` (points of Locality
+    on ``locality_probes``, prompts that are not the records' own) ends the stage at the epoch that
+    exceeds it and keeps the best epoch within it."""
+
+    until_accuracy: ConfigFloat | None = Field(None, gt=0, le=1)
+    max_epochs: ConfigInt | None = Field(None, ge=1)
+    max_locality_drop: ConfigFloat | None = Field(None, ge=0, le=100)
+    locality_probes: Path | None = None
+
+    @field_validator("locality_probes", mode="before")
+    @classmethod
+    def _shipped_probes(cls, value: Any) -> Any:
+        return _shipped_sample(value)
+
+    def given(self) -> dict[str, Any]:
+        """The TrainConfig fields given (the stop rule's are not TrainConfig's)."""
+        return {k: v for k, v in super().given().items() if k not in STOP_FIELDS}
+
+
+STOP_FIELDS = ("until_accuracy", "max_epochs", "max_locality_drop", "locality_probes")
+# ``flearn update``'s learning stage when neither a schedule (epochs, max_steps) nor a stop rule is
+# given: train until teacher-forced accuracy on the new facts reaches 0.95, at most 20 epochs (see the
+# README's "An update that takes" for the measurement behind both numbers).
+UNTIL_ACCURACY = 0.95
+MAX_EPOCHS = 20
+# Prompts the locality budget measures on by default: Natural Questions pairs no shipped record uses.
+LOCALITY_PROBES = "locality-probes.jsonl"
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """When a training stage ends before its last epoch, checked after every epoch: once teacher-forced
+    accuracy on its own pairs reaches ``until_accuracy`` (0..1), or once Locality on ``locality_probes``
+    has fallen more than ``max_locality_drop`` points below the model before the update (the best epoch
+    within the budget is then kept). Empty (both None): the stage runs its epochs."""
+
+    until_accuracy: float | None = None
+    max_locality_drop: float | None = None
+    locality_probes: Path | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "until_accuracy": self.until_accuracy,
+            "max_locality_drop": self.max_locality_drop,
+            "locality_probes": str(self.locality_probes) if self.max_locality_drop is not None else None,
+        }
+
+
 @dataclass
 class StagePlan:
-    """Hyper-parameters of both stages; ``forget`` is ignored by methods without forgetting."""
+    """Hyper-parameters of both stages; ``forget`` is ignored by methods without forgetting. ``stop``
+    ends the learning stage early (None: it runs ``learn.epochs``)."""
 
     learn: TrainConfig
     forget: TrainConfig | None = None
     lam: float = 0.7
+    stop: StopRule | None = None
 
 
 def learn_config(method: Method, full: TrainConfig, lora: TrainConfig, linf_bound: float) -> TrainConfig:
@@ -137,7 +200,7 @@ class UpdateConfig(BaseModel):
     method: str = "flearning-ft"
     lam: ConfigFloat = Field(0.7, alias="lambda")
     forget: StageOverrides = Field(default_factory=StageOverrides)
-    learn: StageOverrides = Field(default_factory=StageOverrides)
+    learn: LearnOverrides = Field(default_factory=LearnOverrides)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     linf_bound: ConfigFloat = Field(LINF_BOUND, gt=0)
     # NumPy (seeded with the others) takes 0 <= seed < 2**32.
@@ -155,13 +218,7 @@ class UpdateConfig(BaseModel):
     @field_validator("data", "old", "new", mode="before")
     @classmethod
     def _shipped_sample(cls, value: Any) -> Any:
-        """``sample:NAME`` is a dataset shipped with the package (what the shipped configs use)."""
-        if isinstance(value, (str, Path)) and str(value).startswith(SAMPLE_PREFIX):
-            try:
-                return resolve_sample(value)
-            except FlearnError as ex:
-                raise ValueError(str(ex)) from None
-        return value
+        return _shipped_sample(value)
 
     @field_validator("method")
     @classmethod
@@ -192,6 +249,9 @@ def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
     """
     method = get_method(cfg.method)
     learn = cfg.learn.given()
+    stop = learn_stop_rule(cfg.learn, source)
+    if stop is not None and stop.until_accuracy is not None:
+        learn["epochs"] = cfg.learn.max_epochs or MAX_EPOCHS  # the cap; the rule stops earlier
     full = default_stage("full", cfg.lora, cfg.seed, learn, section="learn", source=source)
     lora = default_stage("lora", cfg.lora, cfg.seed, learn, section="learn", source=source)
     forget = None
@@ -199,7 +259,40 @@ def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
         forget = default_stage(
             method.forget, cfg.lora, cfg.seed, cfg.forget.given(), section="forget", source=source
         )
-    return StagePlan(learn=learn_config(method, full, lora, cfg.linf_bound), forget=forget, lam=cfg.lam)
+    return StagePlan(
+        learn=learn_config(method, full, lora, cfg.linf_bound), forget=forget, lam=cfg.lam, stop=stop
+    )
+
+
+def learn_stop_rule(learn: LearnOverrides, source: str = "configuration") -> StopRule | None:
+    """The learning stage's stop rule. Neither a schedule (``epochs``, ``max_steps``) nor a rule given:
+    until ``UNTIL_ACCURACY``, at most ``MAX_EPOCHS``. A schedule given: it is run (with the locality
+    budget, if one is given).
+
+    Raises:
+        ConfigError: ``until_accuracy``/``max_epochs`` given together with ``epochs``/``max_steps``.
+    """
+    given = learn.model_dump(exclude_none=True)
+    schedule = [k for k in ("epochs", "max_steps") if k in given]
+    until = [k for k in ("until_accuracy", "max_epochs") if k in given]
+    if schedule and until:
+        raise ConfigError(
+            [
+                Problem(
+                    source,
+                    None,
+                    f"learn.{until[0]}",
+                    f"cannot be combined with learn.{schedule[0]}: give learn.epochs (or max_steps) for a "
+                    "fixed schedule, or learn.until_accuracy with learn.max_epochs as its cap",
+                )
+            ]
+        )
+    budget = learn.max_locality_drop
+    if schedule and budget is None:
+        return None
+    accuracy = None if schedule else (learn.until_accuracy or UNTIL_ACCURACY)
+    probes = (learn.locality_probes or sample_path(LOCALITY_PROBES)) if budget is not None else None
+    return StopRule(until_accuracy=accuracy, max_locality_drop=budget, locality_probes=probes)
 
 
 # ---- flearn prime and flearn bench ----------------------------------------------------------------

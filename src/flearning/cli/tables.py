@@ -34,6 +34,64 @@ def update_table(summary: dict[str, Any]):
     return table
 
 
+def learn_schedule_line(summary: dict[str, Any]) -> str | None:
+    """How the learning stage ended, in one line: accuracy on the new facts per epoch, and why it
+    stopped (None for a fixed schedule without checks)."""
+    schedule = summary.get("learn_schedule")
+    if not schedule or not schedule.get("history"):
+        return None
+    rule = schedule["rule"] or {}
+    per_epoch = ", ".join(f"{row['epoch']}: {100 * row['accuracy']:.0f}" for row in schedule["history"])
+    target = f" (target {100 * rule['until_accuracy']:.0f})" if rule.get("until_accuracy") else ""
+    kept = schedule["kept_epoch"]
+    line = (
+        f"learning stage: accuracy on the new facts by epoch{target}: {per_epoch}; it {schedule['why']} "
+        f"after {schedule['epochs_trained']} epochs"
+    )
+    if kept != schedule["epochs_trained"]:
+        line += f" and kept epoch {kept}, the best within the Locality budget"
+    return line + "."
+
+
+def locality_line(summary: dict[str, Any]) -> str | None:
+    """The cost in Locality of an update, explained in one line."""
+    after = (summary.get("metrics_after") or {}).get("locality") or {}
+    if after.get("mean") is None:
+        return None
+    drop = 100.0 - after["mean"]
+    return (
+        f"Locality {after['mean']:.1f}: on unrelated prompts the updated model still predicts "
+        f"{after['mean']:.1f}% of answer tokens as the original did; the other {drop:.1f}% is the cost "
+        "of this update (learn.max_locality_drop=POINTS caps it)."
+    )
+
+
+def answers_table(records: list[Any], before: Any, after: Any, shown: int = 5):
+    """For the first ``shown`` facts: the old and new answer and what the model said before and after
+    the update (greedy continuations of the edit prompt), or None when they were not generated."""
+    from rich.table import Table
+
+    if before is None or after is None:
+        return None
+    said_before = {r["id"]: r.get("generated") for r in before.records}
+    said_after = {r["id"]: r.get("generated") for r in after.records}
+    rows = [r for r in records if said_before.get(r.id) is not None and said_after.get(r.id) is not None]
+    if not rows:
+        return None
+    table = Table(title=f"What the model says (greedy), {min(shown, len(rows))} of {len(rows)} facts")
+    for column in ("prompt", "old answer", "new answer", "before", "after"):
+        table.add_column(column, overflow="fold")
+    for record in rows[:shown]:
+        table.add_row(
+            record.prompt,
+            record.target_old,
+            record.target_new,
+            said_before[record.id].strip(),
+            said_after[record.id].strip(),
+        )
+    return table
+
+
 def summary_table(summary: dict[str, dict[str, Any]], title: str):
     """A rich table of one evaluation summary: metric, mean ± std (x100), n."""
     from rich.table import Table

@@ -57,7 +57,7 @@ def update_command(
     """
     from rich.console import Console
 
-    from flearning.cli.tables import update_table
+    from flearning.cli.tables import answers_table, learn_schedule_line, locality_line, update_table
     from flearning.config import UpdateConfig, config_source, load_config, stage_plan
     from flearning.recipes.update import update
     from flearning.resources import resolve_config
@@ -91,5 +91,11 @@ def update_command(
     mode = "resume" if resume else "restart" if restart else "auto"
     result = update(cfg, progress=not no_progress, resume=mode)
     console = Console()
+    answers = answers_table(result.records, result.before, result.after)
+    if answers is not None:
+        console.print(answers)
     console.print(update_table(result.summary))
+    for line in (learn_schedule_line(result.summary), locality_line(result.summary)):
+        if line is not None:
+            console.print(line)
     console.print(f"updated model written to [bold]{result.out}[/bold]")

@@ -239,6 +239,21 @@ def teacher_forced_accuracy(
     Returns:
         One accuracy per pair, in order.
     """
+    scores = pair_scores(model, tokenizer, pairs, batch_size=batch_size, pack=pack, progress=progress)
+    return [s.accuracy for s in scores]
+
+
+def pair_scores(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    pack: bool = True,
+    progress: bool = False,
+) -> list[ProbeScore]:
+    """The teacher-forced score (accuracy, argmax, NLL) of each ``(prompt, target)`` pair, in order, from
+    one batched pass over the distinct pairs (``teacher_forced_accuracy``'s arguments)."""
     probes = [encode_probe(tokenizer, prompt, target) for prompt, target in pairs]
     distinct, index = unique_probes([probes])
     was_training = model.training
@@ -254,4 +269,17 @@ def teacher_forced_accuracy(
         )
     finally:
         model.train(was_training)
-    return [scores[index[p]].accuracy for p in probes]
+    return [scores[index[p]] for p in probes]
+
+
+def pair_locality(reference: Sequence[Sequence[int]], scores: Sequence[ProbeScore]) -> float:
+    """Locality (×100) of a model on pairs: the mean agreement of its argmax predictions (``scores``)
+    with a reference model's (``reference``, the argmaxes of ``pair_scores`` on the model before the
+    update), as the Locality metric computes it per probe."""
+    if len(reference) != len(scores) or not scores:
+        raise ValueError("pair_locality needs one reference prediction per score, and at least one")
+    return (
+        100.0
+        * sum(argmax_agreement(r, s.argmax) for r, s in zip(reference, scores, strict=True))
+        / len(scores)
+    )

@@ -2,7 +2,7 @@
 
     Δ_old = FT(θ, K_old) − θ          # forget_stage: the knowledge vector of the old facts
     θ'    = θ − λ · Δ_old              # vectors.forget
-    θ*    = FT(θ', K_new)              # the learning stage
+    θ*    = FT(θ', K_new)              # the learning stage (fixed epochs, or until K_new is held)
 
 ``run_method`` runs any method of the registry from θ (the baselines skip the first two lines);
 ``flearn update``, ``flearn bench`` and the DDP tests all do, differing only in ``forget_cache``.
@@ -21,7 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 from flearning.config import StagePlan
 from flearning.distributed import on_main_process
+from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.methods import Method
+from flearning.recipes.stopping import StoppedStage, locality_budget, train_until
 from flearning.training import TrainConfig, train
 from flearning.vectors import KnowledgeVector, Provenance, forget
 
@@ -51,6 +53,7 @@ class MethodOutcome:
     model: PreTrainedModel  # θ*, a plain (merged) model
     forget: ForgetResult | None  # Δ_old, for F-Learning methods
     adapter_dir: Path | None  # where the LoRA learning stage's adapter was saved (peft format)
+    learn: StoppedStage | None = None  # how the learning stage ended (epochs, accuracy per epoch)
     timings: dict[str, float] = field(default_factory=dict)
     losses: dict[str, list[float]] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
@@ -152,6 +155,7 @@ def run_method(
     forget_checkpoint: Checkpointing | None = None,
     adapter_dir: Path | None = None,
     learn_checkpoint: Checkpointing | None = None,
+    eval_batch_size: int = DEFAULT_BATCH_SIZE,
 ) -> MethodOutcome:
     """Update ``model`` (θ, holding the old facts) in place with ``method``; returns θ*.
 
@@ -168,10 +172,13 @@ def run_method(
             trace and its checkpoints (``forget_stage``'s ``cache``, ``trace``, ``checkpoint``).
         adapter_dir: where to save the adapter of a LoRA learning stage, before it is merged.
         learn_checkpoint: where the learning stage saves and resumes its state (``train``).
+        eval_batch_size: rows per forward pass of the learning stage's stop-rule checks.
     Returns:
         ``MethodOutcome`` with θ*, Δ_old and, for a LoRA learning stage, the adapter.
     """
     outcome = MethodOutcome(model=model, forget=None, adapter_dir=None)
+    # the learning stage's locality budget is measured against θ, the model before the update
+    budget = locality_budget(model, tokenizer, plan.stop, eval_batch_size)
 
     if method.forget is not None:
         if plan.forget is None:
@@ -199,15 +206,20 @@ def run_method(
 
     learn_cfg = plan.learn
     start = time.perf_counter()
-    result = train(
+    learned = train_until(  # the fixed schedule when plan.stop is None
         model,
         tokenizer,
         new_pairs,
         learn_cfg,
+        plan.stop,
+        budget=budget,
         description=f"learn ({method.name})",
         progress=progress,
         checkpoint=learn_checkpoint,
+        batch_size=eval_batch_size,
     )
+    result = learned.result
+    outcome.learn = learned
     outcome.timings["learn_train"] = time.perf_counter() - start
     outcome.losses["learn"] = result.losses
     outcome.tokens["learn"] = result.tokens

@@ -8,23 +8,21 @@ defaults are the bench's prime settings (``flearning.config.PrimeSettings``).
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from flearning.config import PrimeSettings
+from flearning.config import PrimeSettings, StopRule
 from flearning.data.records import KnowledgeRecord
-from flearning.training import TrainConfig, train
+from flearning.recipes.stopping import train_until
+from flearning.training import TrainConfig
 
 if TYPE_CHECKING:
     from pathlib import Path
     from typing import Any
 
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,14 +34,6 @@ class PrimeResult:
     seconds: float
     history: list[tuple[int, float]] = field(default_factory=list)  # (epoch, accuracy)
     losses: list[float] = field(default_factory=list)
-
-
-def old_fact_accuracy(model, tokenizer, records: Sequence[KnowledgeRecord], batch_size: int = 32) -> float:
-    """Mean teacher-forced token accuracy of ``target_old`` after ``prompt`` (0..1)."""
-    from flearning.evaluation.evaluate import teacher_forced_accuracy
-
-    scores = teacher_forced_accuracy(model, tokenizer, [r.old_pair for r in records], batch_size=batch_size)
-    return float(sum(scores) / len(scores))
 
 
 def prime(
@@ -72,38 +62,24 @@ def prime(
     cfg = cfg or defaults.train_config(seed=0)
     threshold = defaults.threshold if threshold is None else threshold
     start = time.perf_counter()
-    before = old_fact_accuracy(model, tokenizer, records)
-    history: list[tuple[int, float]] = []
-
-    def check(epoch: int, trained) -> bool:
-        acc = old_fact_accuracy(trained, tokenizer, records)
-        history.append((epoch, acc))
-        log.info("prime: epoch %d, old-fact accuracy %.3f", epoch, acc)
-        return acc >= threshold
-
-    pairs = [r.old_pair for r in records]
-    result = train(
+    stage = train_until(
         model,
         tokenizer,
-        pairs,
+        [r.old_pair for r in records],
         cfg,
+        StopRule(until_accuracy=threshold),
         description="prime: teach old facts",
         progress=progress,
-        on_epoch_end=check,
     )
-    final_epoch = int(round(result.epochs))
-    if not history or history[-1][0] != final_epoch:
-        history.append((final_epoch, old_fact_accuracy(result.model, tokenizer, records)))
-    acc = history[-1][1]
-    if acc < threshold:
-        log.warning(
-            "prime: old-fact accuracy %.3f after %d epochs is below the threshold %.2f",
-            acc,
-            final_epoch,
-            threshold,
-        )
+    history = [(row["epoch"], row["accuracy"]) for row in stage.history]
     return PrimeResult(
-        result.model, before, acc, final_epoch, time.perf_counter() - start, history, result.losses
+        stage.result.model,
+        stage.accuracy_before,
+        history[-1][1],
+        history[-1][0],
+        time.perf_counter() - start,
+        history,
+        stage.result.losses,
     )
 
 

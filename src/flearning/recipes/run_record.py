@@ -76,6 +76,8 @@ def run_summary(
         "versions": library_versions(),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
+        # how the learning stage ended: epochs trained and kept, accuracy (and Locality) per epoch
+        "learn_schedule": outcome.learn.to_json(plan.stop) if outcome.learn is not None else None,
         "tokens": outcome.tokens,
         "final_loss": {k: (v[-1] if v else None) for k, v in outcome.losses.items()},
         # each stage's loss at every optimizer step: a resumed run's trace equals an uninterrupted one's

@@ -14,7 +14,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,9 @@ class UpdateResult:
     out: Path | None
     summary: dict[str, Any]  # run.json content
     outcome: MethodOutcome
+    records: list[Any] = field(default_factory=list)  # the new facts (KnowledgeRecord)
+    before: Any = None  # EvalResult of θ on them (None without evaluation)
+    after: Any = None  # EvalResult of θ*
 
 
 class NonFiniteModelError(FlearnError):
@@ -99,6 +102,11 @@ class UpdateRecipe:
             raise FlearnError("no usable facts after loading (every record was dropped)")
         self.old_pairs = [r.old_pair for r in self.old_ds.records]
         self.new_pairs = [r.new_pair for r in self.new_ds.records]
+        stop = self.plan.stop
+        if stop is not None and stop.max_locality_drop is not None:  # a bad probe file fails here, not later
+            from flearning.data.probes import load_probe_pairs
+
+            load_probe_pairs(stop.locality_probes)
 
     def _setup_output(self) -> None:
         from flearning.io.atomic import check_output_dir
@@ -205,6 +213,7 @@ class UpdateRecipe:
             forget_checkpoint=Checkpointing(work / "forget", every=every) if work else None,
             adapter_dir=work / "adapter" if work else None,  # copied into the output
             learn_checkpoint=Checkpointing(work / "learn", every=every) if work else None,
+            eval_batch_size=self.cfg.eval_batch_size,
         )
         self.timings.update(self.outcome.timings)
         if not all(torch.isfinite(p).all() for p in self.outcome.model.parameters()):
@@ -262,7 +271,14 @@ class UpdateRecipe:
                 outcome.adapter_dir = self.out / "adapter"
         if self.work is not None:  # the output is in place: nothing is left to resume
             on_main_process(shutil.rmtree, self.work, ignore_errors=True)
-        return UpdateResult(out=self.out, summary=summary, outcome=outcome)
+        return UpdateResult(
+            out=self.out,
+            summary=summary,
+            outcome=outcome,
+            records=list(self.new_ds.records),
+            before=self.before,
+            after=self.after,
+        )
 
     def _write_output(self, summary: dict[str, Any]) -> float:
         """Write the output directory atomically (``run.json`` last); returns the seconds it took."""

@@ -52,10 +52,12 @@ def pairs_hash(pairs: Sequence[tuple[str, str]]) -> str:
 
 
 def stages_json(method: Method, plan: StagePlan) -> dict[str, Any]:
-    """Both stages' settings as JSON (the forget stage's only for a method that forgets)."""
+    """Both stages' settings as JSON (the forget stage's only for a method that forgets), and when the
+    learning stage stops (``learn_stop``: None for a fixed schedule)."""
     return {
         "forget": plan.forget.model_dump(mode="json") if method.forget and plan.forget else None,
         "learn": plan.learn.model_dump(mode="json"),
+        "learn_stop": plan.stop.to_json() if plan.stop is not None else None,
     }
 
 
