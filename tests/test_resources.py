@@ -30,6 +30,7 @@ def test_shipped_files_are_inside_the_package():
         "counterfact-200.json",
         "counterfact-rome-sample.json",
         "facts.jsonl",
+        "locality-probes.jsonl",
         "zsre-200.json",
     ]
     assert config_names() == sorted(["demo", *METHOD_CONFIGS])

@@ -92,6 +92,7 @@ def test_update_records_the_epochs_and_the_accuracy_per_epoch(tiny_model_dir, fa
     # Reliability after is the last check's accuracy (the same teacher-forced accuracy, same prompts)
     assert run["metrics_after"]["reliability"]["mean"] == pytest.approx(100 * history[-1]["accuracy"])
     assert run["stages"]["learn_stop"] == schedule["rule"]
+    assert f"Learning stage: {history[-1]['epoch']} epochs" in (out / "README.md").read_text()
     flat = " ".join(printed.split())
     assert "learning stage: accuracy on the new facts by epoch (target 50)" in flat
     assert f"reached the target accuracy after {history[-1]['epoch']} epochs" in flat

@@ -100,6 +100,14 @@ def model_card(summary: dict[str, Any]) -> str:
     rows = "\n".join(f"| {n} | {_fmt(before, n)} | {_fmt(after, n)} |" for n in names)
     lam = f", λ = {summary['lambda']}" if summary.get("lambda") is not None else ""
     data = summary["data"]
+    schedule = summary.get("learn_schedule") or {}
+    learned = ""
+    if schedule.get("history"):
+        accuracy = ", ".join(f"{100 * r['accuracy']:.0f}" for r in schedule["history"])
+        learned = (
+            f"\nLearning stage: {schedule['epochs_trained']} epochs, kept epoch {schedule['kept_epoch']}; it "
+            f"{schedule['why']}. Accuracy on the new facts after each epoch (×100): {accuracy}.\n"
+        )
     return f"""---
 library_name: transformers
 tags: [f-learning, knowledge-editing]
@@ -109,7 +117,7 @@ tags: [f-learning, knowledge-editing]
 Produced by f-learning {summary["versions"].get("f-learning")} ({summary["method_summary"]}).
 Old facts: `{data["old"]["path"]}` ({data["old"]["records"]} records, sha256 {data["old"]["sha256"][:12]}…);
 new facts: `{data["new"]["path"]}` ({data["new"]["records"]} records). Seed {summary["seed"]}.
-
+{learned}
 | metric (×100) | before | after |
 |---|---|---|
 {rows}
