@@ -29,6 +29,20 @@ app = typer.Typer(
 SINGLE_PROCESS_COMMANDS = ("eval", "bench", "vector")
 
 
+def _not_printed_yet(record: logging.LogRecord) -> bool:
+    """Whether a record still needs printing when it reaches the root logger: not if a handler on its way
+    up printed it. huggingface_hub gives its logger a stderr handler of its own and lets records
+    propagate too (transformers does the same when ``CI`` is set), so each of their warnings (e.g. every
+    retry of a hub request) printed twice."""
+    logger: logging.Logger | None = logging.getLogger(record.name)
+    while logger is not None and logger is not logging.root:
+        for other in logger.handlers:
+            if not isinstance(other, logging.NullHandler) and record.levelno >= other.level:
+                return False
+        logger = logger.parent if logger.propagate else None
+    return True
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
@@ -45,7 +59,9 @@ def _root(
             "Run it without accelerate launch / torchrun."
         )
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(_not_printed_yet)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", handlers=[handler])
     # transformers and peft are chatty at INFO; keep their warnings only.
     for name in ("transformers", "peft", "accelerate", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
