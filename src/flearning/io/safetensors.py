@@ -31,6 +31,10 @@ SINGLE_FILE = "model.safetensors"
 CHUNK_BYTES = 64 << 20  # fp32 bytes per block of rows; a handful of blocks is the working set
 _COPY_BYTES = 64 << 20
 _HEADER_LIMIT = 100 << 20  # safetensors' own limit
+CONVERT_HINT = (
+    ". Convert once in a trusted environment: model.save_pretrained(dir, safe_serialization=True), or "
+    "safetensors.torch.save_file."
+)
 
 # safetensors dtype code -> (torch dtype name, bytes per element)
 _DTYPES: dict[str, tuple[str, int]] = {
@@ -40,6 +44,8 @@ _DTYPES: dict[str, tuple[str, int]] = {
     "BF16": ("bfloat16", 2),
     "F8_E4M3": ("float8_e4m3fn", 1),
     "F8_E5M2": ("float8_e5m2", 1),
+    "F8_E4M3FNUZ": ("float8_e4m3fnuz", 1),
+    "F8_E5M2FNUZ": ("float8_e5m2fnuz", 1),
     "I64": ("int64", 8),
     "I32": ("int32", 4),
     "I16": ("int16", 2),
@@ -50,7 +56,9 @@ _DTYPES: dict[str, tuple[str, int]] = {
     "U8": ("uint8", 1),
     "BOOL": ("bool", 1),
 }
-_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+_FLOATS = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2", "F8_E4M3FNUZ", "F8_E5M2FNUZ"}
+# Codes safetensors also reads (sub-byte or complex), whose sizes are not checked here.
+_PACKED_DTYPES = {"F4", "F6_E2M3", "F6_E3M2", "F8_E8M0", "C64"}
 
 
 class SafetensorsError(FlearnError):
@@ -131,27 +139,65 @@ class ShardFile:
         return len(self.header) + sum(e.nbytes for e in self.entries)
 
 
+def refuse_non_safetensors(path: str | os.PathLike, what: str = "weights file") -> None:
+    """Refuse, by its name, a file that is not ``*.safetensors``: a pickle (``.bin``, ``.pt``, ...) with the
+    reason, anything else as not safetensors (``SafetensorsError``, naming the file)."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        raise SafetensorsError(
+            f"{path}: the {what} is a pickle ({path.suffix}), refused: f-learning reads safetensors only, "
+            f"because unpickling can run arbitrary code{CONVERT_HINT}"
+        )
+    if path.suffix != ".safetensors":
+        raise SafetensorsError(f"{path}: the {what} is not a .safetensors file, refused")
+
+
+def _looks_like_pickle(head: bytes) -> bool:
+    """Whether a file's first 9 bytes are a pickle's (protocol 2 to 5: ``\\x80`` and the protocol) or the
+    zip archive ``torch.save`` writes around one, and not a safetensors file's (whose JSON header starts
+    at byte 8, so a header length that happens to begin with ``\\x80`` is not mistaken for one)."""
+    if head[8:9] == b"{":
+        return False
+    return head.startswith(b"PK\x03\x04") or (
+        head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")
+    )
+
+
 def read_shard_header(path: str | os.PathLike) -> ShardFile:
-    """Parse and check a safetensors header without reading the tensors.
+    """Parse and check a safetensors file's header without reading the tensors: the one check every
+    weights file passes before anything reads it (models, shards named by an index, vectors, adapters).
 
     Args:
         path: a ``.safetensors`` file.
 
     Returns:
-        The header; ``SafetensorsError`` if the file is not complete, valid safetensors (holes, overlaps,
-        sizes that do not match the shapes, a file shorter or longer than the header says).
+        The header; ``SafetensorsError`` naming the file if it is not named ``*.safetensors`` (a pickle
+        suffix says so), is a pickle or ``torch.save`` archive under that name, or is not complete, valid
+        safetensors: a header that is cut off, not JSON or malformed, data offsets with holes or overlaps,
+        sizes that do not match the shapes, a file shorter (truncated) or longer than the header says.
     """
     path = Path(path)
+    refuse_non_safetensors(path)
     try:
         with open(path, "rb") as fh:
             raw_len = fh.read(8)
+            size = os.fstat(fh.fileno()).st_size
+            if _looks_like_pickle(raw_len + fh.read(1)):
+                raise SafetensorsError(
+                    f"{path}: a pickle (or torch.save archive) named .safetensors, refused: f-learning reads "
+                    f"safetensors only, because unpickling can run arbitrary code{CONVERT_HINT}"
+                )
             if len(raw_len) != 8:
                 raise SafetensorsError(f"{path}: not a safetensors file (shorter than 8 bytes)")
+            fh.seek(8)
             (length,) = struct.unpack("<Q", raw_len)
             if length > _HEADER_LIMIT:
                 raise SafetensorsError(f"{path}: not a safetensors file (header length {length})")
+            if 8 + length > size:
+                raise SafetensorsError(
+                    f"{path}: truncated: the file has {size} bytes and ends inside its {length}-byte header"
+                )
             raw = fh.read(length)
-            size = os.fstat(fh.fileno()).st_size
     except OSError as ex:
         raise SafetensorsError(f"{path}: cannot read ({ex})") from ex
     try:
@@ -161,6 +207,8 @@ def read_shard_header(path: str | os.PathLike) -> ShardFile:
     if len(raw) != length or not isinstance(header, dict):
         raise SafetensorsError(f"{path}: not a safetensors file (truncated or malformed header)")
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise SafetensorsError(f"{path}: not a safetensors file (__metadata__ is not an object)")
     base = 8 + length
     entries: list[TensorEntry] = []
     for name, info in header.items():
@@ -170,9 +218,11 @@ def read_shard_header(path: str | os.PathLike) -> ShardFile:
                 tuple(int(d) for d in info["shape"]),
                 info["data_offsets"],
             )
+            entry = TensorEntry(name, path, str(dtype), shape, base + int(begin), base + int(end))
         except (KeyError, TypeError, ValueError) as ex:
-            raise SafetensorsError(f"{path}: {name}: malformed header entry ({ex})") from ex
-        entry = TensorEntry(name, path, str(dtype), shape, base + int(begin), base + int(end))
+            raise SafetensorsError(f"{path}: {name}: malformed header entry ({ex!r})") from ex
+        if entry.dtype not in _DTYPES and entry.dtype not in _PACKED_DTYPES:
+            raise SafetensorsError(f"{path}: {name}: unknown dtype {entry.dtype!r}")
         itemsize = _DTYPES.get(entry.dtype, (None, None))[1]
         if itemsize is not None and entry.numel * itemsize != entry.nbytes:
             raise SafetensorsError(
@@ -185,6 +235,10 @@ def read_shard_header(path: str | os.PathLike) -> ShardFile:
         if entry.start != position or entry.end < entry.start:
             raise SafetensorsError(f"{path}: {entry.name}: data offsets leave a hole or overlap")
         position = entry.end
+    if position > size:
+        raise SafetensorsError(
+            f"{path}: truncated: the file has {size} bytes, its header describes {position}"
+        )
     if position != size:
         raise SafetensorsError(f"{path}: the file has {size} bytes, its header describes {position}")
     return ShardFile(path, raw_len + raw, tuple(entries), dict(metadata))
@@ -221,51 +275,99 @@ def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
     return (Path(path) / INDEX_FILE).is_file()
 
 
+def weights_file(root: Path) -> Path | None:
+    """The file transformers reads a model directory's weights from: the one ``config.json`` names
+    (``transformers_weights``), else ``model.safetensors``, else ``model.safetensors.index.json``; None if
+    there is none. A name in ``config.json`` other than those two is refused (a pickle by its suffix), so
+    the loader and the streamed reader always read the same, checked files."""
+    named = None
+    try:
+        config = json.loads((root / "config.json").read_text())
+        named = config.get("transformers_weights") if isinstance(config, dict) else None
+    except (OSError, ValueError):
+        pass  # no or a broken config.json: the model loader reports it
+    if named is not None:
+        where = f"{root / 'config.json'} names its weights file {named!r} (transformers_weights)"
+        if named in (SINGLE_FILE, INDEX_FILE):
+            if not (root / named).is_file():
+                raise SafetensorsError(f"{where}, which is missing")
+            return root / named
+        if isinstance(named, str) and Path(named).suffix in PICKLE_SUFFIXES:
+            raise SafetensorsError(
+                f"{where}: {root / named} is a pickle, refused: f-learning reads safetensors only, because "
+                f"unpickling can run arbitrary code{CONVERT_HINT}"
+            )
+        raise SafetensorsError(
+            f"{where}, refused: f-learning reads {SINGLE_FILE} or {INDEX_FILE} (an existing one); rename "
+            "the weights to one of these and remove the key"
+        )
+    for name in (SINGLE_FILE, INDEX_FILE):  # transformers' order
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _read_index(path: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A safetensors index and its ``weight_map`` (tensor name → shard file name), checked as JSON."""
+    try:
+        index = json.loads(path.read_text())
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise TypeError("weight_map is empty or not an object")
+        bad = [f"{k}: {v!r}" for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise TypeError(f"weight_map names no file for {', '.join(bad[:3])}")
+    except (OSError, ValueError, KeyError, TypeError) as ex:
+        raise SafetensorsError(f"{path}: not a safetensors index ({ex})") from ex
+    return index, weight_map
+
+
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
-    """Read the headers of a model directory's safetensors weights (no tensor data).
+    """Read and check the headers of a model directory's safetensors weights (no tensor data).
+
+    The weights are those transformers would load (``weights_file``); every file is checked by name and
+    header (``read_shard_header``), the shards of an index each one, before anything reads a tensor.
 
     Args:
         path: a directory with ``model.safetensors`` or ``model.safetensors.index.json`` + shards.
 
     Returns:
-        The checkpoint; ``SafetensorsError`` for a missing, pickled or inconsistent one.
+        The checkpoint; ``SafetensorsError`` naming the file for a missing, pickled, truncated, corrupt
+        or inconsistent one.
     """
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise SafetensorsError(f"{root}: no such model directory")
-    if (root / INDEX_FILE).is_file():
-        try:
-            index = json.loads((root / INDEX_FILE).read_text())
-            weight_map = index["weight_map"]
-            if not isinstance(weight_map, dict) or not weight_map:
-                raise TypeError("weight_map is empty or not an object")
-        except (OSError, ValueError, KeyError, TypeError) as ex:
-            raise SafetensorsError(f"{root / INDEX_FILE}: not a safetensors index ({ex})") from ex
-        files = sorted(set(weight_map.values()))
-        bad = [f for f in files if not isinstance(f, str) or "/" in f or not f.endswith(".safetensors")]
-        if bad:
-            raise SafetensorsError(f"{root / INDEX_FILE}: refusing shard names {bad}")
-        missing = [f for f in files if not (root / f).is_file()]
-        if missing:
-            raise SafetensorsError(f"{root}: shards named in {INDEX_FILE} are missing: {', '.join(missing)}")
-        shards = tuple(read_shard_header(root / f) for f in files)
-        problems: list[str] = []
-        seen: set[str] = set()
-        for shard in shards:
-            for entry in shard.entries:
-                if weight_map.get(entry.name) != shard.path.name:
-                    problems.append(
-                        f"{entry.name}: in {shard.path.name}, the index says {weight_map.get(entry.name)}"
-                    )
-                seen.add(entry.name)
-        problems += [f"{k}: in the index, in no shard" for k in weight_map if k not in seen]
-        if problems:
-            raise SafetensorsError(f"{root}: index and shards disagree:" + format_names(problems))
-        return Checkpoint(root, shards, index)
-    if (root / SINGLE_FILE).is_file():
-        return Checkpoint(root, (read_shard_header(root / SINGLE_FILE),), None)
-    refuse_pickles(root, "weights are")
-    raise SafetensorsError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
+        raise SafetensorsError(f"no such model directory: {root}")
+    weights = weights_file(root)
+    if weights is None:
+        refuse_pickles(root, "weights are", hint=CONVERT_HINT)
+        raise SafetensorsError(f"{root}: no {SINGLE_FILE} or {INDEX_FILE}")
+    if weights.name == SINGLE_FILE:
+        return Checkpoint(root, (read_shard_header(weights),), None)
+    index, weight_map = _read_index(weights)
+    files = sorted(set(weight_map.values()))
+    outside = [f for f in files if "/" in f or "\\" in f]
+    if outside:
+        raise SafetensorsError(f"{weights}: refusing shard names outside the directory {outside}")
+    for name in files:  # every file the index names: a pickle is refused by its name, never opened
+        refuse_non_safetensors(root / name, f"shard named in {weights.name}")
+    missing = [f for f in files if not (root / f).is_file()]
+    if missing:
+        raise SafetensorsError(f"{root}: shards named in {weights.name} are missing: {', '.join(missing)}")
+    shards = tuple(read_shard_header(root / f) for f in files)
+    problems: list[str] = []
+    seen: set[str] = set()
+    for shard in shards:
+        for entry in shard.entries:
+            if weight_map.get(entry.name) != shard.path.name:
+                problems.append(
+                    f"{entry.name}: in {shard.path.name}, the index says {weight_map.get(entry.name)}"
+                )
+            seen.add(entry.name)
+    problems += [f"{k}: in the index, in no shard" for k in weight_map if k not in seen]
+    if problems:
+        raise SafetensorsError(f"{root}: index and shards disagree:" + format_names(problems))
+    return Checkpoint(root, shards, index)
 
 
 def _safe_open(path: Path):

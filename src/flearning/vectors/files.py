@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flearning.io.atomic import atomic_directory
-from flearning.io.safetensors import refuse_pickles
+from flearning.io.safetensors import (
+    SafetensorsError,
+    read_shard_header,
+    refuse_non_safetensors,
+    refuse_pickles,
+)
 from flearning.vectors.ops import VectorError, format_names
 
 if TYPE_CHECKING:
@@ -172,6 +177,11 @@ def tensor_files(path: Path, record: dict[str, Any]) -> dict[str, str]:
         for name in shards
         if not (isinstance(name, str) and name.startswith(SHARD_PREFIX) and "/" not in name)
     ]
+    for name in shards:  # a pickle (.bin) or another file is refused by its name, never opened
+        try:
+            refuse_non_safetensors(path / str(name), "vector shard")
+        except SafetensorsError as ex:
+            problems.append(str(ex))
     problems += [
         f"{name}: sha256 is not a string" for name, sha in shards.items() if not isinstance(sha, str)
     ]
@@ -225,6 +235,10 @@ def load_vector(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
     problems: list[str] = []
     for name, expected in files.items():
         tensors_file = path / name
+        try:  # name and header first: a truncated or pickled file is named as such
+            read_shard_header(tensors_file)
+        except SafetensorsError as ex:
+            raise VectorError(f"cannot read safetensors: {ex}") from ex
         verify_checksum(path, name, expected)
         try:
             with safe_open(str(tensors_file), framework="pt") as fh:

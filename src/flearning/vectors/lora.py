@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flearning.errors import format_names
-from flearning.io.safetensors import refuse_pickles
+from flearning.io.safetensors import read_shard_header, refuse_pickles
 from flearning.vectors.ops import VectorError
 
 if TYPE_CHECKING:
@@ -303,13 +303,16 @@ def is_lora_adapter(path: str | os.PathLike) -> bool:
 
 
 def check_adapter_dir(path: str | os.PathLike) -> Path:
-    """``path`` as a PEFT adapter directory with safetensors weights (pickled weights are refused)."""
+    """``path`` as a PEFT adapter directory with safetensors weights: pickled weights are refused unread,
+    and ``adapter_model.safetensors`` is checked (a valid header covering the file) before peft or the
+    streamed reader opens it (``SafetensorsError`` naming the file)."""
     path = Path(path).expanduser()
     if not is_lora_adapter(path):
         raise VectorError(f"{path}: not a PEFT adapter directory (no {ADAPTER_CONFIG})")
     if not (path / ADAPTER_WEIGHTS).is_file():
         refuse_pickles(path, "the adapter is", error=VectorError)
         raise VectorError(f"{path}: no {ADAPTER_WEIGHTS}")
+    read_shard_header(path / ADAPTER_WEIGHTS)
     return path
 
 
