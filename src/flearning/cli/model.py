@@ -15,7 +15,10 @@ model_app = typer.Typer(no_args_is_help=True)
 @model_app.command("info")
 def info(
     model: str = typer.Option(
-        DEFAULT_MODEL, "--model", "-m", help="Model directory, hub id or embedded name."
+        DEFAULT_MODEL,
+        "--model",
+        "-m",
+        help="Model directory, embedded name or hub id (org/name; hf:org/name always means the hub).",
     ),
     trust_remote_code: bool = typer.Option(False, help="Allow the model's own Python code to run."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
@@ -28,7 +31,7 @@ def info(
 
     start = time.perf_counter()
     path = resolve_model(model)
-    model_obj, tokenizer = load_model(path, trust_remote_code=trust_remote_code)
+    model_obj, tokenizer = load_model(model, trust_remote_code=trust_remote_code)  # errors name --model
     load_s = time.perf_counter() - start
     dtypes = sorted({str(p.dtype).replace("torch.", "") for p in model_obj.parameters()})
     facts = {

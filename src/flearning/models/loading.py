@@ -1,10 +1,11 @@
 """Finding and loading causal LMs: the embedded default, local Hugging Face directories and hub ids.
 
-``resolve_model`` turns ``--model`` into a checked local directory (safetensors only), the converted
-embedded model (``models.embedded``) or a hub id; ``load_model`` loads it in fp32 with its tokenizer and
-refuses a checkpoint ``AutoModelForCausalLM`` would load with random or bidirectional parts
-(``check_causal_lm``). ``model_fingerprint`` is the content hash that vectors, checkpoints and caches
-record to recognise a model.
+``resolve_model`` turns ``--model`` into a checked local directory (safetensors only, every weights file
+checked before it is read), the converted embedded model (``models.embedded``) or a hub id (only when
+meant: a mistyped path is "no such model directory", never a hub lookup); ``load_model`` loads it in
+fp32 with its tokenizer and refuses a checkpoint ``AutoModelForCausalLM`` would load with random or
+bidirectional parts (``check_causal_lm``). ``model_fingerprint`` is the content hash that vectors,
+checkpoints and caches record to recognise a model.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flearning.errors import FlearnError
-from flearning.io.safetensors import refuse_pickles
+from flearning.io.safetensors import open_checkpoint
 from flearning.models.embedded import DEFAULT_MODEL, EMBEDDED_MODELS, ensure_embedded
 
 if TYPE_CHECKING:
@@ -26,41 +28,89 @@ if TYPE_CHECKING:
 
 
 def check_model_dir(path: Path) -> None:
-    """A local model directory must have a config and safetensors weights; pickled weights are
-    refused because unpickling runs arbitrary code."""
+    """A local model directory must have a config and safetensors weights, each weights file checked
+    before transformers reads it (``open_checkpoint``: named ``*.safetensors``, a valid header covering
+    the file, every shard an index or ``config.json`` names); pickled weights are refused unread, because
+    unpickling runs arbitrary code. ``SafetensorsError`` (exit 2) names the bad file."""
     if not path.is_dir():
         raise FlearnError(f"{path}: model path is not a directory")
     if not (path / "config.json").is_file():
         raise FlearnError(f"{path}: not a Hugging Face model directory (no config.json)")
-    safetensors = list(path.glob("*.safetensors")) or list(path.glob("*.safetensors.index.json"))
-    if not safetensors:
-        refuse_pickles(
-            path,
-            "weights are",
-            hint=". Convert them once in a trusted environment "
-            "(model.save_pretrained(dir, safe_serialization=True)).",
+    open_checkpoint(path)
+
+
+HUB_PREFIX = "hf:"
+# A hub repository id as huggingface_hub validates it: [org/]name of word characters, '-' and '.'.
+_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+class HubId(str):
+    """A ``--model`` resolved to a hub id (so resolving it again keeps it one)."""
+
+
+def _hub_id(text: str) -> HubId:
+    if not _HUB_ID.match(text) or ".." in text or "--" in text or len(text) > 96:
+        raise FlearnError(
+            f"'{HUB_PREFIX}{text}' is not a hub id (org/name of letters, digits, '-', '_', '.')"
         )
-        raise FlearnError(f"{path}: no *.safetensors weights found")
+    return HubId(text)
+
+
+def _why_a_path(text: str) -> str | None:
+    """Why a ``--model`` that names nothing local is taken for a mistyped path and not a hub id, or None
+    for a hub id. A hub id is ``org/name`` whose ``org`` is nothing local; anything that is written like a
+    path (``/``, ``.``, ``~`` first, a backslash, several components, characters no hub id has) or whose
+    first component exists here is a path."""
+    if text.startswith(("/", ".", "~")) or "\\" in text:
+        return "it is written as a path"
+    first, _, rest = text.partition("/")
+    if Path(first).expanduser().exists():
+        return f"'{first}' exists here, so this is read as a path"
+    if not rest or "/" in rest or not _HUB_ID.match(text):
+        return "not a hub id of the form org/name either"
+    return None
 
 
 def resolve_model(spec: str | os.PathLike | None) -> str:
     """Turn ``--model`` into something ``from_pretrained`` accepts: a checked local directory, the
-    converted embedded model, or a hub id (used as is; needs the hub or a local HF cache)."""
+    converted embedded model, or a hub id (returned as is: it loads through the user's own Hugging Face
+    cache or hub access).
+
+    A hub id is one only when meant: ``hf:org/name`` always, ``org/name`` when nothing local is named
+    ``org``. Anything else that does not exist is a mistyped path: "no such model directory" at once,
+    never a hub lookup (``_why_a_path``).
+    """
     if spec is None or str(spec) == "" or str(spec) in EMBEDDED_MODELS:
-        return str(ensure_embedded(str(spec) if spec else DEFAULT_MODEL))
-    path = Path(spec).expanduser()
+        return _checked_embedded(str(spec) if spec else DEFAULT_MODEL)
+    if isinstance(spec, HubId):
+        return spec
+    text = str(spec)
+    if text.startswith(HUB_PREFIX):
+        return _hub_id(text.removeprefix(HUB_PREFIX))
+    path = Path(text).expanduser()
     if path.exists():
         check_model_dir(path)
         return str(path)
-    text = str(spec)
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~")) and " " not in text
-    if not looks_like_hub_id:
-        known = ", ".join(EMBEDDED_MODELS)
+    why = _why_a_path(text)
+    if why is None:
+        return HubId(text)
+    known = ", ".join(EMBEDDED_MODELS)
+    raise FlearnError(
+        f"no such model directory: {text} (not found: not a local directory, not an embedded model ({known}); "
+        f"{why}). A hub id is org/name, or {HUB_PREFIX}org/name to mean the hub."
+    )
+
+
+def _checked_embedded(name: str) -> str:
+    """The embedded model's cache directory, its weights checked like any model directory's."""
+    path = ensure_embedded(name)
+    try:
+        check_model_dir(path)
+    except FlearnError as ex:
         raise FlearnError(
-            f"model '{text}' not found: not a local directory, not an embedded model ({known}), "
-            "and not a hub id of the form org/name"
-        )
-    return text
+            f"{ex}. The converted {name} in the cache is damaged: delete {path} and it is converted again."
+        ) from ex
+    return str(path)
 
 
 def load_model(
@@ -75,9 +125,10 @@ def load_model(
     teacher-forced scoring); batched generation switches to left padding itself.
     """
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model(spec)
+    source = resolve_model(spec)  # a local directory's weights are checked here, before transformers
     _quiet_loading()
     try:
         config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
@@ -95,7 +146,7 @@ def load_model(
             )
     except ValueError as ex:
         raise FlearnError(f"'{spec}' is not a causal language model ({type(config).__name__}): {ex}") from ex
-    except OSError as ex:
+    except (OSError, SafetensorError) as ex:  # SafetensorError: a hub download the check did not see
         raise FlearnError(f"cannot load model '{spec}': {ex}") from ex
     check_causal_lm(source, config, type(model).__name__, loading_info)
     tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
