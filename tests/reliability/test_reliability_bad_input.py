@@ -13,7 +13,7 @@ from reliability_helpers import update_args
 
 from config_checks import lax_values_refused
 from flearning.cli import main
-from flearning.config import StageOverrides, UpdateConfig, load_config, stage_plan
+from flearning.config import LearnOverrides, StageOverrides, UpdateConfig, load_config, stage_plan
 from flearning.errors import ConfigError, FlearnError
 from flearning.recipes.work_dir import work_dir_for
 from flearning.training import TrainConfig, train
@@ -140,7 +140,7 @@ def test_booleans_from_yaml_and_the_command_line_still_work(tmp_path):
     assert isinstance(cfg.learn.epochs, float)
 
 
-@pytest.mark.parametrize("model", [UpdateConfig, StageOverrides, TrainConfig, LoraSettings])
+@pytest.mark.parametrize("model", [UpdateConfig, StageOverrides, LearnOverrides, TrainConfig, LoraSettings])
 def test_every_config_number_and_switch_refuses_what_lax_mode_would_coerce(model):
     """Every number field of every config model refuses inf, NaN, 1e400, booleans and ``"1_0"``; every
     switch refuses 1, 0, ``"yes"``, ``"off"``. A field added later with a plain float/int/bool fails here."""
@@ -164,7 +164,7 @@ def test_invalid_stage_settings_are_a_config_error_naming_file_and_field():
     reported as a ConfigError by stage_plan, never as a pydantic traceback."""
     cfg = UpdateConfig.model_construct(
         method="flearning-ft",
-        learn=StageOverrides.model_construct(scheduler="bogus", lr=-1.0),
+        learn=LearnOverrides.model_construct(scheduler="bogus", lr=-1.0),
         forget=StageOverrides.model_construct(batch_size=0),
         lora=LoraSettings(),
         seed=0,
