@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from reliability_helpers import FACTS, update_args, write_facts
 
-import flearning.recipes.algorithm as recipe
+import flearning.recipes.stopping as stopping
 from flearning.cli import main
 from flearning.recipes.work_dir import work_dir_for
 
@@ -72,16 +72,16 @@ def test_update_output_and_work_dir_hold_no_pickle(method, tiny_model_dir, tmp_p
     args = update_args(tiny_model_dir, facts, out, method, "checkpoint_every=1", evaluate=True)
 
     # Stop in the learning stage to look at the work directory: checkpoints (and Δ_old) on disk.
-    real = recipe.train
+    real = stopping.train  # the learning stage's (train_until)
 
-    def stop_in_learning(*a, description, **kw):
+    def stop_in_learning(*a, description, on_step=None, **kw):
         def on_step(step, loss):
             if description.startswith("learn") and step == 3:
                 raise KeyboardInterrupt
 
         return real(*a, description=description, on_step=on_step, **kw)
 
-    monkeypatch.setattr(recipe, "train", stop_in_learning)
+    monkeypatch.setattr(stopping, "train", stop_in_learning)
     assert main(args) == 130
     work = kinds(work_dir_for(out))
     assert work["identity.json"] == "json"
@@ -93,7 +93,7 @@ def test_update_output_and_work_dir_hold_no_pickle(method, tiny_model_dir, tmp_p
     if method.startswith("flearning"):
         assert work["knowledge_vector/vector.safetensors"] == "safetensors"
 
-    monkeypatch.setattr(recipe, "train", real)
+    monkeypatch.setattr(stopping, "train", real)
     assert main(args) == 0
     written = kinds(out)
     assert written["model.safetensors"] == "safetensors" and written["run.json"] == "json"

@@ -16,6 +16,7 @@ import pytest
 from reliability_helpers import assert_same_model, strip_timings, update_args
 
 import flearning.recipes.algorithm as recipe
+import flearning.recipes.stopping as stopping
 from flearning.cli import main
 from flearning.recipes.work_dir import work_dir_for
 
@@ -30,11 +31,14 @@ def trace(monkeypatch):
     calls: list[tuple[str, list[int]]] = []
     plan: dict = {}
 
-    def traced(model, tokenizer, pairs, cfg, *, description, **kwargs):
+    def traced(model, tokenizer, pairs, cfg, *, description, on_step=None, **kwargs):
         steps: list[int] = []
         calls.append((description, steps))
+        given = on_step
 
         def on_step(step, loss):
+            if given is not None:
+                given(step, loss)
             steps.append(step)
             if plan.get("stage") and description.startswith(plan["stage"]) and step == plan["at"]:
                 plan.clear()
@@ -42,7 +46,8 @@ def trace(monkeypatch):
 
         return real(model, tokenizer, pairs, cfg, description=description, on_step=on_step, **kwargs)
 
-    monkeypatch.setattr(recipe, "train", traced)
+    monkeypatch.setattr(recipe, "train", traced)  # the forget stage
+    monkeypatch.setattr(stopping, "train", traced)  # the learning stage (train_until)
 
     def interrupt(stage: str, at: int) -> None:
         plan.update(stage=stage, at=at)
@@ -105,6 +110,41 @@ def test_rerun_after_an_interruption_resumes_and_writes_the_same_model(
     assert run["losses"] == ref_run["losses"]
 
 
+def test_an_update_learning_until_held_resumes_to_the_same_model_and_schedule(
+    tiny_model_dir, facts, tmp_path, trace
+):
+    """Interrupted inside the learning stage of an update that stops at a target accuracy: the rerun
+    stops at the same epoch, writes the same model and records the same accuracy per epoch."""
+
+    def args(out: Path, target: float) -> list[str]:
+        fixed = update_args(tiny_model_dir, facts, out, "ft")
+        return [a for a in fixed if a != "learn.epochs=3"] + [
+            f"learn.until_accuracy={target}",
+            "learn.max_epochs=8",
+        ]
+
+    assert main(args(tmp_path / "trajectory", 1.0)) == 0
+    history = json.loads((tmp_path / "trajectory" / "run.json").read_text())["learn_schedule"]["history"]
+    accuracies = [r["accuracy"] for r in history]
+    k = next(e for e in range(2, len(accuracies) + 1) if accuracies[e - 1] > max(accuracies[: e - 1]))
+    target = accuracies[k - 1]
+    reference = tmp_path / "reference"
+    assert main(args(reference, target)) == 0
+    ref_run = json.loads((reference / "run.json").read_text())
+    assert ref_run["learn_schedule"]["stopped_by"] == "accuracy"
+    assert ref_run["learn_schedule"]["epochs_trained"] == k
+
+    out = tmp_path / "out"
+    trace.interrupt("learn", 3)  # inside epoch 2 (12 facts, batch 8: two steps an epoch)
+    assert main(args(out, target)) == 130
+    trace.calls.clear()
+    assert main(args(out, target)) == 0
+    assert trace.calls[-1][1] == list(range(4, 2 * k + 1))  # only the steps after the interruption
+    assert_same_model(out, reference)
+    run = json.loads((out / "run.json").read_text())
+    assert run["learn_schedule"] == ref_run["learn_schedule"] and run["losses"] == ref_run["losses"]
+
+
 def test_a_killed_process_resumes_from_the_last_periodic_checkpoint(tiny_model_dir, facts, tmp_path):
     """A real kill (os._exit, no chance to save) after learning step 5 with checkpoint_every=2: the rerun
     redoes step 5 from the step-4 checkpoint and ends bit-identical."""
@@ -115,14 +155,15 @@ def test_a_killed_process_resumes_from_the_last_periodic_checkpoint(tiny_model_d
     script = textwrap.dedent(f"""
         import os, sys
         import flearning.recipes.algorithm as recipe
+        import flearning.recipes.stopping as stopping
         from flearning.cli import main
         real = recipe.train
-        def train(*a, description, **kw):
+        def train(*a, description, on_step=None, **kw):
             def on_step(step, loss):
                 if description.startswith("learn") and step == 5:
                     os._exit(9)
             return real(*a, description=description, on_step=on_step, **kw)
-        recipe.train = train
+        recipe.train = stopping.train = train
         sys.exit(main({args!r}))
     """)
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))

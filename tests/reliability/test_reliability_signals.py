@@ -17,6 +17,7 @@ import pytest
 from reliability_helpers import update_args, write_facts
 
 import flearning.recipes.algorithm as recipe
+import flearning.recipes.stopping as stopping
 from flearning.cli import main
 from flearning.recipes.work_dir import work_dir_for
 from tiny import tiny_llama, tiny_tokenizer
@@ -38,16 +39,17 @@ SAVED = re.compile(r"learn \(ft\): interrupted; state after optimizer step (\d+)
 STOP_AT_STEP = textwrap.dedent("""
     import sys, time
     import flearning.recipes.algorithm as recipe
+    import flearning.recipes.stopping as stopping
     from flearning.cli import main
     marker, at = sys.argv[1], int(sys.argv[2])
     real = recipe.train
-    def train(*a, description, **kw):
+    def train(*a, description, on_step=None, **kw):
         def on_step(step, loss):
             if description.startswith("learn") and step == at:
                 open(marker, "w").close()
                 time.sleep(120)
         return real(*a, description=description, on_step=on_step, **kw)
-    recipe.train = train
+    recipe.train = stopping.train = train
     sys.exit(main(sys.argv[3:]))
 """)
 
@@ -106,6 +108,7 @@ def rerun_and_compare(args: list[str], out: Path, saved_step: int, reference: by
         return real(*a, on_step=lambda step, loss: steps.append(step), **kw)
 
     monkeypatch.setattr(recipe, "train", traced)
+    monkeypatch.setattr(stopping, "train", traced)  # the learning stage (train_until)
     assert main(args) == 0
     assert steps == list(range(saved_step + 1, STEPS + 1))
     assert not work_dir_for(out).exists()
