@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
+from flearning.io.output import MARKER
+
 SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
 
 
@@ -162,5 +164,6 @@ def snapshot(root: Path) -> dict[str, bytes]:
 
 
 def leftovers(parent: Path) -> list[str]:
-    """Hidden entries of ``parent`` (temporary directories and files of the atomic writers)."""
-    return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith("."))
+    """Hidden entries of ``parent`` (temporary directories and files of the atomic writers), but for the
+    marker of an flearn output (``.flearn-output.json``), which belongs to the output."""
+    return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith(".") and p.name != MARKER)

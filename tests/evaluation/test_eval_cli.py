@@ -87,23 +87,25 @@ def test_eval_command_user_errors(tmp_path, tiny_model_dir, capsys):
 
 
 def test_eval_into_a_symlinked_directory_writes_through_the_symlink(tmp_path, tiny_model_dir, capsys):
-    """``--out`` a symlink to a directory: the report goes into the directory it points to, the symlink
-    stays a symlink, a file of the user's there keeps its inode and mode, nothing is left beside it."""
+    """``--out`` a symlink to a directory holding an earlier report: the new report goes into the directory
+    it points to (with --overwrite), the symlink stays a symlink, a file of the user's there keeps its
+    inode and mode, nothing is left beside it."""
     data = _write_jsonl(tmp_path / "facts.jsonl", crafted_records(3))
     real = tmp_path / "reports" / "real"
-    real.mkdir(parents=True)
-    (real / "summary.json").write_text("old")
+    args = ["eval", "-m", str(tiny_model_dir), "-d", str(data), "--no-generation", "--no-progress"]
+    assert main([*args, "-o", str(real), "--limit", "1"]) == 0  # the earlier report
     notes = real / "notes.txt"
     notes.write_text("mine")
     notes.chmod(0o600)
     inode = notes.stat().st_ino
     link = tmp_path / "link"
     link.symlink_to(real, target_is_directory=True)
-    args = ["eval", "-m", str(tiny_model_dir), "-d", str(data), "--no-generation", "--no-progress"]
-    assert main([*args, "-o", str(link)]) == 0
+    capsys.readouterr()
+    assert main([*args, "-o", str(link), "--overwrite"]) == 0
     assert f"report written to {link}" in " ".join(capsys.readouterr().out.split())  # rich wraps lines
     assert link.is_symlink() and link.readlink() == real
     assert sorted(p.name for p in real.iterdir()) == [
+        ".flearn-output.json",
         "metrics.png",
         "notes.txt",
         "records.jsonl",

@@ -393,7 +393,7 @@ def test_eval_cut_half_way_over_an_existing_report(tiny_model_dir, facts, tmp_pa
     previous = snapshot(out)
     capsys.readouterr()
     half_write_png(monkeypatch)
-    code, err = run_cli([*args, "--name", "again"], capsys)
+    code, err = run_cli([*args, "--name", "again", "--overwrite"], capsys)
     assert code == 2
     assert (
         f"error: cannot write the report at {out / 'metrics.png'}: {DISK_FULL}; free some space or write to "

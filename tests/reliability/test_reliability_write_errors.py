@@ -202,7 +202,10 @@ def test_disk_full_half_way_through_the_first_file(name, inputs, tmp_path, capsy
     assert err.startswith(f"error: cannot write {what} at {shown}: {DISK_FULL}")
     assert ".tmp-" not in err
     if name == "bench":  # its cache keeps the finished (complete) entries; no results were written
-        assert sorted(p.name for p in out.iterdir()) == ["cache"] and leftovers(out) == []
+        # (and its marker: the same command continues this directory)
+        assert (
+            sorted(p.name for p in out.iterdir()) == [".flearn-output.json", "cache"] and leftovers(out) == []
+        )
     else:
         assert not out.exists()
     assert [n for n in leftovers(tmp_path) if n.startswith(".out")] == []
@@ -358,9 +361,12 @@ def test_eval_disk_full_without_a_file_name_exits_2(inputs, tmp_path, capsys, mo
 
 
 def test_an_existing_directory_written_inside_is_probed_not_its_parent(tmp_path, monkeypatch):
-    """``replaced_whole=False`` (the bench, eval): an existing directory is written inside only, so it is
-    the one that must be writable; its parent may be read-only. (``os.access`` answers for root too.)"""
-    from flearning.io.atomic import check_output_dir
+    """``whole=False`` (the bench, eval): an existing directory is written inside only, so it is the one
+    that must be writable; its parent may be read-only. (``os.access`` answers for root too.)"""
+    from flearning.io.output import check_output
+
+    def check_output_dir(out, overwrite, replaced_whole=True):
+        return check_output(out, kind="bench", inputs={}, overwrite=overwrite, whole=replaced_whole)
 
     parent = tmp_path / "shared"
     out = parent / "bench"
@@ -386,7 +392,10 @@ def test_an_existing_directory_written_inside_is_probed_not_its_parent(tmp_path,
 
 @pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="root may write in a 0555 directory")
 def test_bench_output_in_a_read_only_parent_is_accepted(tmp_path):
-    from flearning.io.atomic import check_output_dir
+    from flearning.io.output import check_output
+
+    def check_output_dir(out, overwrite, replaced_whole=True):
+        return check_output(out, kind="bench", inputs={}, overwrite=overwrite, whole=replaced_whole)
 
     parent = tmp_path / "shared"
     out = parent / "bench"

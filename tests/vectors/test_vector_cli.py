@@ -128,26 +128,20 @@ def test_apply_refuses_to_write_into_the_input_model(tmp_path, tiny_model_dir, v
 
 
 def test_apply_refuses_a_non_empty_out_unless_overwrite(tmp_path, tiny_model_dir, vector_dir):
+    """--overwrite replaces an earlier output of vector apply, never a directory of the user's."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    result = run(
-        "apply", "--model", tiny_model_dir, "--vector", vector_dir, "--lambda", "1", "--out", out, ok=False
-    )
+    args = ["apply", "--model", tiny_model_dir, "--vector", vector_dir, "--out", out]
+    result = run(*args, "--lambda", "1", ok=False)
     assert "not empty" in str(result.exception)
-    run(
-        "apply",
-        "--model",
-        tiny_model_dir,
-        "--vector",
-        vector_dir,
-        "--lambda",
-        "1",
-        "--out",
-        out,
-        "--overwrite",
-    )
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    result = run(*args, "--lambda", "1", "--overwrite", ok=False)
+    assert "replaces only an earlier output of flearn vector apply" in str(result.exception)
+    assert (out / "keep.txt").read_text() == "x"
+    earlier = tmp_path / "earlier"
+    run(*args[:-1], earlier, "--lambda", "1")
+    run(*args[:-1], earlier, "--lambda", "2", "--overwrite")
+    assert json.loads((earlier / PROVENANCE_FILE).read_text())["lambda"] == 2.0
 
 
 def test_apply_checks_the_base_model(tmp_path, tokenizer, vector_dir):

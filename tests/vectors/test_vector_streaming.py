@@ -563,14 +563,20 @@ def test_output_paths_are_checked(tmp_path, dirs, reference):
     base, _ = dirs
     reference.save(tmp_path / "vec")
     for out in (base, base / "sub", tmp_path / "vec"):
-        with pytest.raises(VectorError, match="would write into"):
+        with pytest.raises(VectorError, match="refusing to write into the input"):
             streaming.stream_apply(base, tmp_path / "vec", 1.0, out, overwrite=True)
+    with pytest.raises(VectorError, match="holds the input"):
+        streaming.stream_apply(base, tmp_path / "vec", 1.0, tmp_path, overwrite=True)
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep").write_text("x")
     with pytest.raises(VectorError, match="not empty"):
         streaming.stream_apply(base, tmp_path / "vec", 1.0, tmp_path / "out")
-    streaming.stream_apply(base, tmp_path / "vec", 1.0, tmp_path / "out", overwrite=True)
-    assert not (tmp_path / "out" / "keep").exists()
+    with pytest.raises(VectorError, match="replaces only an earlier output of flearn vector apply"):
+        streaming.stream_apply(base, tmp_path / "vec", 1.0, tmp_path / "out", overwrite=True)
+    assert (tmp_path / "out" / "keep").read_text() == "x"
+    streaming.stream_apply(base, tmp_path / "vec", 1.0, tmp_path / "applied")
+    streaming.stream_apply(base, tmp_path / "vec", 2.0, tmp_path / "applied", overwrite=True)
+    assert json.loads((tmp_path / "applied" / PROVENANCE_FILE).read_text())["lambda"] == 2.0
 
 
 def test_stale_pickled_weights_are_not_copied(tmp_path, dirs, reference):

@@ -69,6 +69,7 @@ def _root(
 
 # Each command module keeps its heavy imports (torch, transformers) inside its commands.
 from flearning.cli import bench as _bench  # noqa: E402
+from flearning.cli import clean as _clean  # noqa: E402
 from flearning.cli import data as _data  # noqa: E402
 from flearning.cli import eval as _eval  # noqa: E402
 from flearning.cli import model as _model  # noqa: E402
@@ -85,6 +86,9 @@ app.command("bench", help="Reproduce the paper's experiment: every method side b
     _bench.bench_command
 )
 app.add_typer(_vector.vector_app, name="vector", help="Compute, apply and inspect knowledge vectors.")
+app.command("clean", help="Remove what killed runs left behind (hidden .NAME.tmp-… directories).")(
+    _clean.clean_command
+)
 
 
 # Exit codes of an interrupted command: 128 + the signal's number, as a shell reports a process the signal

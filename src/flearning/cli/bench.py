@@ -70,18 +70,18 @@ def bench_command(
     }
     # every problem of the file, the options and the overrides at once (exit 2)
     cfg = load_config(BenchConfig, config, overrides or [], cli, profile=profile)
-    from flearning.io.atomic import check_output_dir, write_errors_as_flearn
+    from flearning.io.atomic import write_errors_as_flearn
 
     # reused (its cache makes reruns resume); its entries are replaced, never the directory itself, so an
-    # existing one must be writable, not its parent
-    target = check_output_dir(default_out(cfg), overwrite=True, replaced_whole=False)
+    # existing one must be writable, not its parent. run_bench checks it (io.output's rule) and locks it.
+    target = default_out(cfg).resolve()
     note = (
         "The previous results are untouched; finished runs are kept in its cache: rerun the same command "
         "to continue."
     )
     # the path as written too: the bench writes through it (a symlink in it is not resolved)
     with write_errors_as_flearn([target, default_out(cfg)], what="the bench output", note=note):
-        summary = run_bench(cfg, progress=not no_progress)
+        summary = run_bench(cfg, progress=not no_progress, inputs={"config": config})
     typer.echo(summary["table_markdown"])
     typer.echo(f"bench written to {target} in {summary['wall_seconds']:.0f} s")
 

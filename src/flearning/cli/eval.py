@@ -28,9 +28,14 @@ def eval_command(
         ...,
         "--out",
         "-o",
-        help="Report directory (created if missing; its report files are replaced together, other files in it "
-        "are left alone).",
+        help="Report directory (created if missing; other files in it are left alone). An earlier report "
+        "there is replaced only with --overwrite.",
         show_default=False,
+    ),
+    overwrite: bool = typer.Option(
+        False,
+        "--overwrite",
+        help="Replace the report files of an earlier flearn eval in --out (never anyone else's files).",
     ),
     model: str | None = typer.Option(
         None,
@@ -69,61 +74,65 @@ def eval_command(
     from flearning.data import load_dataset
     from flearning.evaluation.evaluate import evaluate
     from flearning.evaluation.reference import reference_predictions
-    from flearning.evaluation.report import write_report
-    from flearning.io.atomic import check_output_dir, write_errors_as_flearn
+    from flearning.evaluation.report import REPORT_FILES, write_report
+    from flearning.io.atomic import write_errors_as_flearn
+    from flearning.io.output import claim_output, output_kind, write_marker
     from flearning.models import DEFAULT_MODEL, cache_root, load_model
 
-    # before any work: a file, a path under a file, a directory we cannot write in, a model's directory.
-    # Only the report's files are replaced inside it: the directory itself stays (its parent may be
-    # read-only, it may be the current directory, a symlink or a mount point).
-    models = [Path(m).expanduser() for m in (model, reference) if m is not None]
-    target = check_output_dir(
-        out, overwrite=True, protected=[m for m in models if m.exists()], replaced_whole=False
+    # before any work, the output's rule (io.output) and its lock, held to the end: never an input or a
+    # directory holding one, never another's files. Only the report's files are replaced inside it: the
+    # directory itself stays (its parent may be read-only, it may be the current directory, a symlink).
+    inputs = {"model": model, "reference model": reference, "data": data}
+    claim = claim_output(
+        out, kind="eval", inputs=inputs, overwrite=overwrite, whole=False, entries=REPORT_FILES
     )
-    console = Console(stderr=False)
-    # Load the data first: a bad file is reported before any model is loaded.
-    dataset = load_dataset(data, fmt, limit=limit)
-    records = dataset.records
-    evaluated, tokenizer = load_model(model)
-    ref = None
-    if reference is not None:
-        ref_model, _ = load_model(reference)
-        ref = reference_predictions(
-            ref_model,
+    with claim as target:
+        console = Console(stderr=False)
+        # Load the data first: a bad file is reported before any model is loaded.
+        dataset = load_dataset(data, fmt, limit=limit)
+        records = dataset.records
+        evaluated, tokenizer = load_model(model)
+        ref = None
+        if reference is not None:
+            ref_model, _ = load_model(reference)
+            ref = reference_predictions(
+                ref_model,
+                tokenizer,
+                records,
+                batch_size=batch_size,
+                cache_dir=cache_root() / "evaluation",
+                progress=progress,
+            )
+            del ref_model
+        result = evaluate(
+            evaluated,
             tokenizer,
             records,
+            reference=ref,
             batch_size=batch_size,
-            cache_dir=cache_root() / "evaluation",
+            generation_batch_size=generation_batch_size,
+            generation=not no_generation,
+            fluency=fluency,
+            fluency_tokens=fluency_tokens,
             progress=progress,
         )
-        del ref_model
-    result = evaluate(
-        evaluated,
-        tokenizer,
-        records,
-        reference=ref,
-        batch_size=batch_size,
-        generation_batch_size=generation_batch_size,
-        generation=not no_generation,
-        fluency=fluency,
-        fluency_tokens=fluency_tokens,
-        progress=progress,
-    )
-    result.meta.update(
-        {
-            "model": model or DEFAULT_MODEL,
-            "reference": reference,
-            "data": str(data),
-            "format": dataset.format,
-            "data_sha256": dataset.sha256,
-        }
-    )
-    method = name or Path(model or DEFAULT_MODEL).name
-    title = f"{method} on {data.name} ({len(records)} records)"
-    note = "Nothing was written; a previous report is untouched."
-    with write_errors_as_flearn(target, what="the report", note=note):
-        write_report({method: [result]}, target, title=title)
-    console.print(summary_table(result.summary(), title))
-    if ref is None:
-        console.print("[yellow]note[/]: no --reference given, so Locality was not measured")
-    console.print(f"report written to {out}")
+        result.meta.update(
+            {
+                "model": model or DEFAULT_MODEL,
+                "reference": reference,
+                "data": str(data),
+                "format": dataset.format,
+                "data_sha256": dataset.sha256,
+            }
+        )
+        method = name or Path(model or DEFAULT_MODEL).name
+        title = f"{method} on {data.name} ({len(records)} records)"
+        note = "Nothing was written; a previous report is untouched."
+        with write_errors_as_flearn(target, what="the report", note=note):
+            write_report({method: [result]}, target, title=title)
+            if output_kind(target) != "eval":
+                write_marker(target, "eval")  # recognisable: --overwrite may replace its report
+        console.print(summary_table(result.summary(), title))
+        if ref is None:
+            console.print("[yellow]note[/]: no --reference given, so Locality was not measured")
+        console.print(f"report written to {out}")

@@ -25,26 +25,50 @@ def prime_command(
     lr: float | None = typer.Option(None, help="Learning rate (default: the bench's prime.lr)."),
     batch_size: int | None = typer.Option(None, help="Batch size (default: the bench's prime.batch_size)."),
     seed: int | None = typer.Option(None, help="Seed of the priming stage."),
-    overwrite: bool = typer.Option(False, "--overwrite"),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier output of flearn prime (never anything else)."
+    ),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
     """Fine-tune on prompt → old answer until the old facts are held; report the accuracy reached."""
     from flearning.data import load_dataset
     from flearning.distributed import on_main_process
-    from flearning.io.atomic import check_output_dir, write_errors_as_flearn
-    from flearning.models import DEFAULT_MODEL, load_model, resolve_model
-    from flearning.recipes.prime import prime, save_primed
+    from flearning.io.output import claim_output
+    from flearning.models import DEFAULT_MODEL, resolve_model
 
     options = _options(lr=lr, max_epochs=max_epochs, threshold=threshold, batch_size=batch_size, seed=seed)
     cfg, threshold = options.train_config(options.seed), options.threshold
     model = model or DEFAULT_MODEL
     dataset = load_dataset(data, fmt, limit=limit)
     source = resolve_model(model)
-    target = check_output_dir(
-        out, overwrite=overwrite, protected=[Path(source)] if Path(source).exists() else []
-    )
+    # the output's rule (io.output); the main process holds its lock for the whole command
+    claims = []
+
+    def claim() -> Path:
+        claims.append(
+            claim_output(out, kind="prime", inputs={"model": source, "data": data}, overwrite=overwrite)
+        )
+        return claims[-1].path
+
+    target = on_main_process(claim)
+    try:
+        _prime_into(target, model, source, data, dataset, cfg, threshold, not no_progress)
+    finally:
+        for held in claims:
+            held.release()
+
+
+def _prime_into(
+    target: Path, model: str, source: str, data: Path, dataset, cfg, threshold: float, progress: bool
+) -> None:
+    from flearning.distributed import on_main_process
+    from flearning.io.atomic import write_errors_as_flearn
+    from flearning.io.output import write_marker
+    from flearning.models import load_model
+    from flearning.recipes.prime import prime, save_primed
+
     theta, tokenizer = load_model(source)
-    result = prime(theta, tokenizer, dataset.records, cfg, threshold=threshold, progress=not no_progress)
+    result = prime(theta, tokenizer, dataset.records, cfg, threshold=threshold, progress=progress)
     info = {
         "model": model,
         "data": str(data),
@@ -63,6 +87,7 @@ def prime_command(
     with write_errors_as_flearn(target, what="the primed model", note=note):
         # launched as several processes, the main one writes, the others wait
         on_main_process(save_primed, target, result.model, tokenizer, info)
+        on_main_process(write_marker, target, "prime")  # recognisable: --overwrite may replace it
     reached = "reached" if result.accuracy >= threshold else "did NOT reach"
     typer.echo(
         f"old-fact accuracy {result.accuracy_before:.3f} → {result.accuracy:.3f} after {result.epochs} "

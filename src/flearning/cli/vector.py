@@ -12,6 +12,8 @@ LoRA adapter directory. ``--no-stream`` forces the in-memory path.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -50,22 +52,18 @@ def _files_and_time(result: StreamResult) -> str:
     return f"{result.num_shards} file{'s' if result.num_shards != 1 else ''}, {result.seconds:.1f} s"
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output that cannot be written before any work: a file, a non-empty directory without
-    --overwrite, a path under a file, a directory the system does not let us write (FlearnError, exit 2)."""
-    from flearning.io.atomic import check_output_dir, check_writable_target
-
-    check_writable_target(out.expanduser(), overwrite=overwrite)
-    check_output_dir(out, overwrite=True)  # the parent: writable, not a file; a non-empty out was checked
-
-
-def _writing(out: Path, what: str):
-    """Report a failure to write ``out`` (disk full, read-only, ...) as a FlearnError naming it (exit 2)."""
+@contextmanager
+def _claimed(out: Path, *, kind: str, inputs: dict, overwrite: bool, what: str) -> Iterator[Path]:
+    """Before any work (minutes of loading), the output's rule and lock (``io.output``): never an input or
+    a directory holding one, ``--overwrite`` only over an earlier output of the same command, a second
+    run on it exits 2. Then a failure to write it (disk full, read-only, ...) is reported naming it."""
     from flearning.io.atomic import write_errors_as_flearn
+    from flearning.io.output import claim_output
 
-    return write_errors_as_flearn(
-        out.expanduser().absolute(), what=what, note="Nothing was written; a previous output is untouched."
-    )
+    with claim_output(out, kind=kind, inputs=inputs, overwrite=overwrite) as target:
+        note = "Nothing was written; a previous output is untouched."
+        with write_errors_as_flearn([target, out.expanduser().absolute()], what=what, note=note):
+            yield target
 
 
 @vector_app.command("compute")
@@ -82,7 +80,9 @@ def compute_command(
     ),
     method: str | None = typer.Option(None, "--method", help="Recorded in the metadata (e.g. ft, lora)."),
     keep_zero: bool = typer.Option(False, "--keep-zero", help="Keep tensors whose delta is exactly zero."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier output of this command in --out (never anything else)."
+    ),
     stream: bool | None = typer.Option(
         None,
         "--stream/--no-stream",
@@ -95,8 +95,8 @@ def compute_command(
     from flearning.vectors.apply import compute_vector
     from flearning.vectors.streaming import StreamResult
 
-    _check_out(out, overwrite)  # fail before minutes of loading
-    with _writing(out, "the vector"):
+    inputs = {"base model": base, "fine-tuned model": finetuned, "adapter": lora_adapter}
+    with _claimed(out, kind="vector", inputs=inputs, overwrite=overwrite, what="the vector"):
         result = compute_vector(
             base,
             out,
@@ -131,7 +131,9 @@ def apply_command(
         help="Scale L in θ + L·Δ. Forgetting is NEGATIVE: --lambda=-0.7 computes θ − 0.7·Δ.",
     ),
     out: Path = typer.Option(..., "--out", help="New model directory (never the input model's)."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier output of this command in --out (never anything else)."
+    ),
     check_base: bool = typer.Option(
         True, "--check-base/--no-check-base", help="Refuse a model that is not the vector's base model."
     ),
@@ -153,8 +155,8 @@ def apply_command(
     from flearning.vectors.lora import is_lora_adapter
     from flearning.vectors.streaming import StreamResult
 
-    _check_out(out, overwrite)
-    with _writing(out, "the model"):
+    inputs = {"model": model_path, "vector": vector_path}
+    with _claimed(out, kind="vector-apply", inputs=inputs, overwrite=overwrite, what="the model"):
         result = apply_vector(
             model_path, vector_path, lam, out, check_base=check_base, overwrite=overwrite, stream=stream
         )
@@ -173,14 +175,15 @@ def scale_command(
     vector_path: Path = typer.Argument(..., help="Knowledge-vector directory."),
     by: float = typer.Option(..., "--by", help="Factor S: the new vector is S·Δ (S=-1 negates)."),
     out: Path = typer.Option(..., "--out", help="Directory for the new vector."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing non-empty --out."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an earlier output of this command in --out (never anything else)."
+    ),
 ) -> None:
     """Write a new vector S·Δ."""
     from flearning.vectors.vector import KnowledgeVector
 
-    _check_out(out, overwrite)
-    scaled = KnowledgeVector.load(vector_path) * by
-    with _writing(out, "the vector"):
+    with _claimed(out, kind="vector", inputs={"vector": vector_path}, overwrite=overwrite, what="the vector"):
+        scaled = KnowledgeVector.load(vector_path) * by
         scaled.save(out, overwrite=overwrite)
     typer.echo(f"{_summary(scaled)} -> {out}")
 

@@ -1,11 +1,11 @@
-"""Writing outputs safely: a result appears complete or not at all, and never over an input.
+"""Writing outputs atomically: a result appears complete or not at all.
 
-Checks before any work (``check_output_dir``, ``check_writable_target``, ``refuse_overlap``); writers
-that stage everything in a hidden temporary sibling and rename it into place (``atomic_directory``,
-``atomic_write``, the ``staged_directory`` + ``replace_directory`` pair), so a failure leaves the
-previous output untouched; ``atomic_entries`` for a set of entries inside a directory that stays (a
-report, a bench's results beside its cache); and the translation of write failures (disk full,
-read-only, no permission) into a ``FlearnError`` naming the output (``write_errors_as_flearn``).
+Writers that stage everything in a hidden temporary sibling and rename it into place
+(``atomic_directory``, ``atomic_write``, the ``staged_directory`` + ``replace_directory`` pair), so a
+failure leaves the previous output untouched; ``atomic_entries`` for a set of entries inside a directory
+that stays (a report, a bench's results beside its cache); and the translation of write failures (disk
+full, read-only, no permission) into a ``FlearnError`` naming the output (``write_errors_as_flearn``).
+What may be written where, and what ``--overwrite`` may replace, is ``io.output``'s rule.
 """
 
 from __future__ import annotations
@@ -15,88 +15,11 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path, PurePath
 
 from flearning.errors import FlearnError
-
-
-def check_output_dir(
-    out: Path, *, overwrite: bool, protected: list[Path] | None = None, replaced_whole: bool = True
-) -> Path:
-    """Refuse outputs that would destroy something: a file, a protected input, a non-empty directory
-    (unless ``overwrite``), a directory holding the current one (when ``replaced_whole``: it is swapped
-    for a new one), or a place we cannot write to (a parent that is a file or not writable).
-
-    ``replaced_whole``: the output directory is swapped for a new one, which is written beside it: the
-    nearest existing parent must be writable, and a protected input may not be inside it. Otherwise
-    (``False``) only entries inside the directory are replaced: an existing directory must be writable
-    itself (its parent is not touched), and it may not be a protected input or inside one.
-    """
-    out = Path(out).expanduser().resolve()
-    p = overlapping(out, protected or [], holds=replaced_whole, within=not replaced_whole)
-    if p is not None:
-        raise FlearnError(f"{out}: refusing to write into the input model's directory ({p})")
-    if out.exists() and not out.is_dir():
-        raise FlearnError(f"{out}: output path exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise FlearnError(f"{out}: output directory is not empty (pass --overwrite to replace it)")
-    if replaced_whole:
-        refuse_current_directory(out)
-    if not replaced_whole and out.is_dir():
-        probe_writable(out, out)  # written inside only: the parent may be read-only
-        return out
-    parent_existing = out.parent
-    while not parent_existing.exists():
-        parent_existing = parent_existing.parent
-    probe_writable(parent_existing, out)
-    return out
-
-
-def overlapping(
-    out: str | os.PathLike, inputs: Iterable[str | os.PathLike], *, holds: bool = True, within: bool = True
-) -> Path | None:
-    """The first of ``inputs`` (resolved) that the output ``out`` would write into or over: ``out`` is
-    that input, or (``holds``) holds it, or (``within``) lies inside it; None if there is none. Both are
-    compared resolved (``~`` expanded, symlinks followed); an input that cannot be resolved is skipped."""
-    out = Path(out).expanduser().resolve()
-    for path in inputs:
-        try:
-            p = Path(path).expanduser().resolve()
-        except OSError:
-            continue
-        if out == p or (holds and p.is_relative_to(out)) or (within and out.is_relative_to(p)):
-            return p
-    return None
-
-
-def refuse_overlap(
-    out: str | os.PathLike,
-    inputs: Mapping[str, str | os.PathLike],
-    *,
-    named: str | None = None,
-    error: type[FlearnError] = FlearnError,
-) -> None:
-    """Raise ``error`` if the output ``out`` is one of ``inputs`` (``{"input model": path, ...}``), holds
-    one or lies inside one (``overlapping``): "the output OUT would write into (or over) the input model
-    PATH; choose another". ``named`` replaces "the output OUT" (e.g. ``"--out out"``); PATH is shown as
-    given."""
-    for what, path in inputs.items():
-        if overlapping(out, [path]) is not None:
-            shown = named or f"the output {Path(out).expanduser().resolve()}"
-            raise error(f"{shown} would write into (or over) the {what} {path}; choose another")
-
-
-def check_writable_target(
-    target: str | os.PathLike, *, overwrite: bool, error: type[FlearnError] = FlearnError
-) -> None:
-    """Raise ``error`` if ``target`` is a file, or a non-empty directory and not ``overwrite``."""
-    target = Path(target)
-    if target.exists() and not target.is_dir():
-        raise error(f"{target}: exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise error(f"{target}: directory exists and is not empty (overwrite=True / --overwrite replaces it)")
 
 
 def probe_writable(directory: Path, out: Path) -> None:
@@ -105,44 +28,49 @@ def probe_writable(directory: Path, out: Path) -> None:
     if not directory.is_dir() or not os.access(directory, os.W_OK | os.X_OK):
         raise FlearnError(f"{out}: cannot write here ({directory} is not a writable directory)")
     try:  # os.access says yes to root everywhere, and knows nothing of /proc or /sys: try it
-        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=directory))
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe-", dir=directory))
     except OSError as ex:
         reason = (ex.strerror or str(ex)).lower()
         raise FlearnError(f"{out}: cannot write here ({directory}: {reason})") from ex
 
 
-def refuse_current_directory(out: Path) -> None:
-    """An output directory is replaced as a whole: refuse one that is (or holds) the current directory,
-    which would leave the shell in a deleted directory."""
-    out = Path(out).expanduser().resolve()
-    try:
-        cwd = Path.cwd().resolve()
-    except OSError:  # the current directory was deleted
-        return
-    if cwd == out or out in cwd.parents:
-        raise FlearnError(
-            f"{out}: is the current directory (or holds it); an output directory is replaced as a whole, "
-            "so write it into a new subdirectory instead"
-        )
-
-
 @contextmanager
 def atomic_directory(
-    out: str | os.PathLike, *, overwrite: bool = True, error: type[FlearnError] = FlearnError
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = True,
+    kind: str | None = None,
+    error: type[FlearnError] = FlearnError,
 ) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``out`` (``replace_directory``) with the
     permissions of ordinary files, on any error it vanishes.
 
-    ``out`` is checked before writing and again just before the swap (it may have changed meanwhile):
-    a file is refused, and so is a non-empty directory unless ``overwrite`` (``check_writable_target``,
-    raising ``error``).
+    ``kind``: ``out`` is a command's output of that kind: it gets the marker that makes it recognisable
+    (``io.output.write_marker``), and may replace only what ``io.output.check_replaceable`` allows (an
+    absent or empty directory, or with ``overwrite`` an earlier output of ``kind``; never a symlink).
+    Without ``kind`` (a cache entry, an internal directory), a file is refused and so is a non-empty
+    directory unless ``overwrite``. ``out`` is checked before writing and again just before the swap (it
+    may have changed meanwhile), raising ``error``.
     """
+    from flearning.io import output  # the rule (io.output uses this module's writers)
+
     out = Path(out).expanduser().absolute()
-    check_writable_target(out, overwrite=overwrite, error=error)
+
+    def check() -> None:
+        if kind is not None:
+            output.check_replaceable(out, kind=kind, overwrite=overwrite, error=error)
+        elif out.exists() and not out.is_dir():
+            raise error(f"{out}: exists and is not a directory")
+        elif out.is_dir() and any(out.iterdir()) and not overwrite:
+            raise error(f"{out}: directory exists and is not empty; {output.OVERWRITE_HINT} to replace it")
+
+    check()
     with staged_directory(out) as tmp:
         yield tmp
+        if kind is not None and kind not in output.SELF_DESCRIBED:
+            output.write_marker(tmp, kind)
         normalise_permissions(tmp)
-        check_writable_target(out, overwrite=overwrite, error=error)
+        check()
         replace_directory(tmp, out)
 
 

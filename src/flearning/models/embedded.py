@@ -9,20 +9,18 @@ removes what killed conversions left behind; later loads read that directory.
 
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import logging
 import os
 import re
-import shutil
 import time
-from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from flearning.errors import FlearnError
 from flearning.io.atomic import atomic_directory, write_errors_as_flearn
+from flearning.io.locks import FileLock, remove_stale
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -72,17 +70,6 @@ def embedded_gguf_path(name: str) -> Path:
     return path
 
 
-@contextmanager
-def _file_lock(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def detach_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     """Turn a GGUF-dequantized model into a plain fp32 model that can be saved and trained."""
     model.hf_quantizer = None
@@ -125,46 +112,19 @@ def _is_conversion_temp_dir(path: Path, name: str) -> bool:
 STALE_TEMP_SECONDS = 3600.0
 
 
-def _newest_mtime(path: Path) -> float:
-    """The newest modification time of ``path`` and of everything in it (symlinks not followed)."""
-    newest = path.lstat().st_mtime
-    for root, dirs, files in os.walk(path):
-        for entry in (*dirs, *files):
-            with suppress(OSError):  # removed meanwhile
-                newest = max(newest, os.lstat(os.path.join(root, entry)).st_mtime)
-    return newest
-
-
 def remove_stale_temp_dirs(models_dir: Path, name: str, *, max_age: float = STALE_TEMP_SECONDS) -> list[Path]:
     """Remove what killed conversions of ``name`` left behind (a temporary directory is about 0.5 GB).
 
     Call this holding the conversion lock. The lock alone does not prove a temporary directory stale: on
     NFS without lock support two hosts can both "hold" it. So only a directory whose newest modification
     time (its own and its files') is more than ``max_age`` seconds old is removed; a younger one may be a
-    conversion running elsewhere and is kept (and logged).
+    conversion running elsewhere and is kept (and logged). (``io.locks.remove_stale``, which every
+    output's leftovers go through too.)
     """
     if not models_dir.is_dir():
         return []
-    removed = []
-    now = time.time()
-    for path in sorted(p for p in models_dir.iterdir() if _is_conversion_temp_dir(p, name)):
-        try:
-            age = now - _newest_mtime(path)
-        except OSError:  # removed meanwhile
-            continue
-        if age <= max_age:
-            log.info(
-                "keeping %s: changed %.0f s ago, it may be a conversion running on another host; "
-                "it is removed once untouched for %.0f s",
-                path,
-                max(age, 0.0),
-                max_age,
-            )
-            continue
-        log.info("removing %s, left behind by an interrupted conversion (untouched for %.0f s)", path, age)
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
+    found = [p for p in models_dir.iterdir() if _is_conversion_temp_dir(p, name)]
+    return remove_stale(found, what="conversion", max_age=max_age, now=time.time(), logger=log)
 
 
 def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
@@ -191,7 +151,8 @@ def ensure_embedded(name: str = DEFAULT_MODEL) -> Path:
 
 
 def _convert_into_cache(name: str, models_dir: Path, target: Path) -> Path:
-    with _file_lock(models_dir / f".{name}.lock"):
+    models_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(models_dir / f".{name}.lock", wait=True):
         if (target / _DONE_MARKER).is_file():  # another process finished while we waited
             return target
         remove_stale_temp_dirs(models_dir, name)

@@ -326,12 +326,37 @@ class Bench:
 
 def default_out(cfg: BenchConfig) -> Path:
     """Where a bench writes: ``cfg.out``, else ``runs/bench``."""
-    return Path(cfg.out) if cfg.out else Path("runs/bench")
+    return Path(cfg.out).expanduser() if cfg.out else Path("runs/bench")
 
 
-def run_bench(cfg: BenchConfig, *, progress: bool = True) -> dict[str, Any]:
-    """Python API of ``flearn bench``."""
-    return Bench(cfg, progress=progress).run()
+def run_bench(
+    cfg: BenchConfig, *, progress: bool = True, inputs: dict[str, Path | None] | None = None
+) -> dict[str, Any]:
+    """Python API of ``flearn bench``.
+
+    Its directory follows the output rule (``io.output``): never an input (``inputs``, e.g. the config
+    file, besides the data and the model) or a directory holding one; none of the entries it writes may
+    be another's (a directory that is not an earlier bench's holding a ``summary.json`` is refused); an
+    earlier bench's directory is continued (its cache makes the rerun resume). The bench holds the
+    directory's lock from here to its end, and removes what killed runs left in it.
+    """
+    from flearning.io.output import claim_output, output_kind, write_marker
+
+    out = default_out(cfg)
+    given = {f"data ({name})": path for name, path in cfg.data.items()}
+    rule = {
+        "kind": "bench",
+        "inputs": {**given, "model": cfg.model, **(inputs or {})},
+        "overwrite": False,
+        "whole": False,
+        "entries": ["summary.json", "table.md", "cache", *cfg.data],
+        "rerun": True,
+    }
+    with claim_output(out, within=[out / "cache"], **rule) as target:
+        if output_kind(target) != "bench":  # recognisable from the start: a killed bench is continued
+            target.mkdir(parents=True, exist_ok=True)
+            write_marker(target, "bench")
+        return Bench(cfg, progress=progress).run()
 
 
 def _portable(config: dict[str, Any]) -> dict[str, Any]:

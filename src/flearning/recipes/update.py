@@ -109,17 +109,30 @@ class UpdateRecipe:
             load_probe_pairs(stop.locality_probes)
 
     def _setup_output(self) -> None:
-        from flearning.io.atomic import check_output_dir
+        """Check the output (``io.output``'s rule) and, on the main process, take its lock for the whole
+        run (a second run on it exits 2) and remove what killed runs of it left behind."""
+        from flearning.io.output import claim_output
         from flearning.models import resolve_model
 
         self.model_source = resolve_model(self.cfg.model)
         if self.cfg.out is not None:
-            local_model = Path(self.model_source)
-            self.out = check_output_dir(
-                self.cfg.out,
-                overwrite=self.cfg.overwrite,
-                protected=[local_model] if local_model.exists() else [],
+            same = self.new_file == self.old_file
+            data = (
+                {"data": self.old_file} if same else {"old facts": self.old_file, "new facts": self.new_file}
             )
+            inputs = {"model": self.model_source, **data}
+
+            def claim() -> Path:
+                self._claim = claim_output(
+                    self.cfg.out,
+                    kind="update",
+                    inputs=inputs,
+                    overwrite=self.cfg.overwrite,
+                    within=[work_dir_for(Path(self.cfg.out).expanduser().resolve())],
+                )
+                return self._claim.path
+
+            self.out = on_main_process(claim)
             check_work_dir_path(self.out)
 
     def _setup_model(self) -> None:
@@ -271,6 +284,8 @@ class UpdateRecipe:
                 outcome.adapter_dir = self.out / "adapter"
         if self.work is not None:  # the output is in place: nothing is left to resume
             on_main_process(shutil.rmtree, self.work, ignore_errors=True)
+        if getattr(self, "_claim", None) is not None:  # the output's lock (main process): the next run's
+            self._claim.release()
         return UpdateResult(
             out=self.out,
             summary=summary,
@@ -283,7 +298,7 @@ class UpdateRecipe:
     def _write_output(self, summary: dict[str, Any]) -> float:
         """Write the output directory atomically (``run.json`` last); returns the seconds it took."""
         start = time.perf_counter()
-        with atomic_directory(self.out) as stage_dir:
+        with atomic_directory(self.out, kind="update", overwrite=self.cfg.overwrite) as stage_dir:
             self._write_into(stage_dir, summary)
             summary["timings_seconds"]["save"] = round(time.perf_counter() - start, 3)
             (stage_dir / "run.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -35,6 +35,11 @@ def work_dir_for(out: Path) -> Path:
     return out.parent / f"{out.name}.partial"
 
 
+def output_of(work: Path) -> Path:
+    """The output whose work directory ``work`` is (``work_dir_for``'s inverse)."""
+    return work.parent / work.name.removesuffix(".partial")
+
+
 def check_work_dir_path(out: Path) -> None:
     """Refuse a file where the work directory of ``out`` would go (before anything is trained)."""
     work = work_dir_for(out)
@@ -86,9 +91,20 @@ def run_identity(
 def open_work_dir(out: Path, identity: dict[str, Any], resume: ResumeMode) -> Path:
     """The ``<out>.partial`` work directory of this run: reused when it holds the same run, created when
     absent; one made by another run is refused (``auto``, ``resume``) or discarded (``restart``).
+    Called holding the output's lock (``UpdateRecipe._setup_output``), let go of when this fails.
 
     A directory of that name that f-learning did not make is never deleted.
     """
+    from flearning.io.output import release_output
+
+    try:
+        return _open_work_dir(out, identity, resume)
+    except BaseException:
+        release_output(out)  # the run ends here
+        raise
+
+
+def _open_work_dir(out: Path, identity: dict[str, Any], resume: ResumeMode) -> Path:
     from flearning.io.atomic import atomic_write_text
     from flearning.training.checkpoint import describe_differences
 
@@ -131,7 +147,17 @@ def open_work_dir(out: Path, identity: dict[str, Any], resume: ResumeMode) -> Pa
 def close_after_failure(work: Path, *, resumable: bool) -> None:
     """After a failed run, keep ``work`` for a rerun when it holds finished work and the failure may not
     recur (an interruption, a full disk); discard it otherwise (a diverged loss, non-finite weights:
-    rerunning the same command would fail the same way, and a changed setting cannot reuse the stages)."""
+    rerunning the same command would fail the same way, and a changed setting cannot reuse the stages).
+    Either way the output's lock is let go: the next run may start."""
+    from flearning.io.output import release_output
+
+    try:
+        _close_after_failure(work, resumable=resumable)
+    finally:
+        release_output(output_of(work))
+
+
+def _close_after_failure(work: Path, *, resumable: bool) -> None:
     if not work.is_dir() or not is_main_process():
         return
     if resumable and _has_progress(work):

@@ -55,20 +55,19 @@ def apply_to_directory(
 
     ``model`` is a model directory or an embedded model name; the other arguments are ``stream_apply``'s.
     """
-    from flearning.io.atomic import atomic_directory, check_writable_target, refuse_overlap
+    from flearning.io.atomic import atomic_directory
+    from flearning.io.output import check_output
     from flearning.models import load_model, resolve_model
     from flearning.vectors.vector import KnowledgeVector
 
     lam = check_scalar(lam, "lambda")
-    out = Path(out_dir).expanduser().resolve()
     vector = KnowledgeVector.load(vector_dir)  # cheap checks first, the model load is the slow part
     source = Path(resolve_model(model))
-    if source.exists():
-        refuse_overlap(out, {"input model": source})
-    check_writable_target(out, overwrite=overwrite, error=VectorError)
+    rule = {"kind": "vector-apply", "overwrite": overwrite, "error": VectorError}
+    out = check_output(out_dir, inputs={"model": source, "vector": vector_dir}, **rule)
     loaded, tokenizer = load_model(source)
     vector._apply(loaded, lam, check_base=check_base)  # λ was checked above
-    with atomic_directory(out, overwrite=overwrite, error=VectorError) as tmp:
+    with atomic_directory(out, **rule) as tmp:
         loaded.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         source_record = {
@@ -125,6 +124,7 @@ def compute_vector(
     """The knowledge vector of a fine-tuning, saved in ``out_dir``: fine-tuned − base (``finetuned``) or
     B·A·scaling (``lora_adapter``; exactly one of the two). Streamed (``StreamResult``) for a sharded
     base (``stream=None``) or as told, else computed in memory (the vector)."""
+    from flearning.io.output import check_output
     from flearning.vectors import lora
     from flearning.vectors.streaming import stream_difference, stream_lora_vector
     from flearning.vectors.vector import KnowledgeVector
@@ -133,6 +133,8 @@ def compute_vector(
         raise FlearnError(
             "give exactly one of --finetuned DIR (full fine-tuning) or --lora-adapter DIR (LoRA)"
         )
+    inputs = {"base model": base, "fine-tuned model": finetuned, "adapter": lora_adapter}
+    check_output(out_dir, kind="vector", inputs=inputs, overwrite=overwrite, error=VectorError)
     provenance = Provenance(
         base_model=str(base),
         method=method or ("ft" if finetuned is not None else "lora"),

@@ -84,7 +84,7 @@ def save_vector(
         tensors: name → fp32 CPU tensor.
         metadata: JSON-serialisable metadata.
         path: the directory to create.
-        overwrite: replace an existing non-empty directory.
+        overwrite: replace an earlier knowledge vector there (``io.output``'s rule: never anything else).
 
     Returns:
         The directory path.
@@ -92,7 +92,7 @@ def save_vector(
     from safetensors.torch import save_file
 
     target = Path(path).expanduser()
-    with atomic_directory(target, overwrite=overwrite, error=VectorError) as tmp:
+    with atomic_directory(target, overwrite=overwrite, kind="vector", error=VectorError) as tmp:
         save_file(
             {k: t.contiguous() for k, t in tensors.items()},
             str(tmp / TENSORS_FILE),

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from flearning.errors import format_names
 from flearning.io import safetensors as st
-from flearning.io.atomic import atomic_directory, check_writable_target, refuse_overlap
+from flearning.io.atomic import atomic_directory
+from flearning.io.output import check_output
 from flearning.vectors.metadata import PROVENANCE_FILE, write_applied_record
 from flearning.vectors.ops import VectorError, check_scalar
 from flearning.vectors.streaming.blocks import Background, BlockBuffers, StreamResult, updated_block
@@ -55,7 +56,7 @@ def stream_apply(
         lam: the scale; forgetting is negative (F-Learning's θ − λ·Δ_old is ``lam=-λ``).
         out_dir: the new model directory (same shard files as the input, new index).
         check_base: refuse a model that is not the vector's base.
-        overwrite: replace a non-empty ``out_dir``.
+        overwrite: replace an earlier ``vector apply`` output in ``out_dir`` (``io.output``'s rule).
         chunk_bytes: fp32 bytes per block of rows (memory is a few blocks).
 
     Returns:
@@ -64,9 +65,8 @@ def stream_apply(
     started = time.perf_counter()
     lam = check_scalar(lam, "lambda")
     model_dir, vector_dir = Path(model_dir).expanduser(), Path(vector_dir).expanduser()
-    out = Path(out_dir).expanduser().absolute()
-    refuse_overlap(out, {"input model": model_dir, "vector": vector_dir}, error=VectorError)
-    check_writable_target(out, overwrite=overwrite, error=VectorError)
+    rule = {"kind": "vector-apply", "overwrite": overwrite, "error": VectorError}
+    out = check_output(out_dir, inputs={"model": model_dir, "vector": vector_dir}, **rule)
 
     ckpt, _, source, params, delta_shapes = open_paired(model_dir, partial(open_delta_source, vector_dir))
     meta = source.metadata
@@ -74,7 +74,7 @@ def stream_apply(
     updates = {params[k].name: k for k in delta_shapes}  # file name → Δ key
     buffers = BlockBuffers()
     written = 0
-    with Background() as background, atomic_directory(out, overwrite=overwrite, error=VectorError) as tmp:
+    with Background() as background, atomic_directory(out, **rule) as tmp:
         if check_base and meta is not None and meta.base_fingerprint:
             background.submit(check_base_model, ckpt, meta.base_fingerprint, meta.base_model)
         background.submit(source.verify)

@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from flearning.errors import format_names
 from flearning.io import safetensors as st
-from flearning.io.atomic import atomic_directory, check_writable_target, refuse_overlap
+from flearning.io.atomic import atomic_directory
+from flearning.io.output import check_output
 from flearning.vectors import files as vio
 from flearning.vectors import ops
 from flearning.vectors.metadata import ALL_ZERO, Kind, Provenance, build_metadata
@@ -66,7 +67,7 @@ def stream_difference(
             ``checkpoint_fingerprint(base_dir)`` (None, with a warning, where the files cannot reproduce
             ``model_fingerprint``).
         drop_zero: leave out tensors whose delta is exactly zero.
-        overwrite: replace a non-empty ``out_vector_dir``.
+        overwrite: replace an earlier knowledge vector in ``out_vector_dir`` (``io.output``'s rule).
         chunk_bytes: fp32 bytes per block of rows.
 
     Returns:
@@ -143,7 +144,7 @@ def stream_lora_vector(
             ``checkpoint_fingerprint(base_dir)``. The adapter's LoRA settings are added to the
             hyperparameters under "lora".
         drop_zero: leave out layers whose B·A is exactly zero.
-        overwrite: replace a non-empty ``out_vector_dir``.
+        overwrite: replace an earlier knowledge vector in ``out_vector_dir`` (``io.output``'s rule).
         chunk_bytes: fp32 bytes per block of rows.
 
     Returns:
@@ -178,10 +179,7 @@ def stream_lora_vector(
 
 
 def _check_out(out_vector_dir: str | os.PathLike, inputs: Mapping[str, Path], overwrite: bool) -> Path:
-    out = Path(out_vector_dir).expanduser().absolute()
-    refuse_overlap(out, inputs, error=VectorError)
-    check_writable_target(out, overwrite=overwrite, error=VectorError)
-    return out
+    return check_output(out_vector_dir, kind="vector", inputs=inputs, overwrite=overwrite, error=VectorError)
 
 
 def _vector_layout(
@@ -218,7 +216,10 @@ def _write_vector(
     tensors: dict[str, dict[str, Any]] = {}
     weight_map: dict[str, str] = {}
     shards: dict[str, Any] = {}
-    with Background() as background, atomic_directory(out, overwrite=overwrite, error=VectorError) as tmp:
+    with (
+        Background() as background,
+        atomic_directory(out, overwrite=overwrite, kind="vector", error=VectorError) as tmp,
+    ):
         base_fingerprint = background.submit(fingerprint)
         for i, planned in enumerate(layout, start=1):
             background.raise_failed()
