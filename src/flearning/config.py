@@ -198,6 +198,9 @@ class UpdateConfig(BaseModel):
     format: str | None = None
     limit: ConfigInt | None = Field(None, ge=1)
     method: str = "flearning-ft"
+    # λ > 0 forgets (θ' = θ − λ·Δ_old); a negative λ strengthens the old facts and is refused unless this
+    # says it is meant (declared before ``lam``, whose validator reads it)
+    allow_negative_lambda: ConfigBool = False
     lam: ConfigFloat = Field(0.7, alias="lambda")
     forget: StageOverrides = Field(default_factory=StageOverrides)
     learn: LearnOverrides = Field(default_factory=LearnOverrides)
@@ -211,14 +214,34 @@ class UpdateConfig(BaseModel):
     evaluate: ConfigBool = True
     eval_batch_size: ConfigInt = Field(DEFAULT_BATCH_SIZE, ge=1)
     generation: ConfigBool = True
+    # a record longer than the model's context is refused; with truncate its prompts are cut from the left
+    truncate: ConfigBool = False
     out: Path | None = None
     overwrite: ConfigBool = False
+    # knowledge_vector/ and update_vector/ (each the size of the model's weights) beside the model
+    save_vectors: ConfigBool = True
     trust_remote_code: ConfigBool = False
+
+    # fields holding paths, which a YAML file's relative paths are resolved for (``load_config``)
+    path_fields: ClassVar[tuple[str, ...]] = ("model", "data", "old", "new", "out", "learn.locality_probes")
 
     @field_validator("data", "old", "new", mode="before")
     @classmethod
     def _shipped_sample(cls, value: Any) -> Any:
         return _shipped_sample(value)
+
+    @field_validator("lam")
+    @classmethod
+    def _forgetting_lambda(cls, value: float, info: ValidationInfo) -> float:
+        if value < 0 and not info.data.get("allow_negative_lambda", False):
+            raise PydanticCustomError(
+                "negative_lambda",
+                "λ = {value} is negative: θ' = θ − λ·Δ_old would add {amount}·Δ_old and strengthen the old "
+                "facts instead of forgetting them (λ > 0 forgets). If that is what you want, set "
+                "allow_negative_lambda: true (--allow-negative-lambda)",
+                {"value": value, "amount": -value},
+            )
+        return value
 
     @field_validator("method")
     @classmethod
@@ -239,6 +262,27 @@ class UpdateConfig(BaseModel):
         if self.old is None or self.new is None:
             raise FlearnError("no facts given: pass --data FILE, or --old FILE and --new FILE")
         return self.old, self.new
+
+
+def lambda_notes(cfg: UpdateConfig) -> list[str]:
+    """Warnings about λ that are not errors: λ given to a method without a forget stage (ignored), λ = 0
+    (forgetting does nothing) and an allowed negative λ (it strengthens the old facts)."""
+    method = get_method(cfg.method)
+    if method.forget is None:
+        if "lam" in cfg.model_fields_set:
+            return [
+                f"lambda={cfg.lam} is ignored: method {method.name} has no forget stage (λ scales Δ_old, which "
+                "only the flearning-* methods compute)"
+            ]
+        return []
+    if cfg.lam == 0:
+        return [
+            f"lambda=0 with {method.name}: θ' = θ − 0·Δ_old = θ, so forgetting does nothing (the forget stage "
+            "still trains Δ_old); give λ > 0 to forget, or use a method without a forget stage"
+        ]
+    if cfg.lam < 0:
+        return [f"lambda={cfg.lam} < 0 (allowed): the update strengthens the old facts by {-cfg.lam}·Δ_old"]
+    return []
 
 
 def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
@@ -429,6 +473,9 @@ class BenchConfig(BaseModel):
     out: Path | None = None
     trust_remote_code: ConfigBool = False
 
+    # fields holding paths (``data`` maps names to paths), resolved against a YAML file's directory
+    path_fields: ClassVar[tuple[str, ...]] = ("model", "data_root", "data.*", "out")
+
     def stage_plan(self, method: Method, seed: int, lam: float | None = None) -> StagePlan:
         """The stages of ``method`` at ``seed``: the same learning settings for every method, the forget
         settings of its kind (``forget_full`` or ``forget_lora``)."""
@@ -571,7 +618,53 @@ def _yaml_reason(ex: BaseException) -> str:
     return "nested too deeply" if isinstance(ex, RecursionError) else str(ex)
 
 
+def _duplicate_keys(text: str, source: str) -> list[Problem]:
+    """Every key given twice in one mapping of a YAML document (PyYAML keeps the last one silently), as
+    ``file:line N:dotted.key: duplicate key (first given at line M)``."""
+    problems: list[Problem] = []
+
+    def walk(node: yaml.Node, prefix: str, seen_nodes: set[int]) -> None:
+        if id(node) in seen_nodes:  # an alias of a node already walked
+            return
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value) if isinstance(key, yaml.ScalarNode) else None
+                dotted = f"{prefix}.{name}" if prefix and name is not None else name
+                if name is not None and name != "<<":
+                    line = key.start_mark.line + 1
+                    if name in first:
+                        problems.append(
+                            Problem(
+                                source,
+                                line,
+                                dotted,
+                                f"duplicate key (first given at line {first[name]})",
+                                "line",
+                            )
+                        )
+                    else:
+                        first[name] = line
+                walk(value, dotted or prefix, seen_nodes)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, f"{prefix}.{i}" if prefix else str(i), seen_nodes)
+
+    root = yaml.compose(text, Loader=_CoreSchemaLoader)  # noqa: S506 - a SafeLoader subclass
+    if root is not None:
+        walk(root, "", set())
+    return problems
+
+
 def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping (YAML 1.2 core-schema scalars).
+
+    Raises:
+        ConfigError: not UTF-8, not valid YAML, not a mapping, or a key given twice in one mapping
+            (naming the file, line and key).
+        FlearnError: the file cannot be read.
+    """
     try:
         text = Path(path).read_bytes().decode("utf-8-sig")
     except OSError as ex:
@@ -592,13 +685,74 @@ def read_yaml(path: Path) -> dict[str, Any]:
         raise ConfigError(
             [Problem(str(path), None, None, f"expected a mapping at the top, got {type(loaded).__name__}")]
         )
+    duplicates = _duplicate_keys(text, str(path))
+    if duplicates:
+        raise ConfigError(duplicates)
     return loaded
+
+
+def _is_shipped(path: Path) -> bool:
+    from flearning.resources import configs_dir
+
+    try:
+        return Path(path).resolve().is_relative_to(configs_dir().resolve())
+    except OSError:
+        return False
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()
+    except (OSError, ValueError):  # e.g. a NUL byte, a name too long: not a path of ours
+        return False
+
+
+def _against(base: Path, value: Any, *, model: bool = False) -> Any:
+    """``value`` resolved against ``base`` when it is a relative path (not ``sample:NAME``, ``~/…``, or,
+    for a model, a name or hub id: a model is a path when it starts with ``./`` or ``../`` or names
+    something under ``base``)."""
+    if not isinstance(value, str) or not value or value.startswith((SAMPLE_PREFIX, "~")):
+        return value
+    if Path(value).is_absolute():
+        return value
+    if model and not (value.startswith(("./", "../")) or _exists(base / value)):
+        return value
+    return str(Path(os.path.normpath(base / value)))
+
+
+def resolve_config_paths(fields: dict[str, Any], path_fields: tuple[str, ...], base: Path) -> dict[str, Any]:
+    """A YAML file's relative paths made relative to the file's directory ``base`` (``path_fields``:
+    dotted names; ``name.*`` is every value of a mapping). Values of other types are left to the
+    validation to report."""
+    out = copy.deepcopy(fields)
+    for dotted in path_fields:
+        *parents, last = dotted.split(".")
+        node: Any = out
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            continue
+        if last == "*":
+            for key in node:
+                node[key] = _against(base, node[key])
+        elif last in node:
+            node[last] = _against(base, node[last], model=dotted == "model")
+    return out
 
 
 def validation_problems(ex: ValidationError, source: str) -> list[Problem]:
     return [
         Problem(source, None, ".".join(str(p) for p in err["loc"]) or None, err["msg"]) for err in ex.errors()
     ]
+
+
+def build_config(model: type[BaseModel], fields: dict[str, Any], source: str):
+    """``model`` from keyword fields (the Python API), every problem at once as a ``ConfigError`` naming
+    ``source`` and the field, as ``load_config`` reports a file's."""
+    try:
+        return model.model_validate(fields)
+    except ValidationError as ex:
+        raise ConfigError(validation_problems(ex, source)) from ex
 
 
 def config_source(path: Path | None) -> str:
@@ -619,7 +773,9 @@ def load_config(
 
     An override changes one key of a section (``prime.max_epochs=3`` keeps the file's ``prime.lr``); a CLI
     option replaces the whole value (``--data`` replaces the file's datasets). Relative paths inside a YAML
-    file are taken relative to the current directory, like CLI paths.
+    file (``model.path_fields``) are taken relative to the file's directory, so a config works from any
+    directory; options and overrides are the command line's, relative to the current directory. A shipped
+    config (``--config demo``) is a template: its ``out`` is relative to the current directory.
 
     Raises:
         ConfigError: every problem at once (an unknown profile, overrides that do not parse, unknown keys,
@@ -628,6 +784,9 @@ def load_config(
     """
     source = config_source(path)
     fields = read_yaml(path) if path else {}
+    path_fields: tuple[str, ...] = getattr(model, "path_fields", ())
+    if path and path_fields and not _is_shipped(path):
+        fields = resolve_config_paths(fields, path_fields, Path(os.path.abspath(path)).parent)
     fields.update({k: v for k, v in (cli or {}).items() if v is not None})
     extra, problems = parse_overrides(overrides)
     fields = _merge(fields, extra)
