@@ -39,6 +39,9 @@ class RecordContext:
     index: int  # 0-based record index (JSON list) or 1-based line number (JSON Lines)
     kind: str = "record"
     problems: list[Problem] = field(default_factory=list)
+    # which targets the file must hold: "both", or one of a split pair of files ("old": target_old only,
+    # "new": target_new only; the other target may be absent)
+    part: str = "both"
 
     def add(self, path: str | None, message: str) -> None:
         """Record one problem at ``path`` (a dotted field path, or None for the whole record)."""
@@ -130,6 +133,14 @@ def required_text(
         ctx.add(path, "missing")
         return None
     return _clean_text(ctx, obj[key], path, allow_empty=allow_empty)
+
+
+def target_text(ctx: RecordContext, obj: Mapping[str, Any], key: str, side: str) -> str | None:
+    """A target field (``side``: "old" or "new"): required, empty allowed (dropped later with a count);
+    in the other file of a split pair it may be absent ("" then)."""
+    if key not in obj and ctx.part not in ("both", side):
+        return ""
+    return required_text(ctx, obj, key, allow_empty=True)
 
 
 def optional_text(ctx: RecordContext, obj: Mapping[str, Any], key: str, *, prefix: str = "") -> str | None:
@@ -465,14 +476,14 @@ def parse_jsonl(ctx: RecordContext, rec: Mapping[str, Any]) -> Candidate | None:
     """The project's own format, one object per line (documented in ``flearning.data.loading``).
 
     Unknown fields are problems: a misspelt ``rephrase_prompt`` would otherwise silently lose the
-    generality test.
+    generality test. In a split pair of files (``ctx.part``) the other side's target may be absent.
     """
     n = len(ctx.problems)
     for extra in sorted(set(rec) - set(JSONL_FIELDS)):
         ctx.add(extra, f"unknown field (known: {', '.join(JSONL_FIELDS)})")
     prompt = required_text(ctx, rec, "prompt")
-    old = required_text(ctx, rec, "target_old", allow_empty=True)
-    new = required_text(ctx, rec, "target_new", allow_empty=True)
+    old = target_text(ctx, rec, "target_old", "old")
+    new = target_text(ctx, rec, "target_new", "new")
     rid, id_field = optional_id(ctx, rec, ("id",))
     return _finish(
         ctx,

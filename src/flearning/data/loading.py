@@ -39,6 +39,21 @@ DROP_REASONS: dict[str, str] = {
 }
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+# which targets a file holds: both, or one of a split pair (``--old FILE --new FILE``)
+PARTS = ("both", "old", "new")
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a record is: its file and its 0-based position in a JSON list (``record N``) or its 1-based
+    line in a JSON Lines file (``line N``), as problems name it."""
+
+    source: str
+    index: int
+    kind: str = "record"
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.kind} {self.index}"
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,9 @@ class LoadedDataset:
         dropped: reason → count for records removed by the drop rules, over the whole file
             (only reasons that occurred).
         sha256: hex digest of the file's bytes.
+        locations: where each kept record is in the file (parallel to ``records``).
+        has_ids: every kept record has its own id (not its position).
+        part: ``both``, or ``old``/``new`` for one file of a split pair (the other target is "").
     """
 
     records: list[KnowledgeRecord]
@@ -61,6 +79,9 @@ class LoadedDataset:
     n_raw: int
     dropped: dict[str, int]
     sha256: str
+    locations: tuple[Location, ...] = ()
+    has_ids: bool = False
+    part: str = "both"
 
     @property
     def n_dropped(self) -> int:
@@ -224,13 +245,14 @@ def _raw_items(
     return fmt, "record", list(enumerate(document)), []
 
 
-def _drop_reason(candidate: Candidate) -> tuple[str, str] | None:
-    """``(reason, source field)`` if the record cannot be used as an update, else None."""
-    if not candidate.target_old:
+def _drop_reason(candidate: Candidate, part: str = "both") -> tuple[str, str] | None:
+    """``(reason, source field)`` if the record cannot be used as an update, else None. One file of a
+    split pair is checked for its own target only; the pair is checked once joined (``data.joining``)."""
+    if part in ("both", "old") and not candidate.target_old:
         return "empty_target_old", candidate.old_field
-    if not candidate.target_new:
+    if part in ("both", "new") and not candidate.target_new:
         return "empty_target_new", candidate.new_field
-    if candidate.target_old == candidate.target_new:
+    if part == "both" and candidate.target_old == candidate.target_new:
         return "target_new_equals_old", candidate.new_field
     return None
 
@@ -249,8 +271,8 @@ def _to_record(candidate: Candidate, record_id: str) -> KnowledgeRecord:
 
 
 def _convert(
-    items: list[tuple[int, Any]], fmt: str, kind: str, source: str, *, strict: bool
-) -> tuple[list[KnowledgeRecord], dict[str, int], list[Problem]]:
+    items: list[tuple[int, Any]], fmt: str, kind: str, source: str, *, strict: bool, part: str = "both"
+) -> tuple[list[KnowledgeRecord], list[Location], bool, dict[str, int], list[Problem]]:
     """Parse every raw record, apply the id and drop rules, and collect the problems.
 
     Args:
@@ -259,16 +281,20 @@ def _convert(
         kind: ``"record"`` or ``"line"`` (what ``index`` counts).
         source: the file name used in messages.
         strict: report droppable records as problems.
+        part: ``both``, or the side of a split pair the file holds (``RecordContext.part``).
     Returns:
-        ``(kept records, reason -> dropped count, problems)``.
+        ``(kept records, their locations, whether every kept record has its own id, reason -> dropped
+        count, problems)``.
     """
     parse = PARSERS[fmt]
     problems: list[Problem] = []
     kept: list[KnowledgeRecord] = []
+    locations: list[Location] = []
+    own_ids = True
     dropped: dict[str, int] = {}
     seen_ids: dict[str, int] = {}
     for position, (index, raw) in enumerate(items):
-        ctx = RecordContext(source, index, kind)
+        ctx = RecordContext(source, index, kind, part=part)
         if not isinstance(raw, dict):
             ctx.add(None, f"expected an object, got {json_type(raw)}")
             problems += ctx.problems
@@ -292,7 +318,7 @@ def _convert(
             )
             continue
         seen_ids[record_id] = index
-        reason = _drop_reason(candidate)
+        reason = _drop_reason(candidate, part)
         if reason is not None:
             key, field_name = reason
             if strict:
@@ -302,7 +328,9 @@ def _convert(
             dropped[key] = dropped.get(key, 0) + 1
             continue
         kept.append(_to_record(candidate, record_id))
-    return kept, dropped, problems
+        locations.append(Location(source, index, kind))
+        own_ids = own_ids and candidate.id is not None
+    return kept, locations, own_ids and bool(kept), dropped, problems
 
 
 def load_dataset(
@@ -311,6 +339,7 @@ def load_dataset(
     *,
     strict: bool = False,
     limit: int | None = None,
+    part: str = "both",
 ) -> LoadedDataset:
     """Read, validate and convert a dataset file.
 
@@ -320,6 +349,8 @@ def load_dataset(
         strict: report records that the drop rules would remove as errors instead of dropping them.
         limit: keep at most this many records (the first ones kept, in file order). The whole file is
             still validated and ``dropped`` counts the whole file.
+        part: ``both`` (every record holds both targets), or ``old``/``new``: the file is one of a split
+            pair and holds that target (the other may be absent; ``data.joining`` joins the pair).
     Returns:
         A ``LoadedDataset`` with at least one record.
     Raises:
@@ -329,12 +360,16 @@ def load_dataset(
     source = str(path)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise FlearnError(f"limit must be a positive integer, got {limit!r}")
+    if part not in PARTS:
+        raise ValueError(f"part must be one of {PARTS}, not {part!r}")
     if fmt is not None:
         fmt = normalize_format(fmt, source)
     text, digest = _read_text(path, source)
     fmt, kind, items, problems = _raw_items(path, text, fmt, source)
 
-    kept, dropped, record_problems = _convert(items, fmt, kind, source, strict=strict)
+    kept, locations, has_ids, dropped, record_problems = _convert(
+        items, fmt, kind, source, strict=strict, part=part
+    )
     # Malformed JSONL lines were found while decoding; merge them in file order (the sort is stable).
     problems += record_problems
     if problems:
@@ -345,6 +380,7 @@ def load_dataset(
         raise _file_error(source, f"no usable records: all {len(items)} were dropped ({details})")
 
     records = kept if limit is None else kept[:limit]
+    locations = locations[: len(records)]
     if dropped:
         details = ", ".join(f"{n} {key}" for key, n in sorted(dropped.items()))
         log.info("%s: dropped %d of %d records (%s)", source, sum(dropped.values()), len(items), details)
@@ -356,6 +392,9 @@ def load_dataset(
         n_raw=len(items),
         dropped=dict(sorted(dropped.items())),
         sha256=digest,
+        locations=tuple(locations),
+        has_ids=has_ids,
+        part=part,
     )
 
 

@@ -10,7 +10,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from flearning.data.loading import LoadedDataset
+from flearning.data.loading import LoadedDataset, Location
 from flearning.data.records import KnowledgeRecord
 
 # (prompt, target) -> length of ``prompt + " " + target`` in some unit (tokens or words)
@@ -39,6 +39,28 @@ def probe_totals(records: Sequence[KnowledgeRecord]) -> dict[str, int]:
         "locality": sum(len(r.locality) for r in records),
         "portability": sum(len(r.portability) for r in records),
     }
+
+
+def conflicting_edits(
+    records: Sequence[KnowledgeRecord], locations: Sequence[Location] | None = None
+) -> list[str]:
+    """One note per prompt that two records give different new targets (the update cannot teach both),
+    naming each record: ``conflicting edits: the same prompt 'P' gets target_new 'A' (FILE:line 3, id a)
+    and 'B' (FILE:line 8, id b)``. Exact repeats of an edit are not conflicts."""
+    by_prompt: dict[str, list[int]] = {}
+    for i, record in enumerate(records):
+        by_prompt.setdefault(record.prompt, []).append(i)
+    notes = []
+    for prompt, indices in by_prompt.items():
+        if len({records[i].target_new for i in indices}) < 2:
+            continue
+        parts = []
+        for i in indices:
+            where = f"{locations[i]}, " if locations else ""
+            parts.append(f"'{records[i].target_new}' ({where}id {records[i].id})")
+        listed = ", ".join(parts[:-1]) + " and " + parts[-1]
+        notes.append(f"conflicting edits: the same prompt '{prompt}' gets target_new {listed}")
+    return notes
 
 
 def length_stats(lengths: Sequence[int]) -> dict[str, float]:
