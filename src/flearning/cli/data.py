@@ -33,11 +33,12 @@ def _data() -> None:
     # line is ``flearn data check FILE`` in every context (including tests that call data_app).
 
 
-def length_function(model: str | None) -> tuple[LengthFn, str, str | None]:
+def length_function(model: str | None, tokenizer: Any = None) -> tuple[LengthFn, str, str | None]:
     """How sequence lengths are measured for ``--model``.
 
     Args:
         model: ``none`` (word counts), None (the embedded default model), a local directory or a hub id.
+        tokenizer: the model's tokenizer when already loaded (``model_tokenizer``).
     Returns:
         ``(length function, unit, model label)``. Only the tokenizer is loaded, never the weights.
     Raises:
@@ -48,9 +49,29 @@ def length_function(model: str | None) -> tuple[LengthFn, str, str | None]:
     if model is not None and model.strip().lower() == NO_MODEL:
         return word_count, "words", None
 
-    from transformers import AutoTokenizer
-
     from flearning.data.encoding import encode_pair
+    from flearning.models import DEFAULT_MODEL
+
+    if tokenizer is None:
+        tokenizer, _ = model_tokenizer(model)
+
+    def n_tokens(prompt: str, target: str) -> int:
+        # encode_pair is what training and scoring use, so these are the lengths they will see.
+        return len(encode_pair(tokenizer, prompt, target).input_ids)
+
+    return n_tokens, "tokens", model or DEFAULT_MODEL
+
+
+def model_tokenizer(model: str | None) -> tuple[Any, tuple[int, str] | None]:
+    """The tokenizer of ``model`` and its context limit (``data.context.context_limit`` of its config;
+    None when the config states none or cannot be read). The weights are never loaded.
+
+    Raises:
+        FlearnError: the model cannot be found or its tokenizer cannot be loaded.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from flearning.data.context import context_limit
     from flearning.errors import FlearnError
     from flearning.models import DEFAULT_MODEL, resolve_model
 
@@ -59,12 +80,33 @@ def length_function(model: str | None) -> tuple[LengthFn, str, str | None]:
         tokenizer = AutoTokenizer.from_pretrained(source)
     except (OSError, ValueError) as ex:
         raise FlearnError(f"cannot load the tokenizer of '{model or DEFAULT_MODEL}': {ex}") from ex
+    try:
+        limit = context_limit(AutoConfig.from_pretrained(source))
+    except (OSError, ValueError):  # a tokenizer-only directory: lengths, but no limit to check
+        limit = None
+    return tokenizer, limit
 
-    def n_tokens(prompt: str, target: str) -> int:
-        # encode_pair is what training and scoring use, so these are the lengths they will see.
-        return len(encode_pair(tokenizer, prompt, target).input_ids)
 
-    return n_tokens, "tokens", model or DEFAULT_MODEL
+def input_notes(
+    dataset: Any, tokenizer: Any, limit: tuple[int, str] | None
+) -> tuple[dict[str, Any], list[str]]:
+    """What ``data check`` warns about, as JSON and as lines: records longer than the model's context
+    (``data.context``, the rule ``update`` and ``eval`` apply) and conflicting edits."""
+    from flearning.data.context import TRUNCATE_HINT, find_too_long
+    from flearning.data.summary import conflicting_edits
+
+    notes = [f"note: {line}" for line in conflicting_edits(dataset.records, dataset.locations)]
+    context: dict[str, Any] | None = None
+    if tokenizer is not None and limit is not None:
+        positions, name = limit
+        too_long = find_too_long(dataset.records, tokenizer, positions, dataset.locations)
+        context = {"limit": positions, "too_long": [t.to_json() for t in too_long]}
+        notes += [
+            f"warning: {t.where}:{t.field}: {t.message(positions, name)}; flearn update refuses it "
+            f"({TRUNCATE_HINT})"
+            for t in too_long
+        ]
+    return {"context": context, "conflicts": conflicting_edits(dataset.records, dataset.locations)}, notes
 
 
 def _percent(n: int, total: int) -> str:
@@ -133,21 +175,31 @@ def check_command(
         None,
         "--model",
         "-m",
-        help="Tokenizer for the length statistics: an embedded model name, a local model directory or a "
-        "hub id (default: the embedded model); 'none' counts whitespace words instead.",
+        help="Tokenizer for the length statistics and the context check (records longer than the model's "
+        "max_position_embeddings are named): an embedded model name, a local model directory or a hub id "
+        "(default: the embedded model); 'none' counts whitespace words instead.",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
-    """Validate a dataset and summarise it: format, counts, drops, field coverage, lengths."""
+    """Validate a dataset and summarise it: format, counts, drops, field coverage, lengths; warn about
+    records longer than the model's context (with a model) and conflicting edits (one prompt, two new
+    targets)."""
     from flearning.data.loading import load_dataset
     from flearning.data.summary import summarize
 
     # Load first: a bad file is reported before any tokenizer is loaded.
     dataset = load_dataset(file, fmt, strict=strict)
-    length_fn, unit, model_label = length_function(model)
+    tokenizer = limit = None
+    if model is None or model.strip().lower() != NO_MODEL:
+        tokenizer, limit = model_tokenizer(model)
+    length_fn, unit, model_label = length_function(model, tokenizer)
     summary = summarize(dataset, length_fn, unit)
     summary["lengths"]["model"] = model_label
+    checks, notes = input_notes(dataset, tokenizer, limit)
+    summary.update(checks)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
     else:
         render_summary(summary, model_label)
+        for line in notes:  # plain lines: a path is never folded
+            typer.echo(line)

@@ -12,14 +12,31 @@ if TYPE_CHECKING:
     from flearning.recipes.memory import MemoryPlan
 
 
+def _facts(summary: dict[str, Any]) -> int:
+    return summary["data"].get("facts", summary["data"]["new"]["records"])
+
+
+def timings_line(summary: dict[str, Any]) -> str:
+    """The time each step took, in this process; which stages an earlier process ran (a resumed run)."""
+    timings = summary.get("timings_seconds", {})
+    line = "time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    resumed = summary.get("resumed") or {}
+    if resumed:
+        line += f" (this process only; resumed from an earlier process: {', '.join(resumed)})"
+    return line
+
+
 def update_table(summary: dict[str, Any]):
-    """Before → after table of every metric of an update, with the change."""
+    """Before → after table of every metric of an update, with the change; None when the update was not
+    evaluated (``--no-eval``: there is nothing to show, ``skipped_evaluation_line`` says so)."""
     from rich.table import Table
 
     before = summary.get("metrics_before") or {}
     after = summary.get("metrics_after") or {}
+    if not before and not after:
+        return None
     lam = f", λ={summary['lambda']}" if summary.get("lambda") is not None else ""
-    table = Table(title=f"{summary['method']}{lam} on {summary['data']['new']['records']} facts (×100)")
+    table = Table(title=f"{summary['method']}{lam} on {_facts(summary)} facts (×100)")
     table.add_column("metric")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
@@ -29,9 +46,17 @@ def update_table(summary: dict[str, Any]):
         a = (after.get(name) or {}).get("mean")
         change = f"{a - b:+.1f}" if a is not None and b is not None else ""
         table.add_row(name, "–" if b is None else f"{b:.1f}", "–" if a is None else f"{a:.1f}", change)
-    timings = summary.get("timings_seconds", {})
-    table.caption = "time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+    table.caption = timings_line(summary)
     return table
+
+
+def skipped_evaluation_line(summary: dict[str, Any]) -> str:
+    """What an update without evaluation says instead of a table of dashes."""
+    lam = f", λ={summary['lambda']}" if summary.get("lambda") is not None else ""
+    return (
+        f"{summary['method']}{lam} on {_facts(summary)} facts: evaluation was skipped (--no-eval), so there are "
+        f"no metrics and no report/ (score the model with flearn eval). {timings_line(summary)}"
+    )
 
 
 def learn_schedule_line(summary: dict[str, Any]) -> str | None:
@@ -125,7 +150,7 @@ def plan_table(plan: MemoryPlan):
     shape = plan.model
     title = (
         f"Memory plan: {plan.method} on {shape.name} ({_count(shape.params)} parameters, fp32, AdamW), "
-        f"sequences of {plan.seq_len} tokens"
+        f"sequences of {plan.seq_len} tokens ({plan.seq_len_source})"
     )
     table = Table(title=title, title_justify="left")
     for column in (
@@ -201,10 +226,11 @@ def render(renderable, width: int = 120) -> str:
 
 
 def dry_run_report(
-    cfg: UpdateConfig, *, seq_len: int = 32, processes: int = 1, available: int | None = None
+    cfg: UpdateConfig, *, seq_len: int | None = None, processes: int = 1, available: int | None = None
 ) -> str:
-    """``flearn update --dry-run``: the memory plan of an update config as text (a table, the verdict,
-    suggestions)."""
+    """The memory plan of an update config as text (a table, the verdict, suggestions), at ``seq_len``
+    tokens per sequence (None: assumed, and the plan says so). ``flearn update --dry-run`` measures the
+    data's lengths instead (``recipes.update.dry_run``) and prints ``render(plan_table(plan))``."""
     from flearning.recipes.memory import dry_run_plan
 
     return render(plan_table(dry_run_plan(cfg, seq_len=seq_len, processes=processes, available=available)))

@@ -24,13 +24,36 @@ def update_command(
         None, "--method", help="ft, lora, ft-c, flearning-ft, flearning-lora, flearning-lora-ft."
     ),
     lam: float | None = typer.Option(
-        None, "--lambda", help="λ: how much of Δ_old to subtract (F-Learning methods)."
+        None,
+        "--lambda",
+        help="λ: how much of Δ_old to subtract, θ' = θ − λ·Δ_old (F-Learning methods). λ > 0 forgets; a "
+        "negative λ would strengthen the old facts and is refused unless --allow-negative-lambda.",
+    ),
+    allow_negative_lambda: bool = typer.Option(
+        False, "--allow-negative-lambda", help="Accept λ < 0 (it adds Δ_old: the old facts get stronger)."
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (written atomically)."),
     overwrite: bool | None = typer.Option(None, "--overwrite", help="Replace a non-empty output directory."),
     seed: int | None = typer.Option(None, "--seed"),
     limit: int | None = typer.Option(None, "--limit", help="Use the first N facts only."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
+    no_vectors: bool = typer.Option(
+        False,
+        "--no-vectors",
+        help="Write the model only, without knowledge_vector/ and update_vector/ (each as large as the "
+        "model's weights); the run then also keeps no copy of θ in memory.",
+    ),
+    truncate: bool = typer.Option(
+        False,
+        "--truncate",
+        help="Cut prompts longer than the model's context from the left (each named in a warning) instead "
+        "of refusing them.",
+    ),
+    trust_remote_code: bool = typer.Option(
+        False,
+        "--trust-remote-code",
+        help="Run the model repository's own code (off: only transformers' code).",
+    ),
     no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
     resume: bool = typer.Option(
         False,
@@ -57,7 +80,13 @@ def update_command(
     """
     from rich.console import Console
 
-    from flearning.cli.tables import answers_table, learn_schedule_line, locality_line, update_table
+    from flearning.cli.tables import (
+        answers_table,
+        learn_schedule_line,
+        locality_line,
+        skipped_evaluation_line,
+        update_table,
+    )
     from flearning.config import UpdateConfig, config_source, load_config, stage_plan
     from flearning.recipes.update import update
     from flearning.resources import resolve_config
@@ -75,16 +104,21 @@ def update_command(
         "seed": seed,
         "limit": limit,
         "evaluate": False if no_eval else None,
+        "allow_negative_lambda": True if allow_negative_lambda else None,
+        "save_vectors": False if no_vectors else None,
+        "truncate": True if truncate else None,
+        "trust_remote_code": True if trust_remote_code else None,
     }
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other")
     config = resolve_config(config) if config else None
     cfg = load_config(UpdateConfig, config, overrides or [], cli)
     stage_plan(cfg, source=config_source(config))  # the stages' settings are valid (else exit 2)
-    if dry_run:
-        from flearning.cli.tables import dry_run_report
+    if dry_run:  # the data and its lengths are checked as the update would, no weights are loaded
+        from flearning.cli.tables import plan_table, render
+        from flearning.recipes.update import dry_run as plan_dry_run
 
-        typer.echo(dry_run_report(cfg))
+        typer.echo(render(plan_table(plan_dry_run(cfg))))
         return
     if cfg.out is None:
         raise typer.BadParameter("an output directory is required (--out DIR or out=DIR)")
@@ -94,7 +128,11 @@ def update_command(
     answers = answers_table(result.records, result.before, result.after)
     if answers is not None:
         console.print(answers)
-    console.print(update_table(result.summary))
+    table = update_table(result.summary)
+    if table is not None:
+        console.print(table)
+    else:
+        console.print(skipped_evaluation_line(result.summary), soft_wrap=True, markup=False)
     for line in (learn_schedule_line(result.summary), locality_line(result.summary)):
         if line is not None:
             console.print(line)

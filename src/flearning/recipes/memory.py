@@ -31,6 +31,9 @@ ADAM = 2 * FP32  # AdamW's m and v per trainable parameter
 RUNTIME_OVERHEAD = 512 * 2**20  # resident Python + torch + transformers, per process (rough)
 ACTIVATION_FACTOR = 1.2  # saved tensors the per-layer count misses (calibrated: docs/DISTRIBUTED.md)
 TIGHT = 0.9  # a plan using more than this share of the available memory gets a warning
+# the sequence length assumed when no data is read (facts are short: ~10-40 tokens)
+ASSUMED_SEQ_LEN = 32
+ASSUMED = "assumed: no data read; facts are short, ~10-40 tokens"
 ACCELERATE_CONFIGS = "configs/accelerate"
 
 
@@ -99,6 +102,7 @@ class MemoryPlan:
     available: int | None  # bytes, None when unknown
     available_source: str
     suggestions: tuple[str, ...] = field(default=())
+    seq_len_source: str = ASSUMED  # where seq_len comes from (the data's longest text, or an assumption)
 
     @property
     def peak(self) -> int:
@@ -234,8 +238,9 @@ def plan_memory(
     method: str | Method,
     stages: StagePlan | None = None,
     batch_size: int | None = None,
-    seq_len: int = 32,
+    seq_len: int = ASSUMED_SEQ_LEN,
     *,
+    seq_len_source: str = ASSUMED,
     lora: LoraSettings | None = None,
     keep_theta: bool = False,
     processes: int = 1,
@@ -252,6 +257,7 @@ def plan_memory(
             update config with ``method`` and ``lora``, every other setting at its default.
         batch_size: micro-batch size of every stage, overriding ``stages``.
         seq_len: tokens per training sequence (prompt + answer + EOS; facts are short: ~10-40).
+        seq_len_source: where ``seq_len`` comes from, as the plan states it.
         lora: LoRA shape of the default plan's LoRA stages (default ``LoraSettings()``).
         keep_theta: the run keeps a copy of θ to write θ* − θ (``flearn update`` with an output directory).
         processes: training processes sharing this machine's memory (DDP on one host holds everything
@@ -306,6 +312,7 @@ def plan_memory(
         model=shape,
         method=method.name,
         seq_len=seq_len,
+        seq_len_source=seq_len_source,
         processes=processes,
         stages=tuple(plan_stages),
         available=available,
@@ -375,7 +382,8 @@ def suggestions(plan: MemoryPlan, lora: LoraSettings, keep_theta: bool) -> list[
 
     def alternative(method: str, **kwargs) -> MemoryPlan:
         return plan_memory(
-            plan.model, method, kwargs.pop("stages", None), seq_len=plan.seq_len, lora=lora,
+            plan.model, method, kwargs.pop("stages", None), seq_len=plan.seq_len,
+            seq_len_source=plan.seq_len_source, lora=lora,
             keep_theta=keep_theta, processes=plan.processes, available=plan.available, **kwargs,
         )  # fmt: skip
 
@@ -403,7 +411,8 @@ def suggestions(plan: MemoryPlan, lora: LoraSettings, keep_theta: bool) -> list[
         )
     if keep_theta:
         out.append(
-            f"Without an output directory the run does not keep θ for θ* − θ ({fmt_bytes(plan.model.params * FP32)})."
+            f"Without the vectors (--no-vectors, save_vectors=false) the run does not keep θ for θ* − θ "
+            f"({fmt_bytes(plan.model.params * FP32)})."
         )
     states = worst.weights + worst.gradients + worst.optimizer
     rest = worst.total - states
@@ -442,10 +451,17 @@ def fmt_bytes(n: float) -> str:
 
 
 def dry_run_plan(
-    cfg: UpdateConfig, *, seq_len: int = 32, processes: int = 1, available: int | None = None
+    cfg: UpdateConfig,
+    *,
+    seq_len: int | None = None,
+    seq_len_source: str | None = None,
+    processes: int = 1,
+    available: int | None = None,
 ) -> MemoryPlan:
     """The memory plan of an update config: its model (config only; the embedded default is converted
-    once if it was not yet), method, stage settings and LoRA shape."""
+    once if it was not yet), method, stage settings and LoRA shape. ``seq_len``: the longest training
+    text of the data in tokens (``recipes.update.dry_run`` measures it), described by ``seq_len_source``;
+    None: ``ASSUMED_SEQ_LEN``, and the plan says it was assumed."""
     from flearning.models import resolve_model
 
     source = resolve_model(cfg.model)
@@ -453,9 +469,10 @@ def dry_run_plan(
         source,
         cfg.method,
         stage_plan(cfg),
-        seq_len=seq_len,
+        seq_len=seq_len if seq_len is not None else ASSUMED_SEQ_LEN,
+        seq_len_source=seq_len_source or ASSUMED,
         lora=cfg.lora,
-        keep_theta=cfg.out is not None,
+        keep_theta=cfg.out is not None and cfg.save_vectors,
         processes=processes,
         available=available,
         trust_remote_code=cfg.trust_remote_code,

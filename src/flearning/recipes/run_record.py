@@ -35,6 +35,34 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def resumed_stages(work: Path | None) -> dict[str, str]:
+    """What an earlier, interrupted process left in the work directory ``work`` for this run to reuse, per
+    stage: a finished forget stage (Δ_old), a finished learning stage, or a stage's last checkpoint.
+    Empty when nothing is reused (a fresh run): then ``timings_seconds`` cover the whole run."""
+    from flearning.training.checkpoint import checkpoint_dirs
+
+    if work is None:
+        return {}
+    done = "finished by an earlier process (its training time is not in timings_seconds)"
+    resumed: dict[str, str] = {}
+    if (work / "knowledge_vector" / "vector.json").is_file():
+        resumed["forget"] = f"{done}; Δ_old read from the work directory"
+    for stage in ("forget", "learn"):
+        if stage in resumed:
+            continue
+        found = checkpoint_dirs(work / stage)
+        if not found:
+            continue
+        step, final, _ = found[-1]
+        resumed[stage] = (
+            f"{done}; read from its final checkpoint (optimizer step {step})"
+            if final
+            else f"resumed from optimizer step {step}, saved by an earlier process (timings_seconds count "
+            "only the steps after it)"
+        )
+    return resumed
+
+
 def data_record(path: Path, dataset: LoadedDataset) -> dict[str, Any]:
     """One data file as ``run.json`` describes it."""
     return {
@@ -57,13 +85,24 @@ def run_summary(
     outcome: MethodOutcome,
     before: EvalResult | None,
     after: EvalResult | None,
+    resumed: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The content of ``run.json`` (also the model card's input and ``update``'s summary).
 
-    ``model``: source, resolved path and fingerprint; ``data``: ``{"old", "new"}`` of ``data_record``.
+    ``model``: source, resolved path and fingerprint; ``data``: ``{"old", "new"}`` of ``data_record``
+    (and how a split pair was joined, what was truncated); ``resumed``: stage → how it was resumed from
+    the work of an earlier process (empty for a run done in one process). ``timings_seconds`` are this
+    process's; when stages were resumed, ``timings_note`` says so.
     """
     import torch
 
+    resumed = dict(resumed or {})
+    notes = {}
+    if resumed:
+        notes["timings_note"] = (
+            "timings_seconds count this process only; the stages in 'resumed' ran partly or wholly in an "
+            "earlier process, whose time is not included"
+        )
     return {
         "method": method.name,
         "method_summary": method.summary,
@@ -76,6 +115,8 @@ def run_summary(
         "versions": library_versions(),
         "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
+        **notes,
+        "resumed": resumed,
         # how the learning stage ended: epochs trained and kept, accuracy (and Locality) per epoch
         "learn_schedule": outcome.learn.to_json(plan.stop) if outcome.learn is not None else None,
         "tokens": outcome.tokens,
@@ -98,6 +139,28 @@ def model_card(summary: dict[str, Any]) -> str:
     before, after = summary.get("metrics_before"), summary.get("metrics_after")
     names = list((after or before or {}).keys())
     rows = "\n".join(f"| {n} | {_fmt(before, n)} | {_fmt(after, n)} |" for n in names)
+    if before is not None and after is not None:  # the report is written exactly then
+        metrics = f"""| metric (×100) | before | after |
+|---|---|---|
+{rows}
+
+Metrics are teacher-forced token accuracies unless named otherwise; Locality compares the updated
+model's argmax predictions with the model before the update (see `report/summary.md` for definitions)."""
+    else:
+        metrics = (
+            "The before/after evaluation was skipped (`--no-eval`, `evaluate: false`), so this directory has no\n"
+            "`report/`: score the model with `flearn eval`."
+        )
+    vectors = ""
+    if summary["config"].get("save_vectors", True):
+        vectors = (
+            " `update_vector/` replays the update on the\noriginal model (`flearn vector apply --add 1`)"
+            + (
+                "; `knowledge_vector/` is Δ_old of the old facts."
+                if summary.get("lambda") is not None
+                else "."
+            )
+        )
     lam = f", λ = {summary['lambda']}" if summary.get("lambda") is not None else ""
     data = summary["data"]
     schedule = summary.get("learn_schedule") or {}
@@ -118,12 +181,6 @@ Produced by f-learning {summary["versions"].get("f-learning")} ({summary["method
 Old facts: `{data["old"]["path"]}` ({data["old"]["records"]} records, sha256 {data["old"]["sha256"][:12]}…);
 new facts: `{data["new"]["path"]}` ({data["new"]["records"]} records). Seed {summary["seed"]}.
 {learned}
-| metric (×100) | before | after |
-|---|---|---|
-{rows}
-
-Metrics are teacher-forced token accuracies unless named otherwise; Locality compares the updated
-model's argmax predictions with the model before the update (see `report/summary.md` for definitions).
-Load with `AutoModelForCausalLM.from_pretrained(this_dir)`. `update_vector/` replays the update on the
-original model (`flearn vector apply --lambda 1`); `knowledge_vector/` is Δ_old of the old facts.
+{metrics}
+Load with `AutoModelForCausalLM.from_pretrained(this_dir)`.{vectors}
 """

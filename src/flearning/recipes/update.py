@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from flearning.config import UpdateConfig, stage_plan
+from flearning.config import UpdateConfig, build_config, lambda_notes, stage_plan
 from flearning.distributed import on_main_process
 from flearning.errors import FlearnError
 from flearning.io.atomic import atomic_directory
 from flearning.methods import get_method
 from flearning.recipes.algorithm import MethodOutcome, run_method
-from flearning.recipes.run_record import data_record, model_card, run_summary
+from flearning.recipes.run_record import data_record, model_card, resumed_stages, run_summary
 from flearning.recipes.work_dir import (
     ResumeMode,
     check_work_dir_path,
@@ -66,8 +66,14 @@ class UpdateRecipe:
         self.plan = stage_plan(cfg)
         self.old_file, self.new_file = cfg.data_files()
         self.timings: dict[str, float] = {}
+        for note in lambda_notes(cfg):
+            log.warning(note)
         # set by setup()
+        self.data = None  # UpdateData: the facts, one file or a split pair joined
         self.old_ds = self.new_ds = None  # LoadedDataset
+        self.records: list[Any] = []  # the facts learned and evaluated (KnowledgeRecord), both targets
+        self.truncated: list[Any] = []  # data.context.TooLong: prompts cut to fit (truncate)
+        self.resumed: dict[str, str] = {}  # stage -> how it resumes an earlier process's work
         self.old_pairs: list[tuple[str, str]] = []
         self.new_pairs: list[tuple[str, str]] = []
         self.model_source = ""  # cfg.model resolved (a directory or a hub id)
@@ -84,24 +90,23 @@ class UpdateRecipe:
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
         self._setup_data()
+        self._fit_context(*tokenizer_and_config(self.cfg))  # before the output is touched
         self._setup_output()
         self._setup_model()
         self._setup_work_dir()
 
     def _setup_data(self) -> None:
-        from flearning.data import load_dataset
+        """The facts (one file, or a split pair joined: ``data.joining``), checked before anything else
+        is loaded; conflicting edits (one prompt, two new targets) are warned about."""
+        from flearning.data import load_update_data
+        from flearning.data.summary import conflicting_edits
 
         cfg = self.cfg
-        self.old_ds = load_dataset(self.old_file, cfg.format, limit=cfg.limit)
-        self.new_ds = (
-            self.old_ds
-            if self.new_file == self.old_file
-            else load_dataset(self.new_file, cfg.format, limit=cfg.limit)
-        )
-        if not self.old_ds.records or not self.new_ds.records:
-            raise FlearnError("no usable facts after loading (every record was dropped)")
-        self.old_pairs = [r.old_pair for r in self.old_ds.records]
-        self.new_pairs = [r.new_pair for r in self.new_ds.records]
+        self.data = load_update_data(self.old_file, self.new_file, cfg.format, limit=cfg.limit)
+        self.old_ds, self.new_ds = self.data.old, self.data.new
+        self._use_records(self.data.records)
+        for note in conflicting_edits(self.data.records, self.data.locations):
+            log.warning(note)
         stop = self.plan.stop
         if stop is not None and stop.max_locality_drop is not None:  # a bad probe file fails here, not later
             from flearning.data.probes import load_probe_pairs
@@ -135,6 +140,32 @@ class UpdateRecipe:
             self.out = on_main_process(claim)
             check_work_dir_path(self.out)
 
+    def _use_records(self, records: list[Any]) -> None:
+        self.records = list(records)
+        self.old_pairs = [r.old_pair for r in self.records]
+        self.new_pairs = [r.new_pair for r in self.records]
+
+    def _fit_context(self, tokenizer, model_config) -> None:
+        """Every text of the facts fits the model's context (``data.context``, the one rule): else exit 2
+        naming file, record and field, or with ``truncate`` the prompts are cut (and named in a warning)."""
+        from flearning.data.context import check_context, context_limit
+
+        limit = context_limit(model_config)
+        records, cut = check_context(
+            self.records, tokenizer, limit, self.data.locations, truncate=self.cfg.truncate
+        )
+        if cut:
+            positions, name = limit
+            for item in cut:
+                log.warning(
+                    "%s:%s: %s; its prompt was cut from the left to fit (truncate)",
+                    item.where,
+                    item.field,
+                    item.message(positions, name),
+                )
+        self.truncated = cut
+        self._use_records(records)
+
     def _setup_model(self) -> None:
         from flearning.models import load_model, model_fingerprint
 
@@ -147,7 +178,7 @@ class UpdateRecipe:
             raise FlearnError(f"cannot load the model or its tokenizer from '{self.cfg.model}': {ex}") from ex
         self.timings["load_model"] = time.perf_counter() - start
         self.base_fp = model_fingerprint(self.model)
-        if self.out is not None:
+        if self.out is not None and self.cfg.save_vectors:  # for update_vector/ = θ* − θ
             self.theta = {k: v.detach().clone() for k, v in self.model.named_parameters()}
         self.vector_meta = {
             "base_model": self.cfg.model,
@@ -165,6 +196,7 @@ class UpdateRecipe:
         identity = run_identity(self.method, self.plan, self.base_fp, self.old_pairs, self.new_pairs)
         with write_errors_as_flearn(work_dir_for(self.out), what=f"the work directory of {self.out}"):
             self.work = on_main_process(open_work_dir, self.out, identity, self.resume)
+        self.resumed = on_main_process(resumed_stages, self.work)
 
     @contextmanager
     def guard(self) -> Iterator[None]:
@@ -205,7 +237,7 @@ class UpdateRecipe:
 
             start = time.perf_counter()
             self.reference = reference_predictions(
-                self.model, self.tokenizer, self.new_ds.records, batch_size=self.cfg.eval_batch_size
+                self.model, self.tokenizer, self.records, batch_size=self.cfg.eval_batch_size
             )
             self.timings["reference"] = time.perf_counter() - start
             self.before = self._evaluate(self.model, "before")
@@ -242,7 +274,7 @@ class UpdateRecipe:
         result = evaluate(
             evaluated,
             self.tokenizer,
-            self.new_ds.records,
+            self.records,
             reference=self.reference,
             batch_size=self.cfg.eval_batch_size,
             generation=self.cfg.generation,
@@ -256,27 +288,34 @@ class UpdateRecipe:
         """The run summary; with an output directory, written there atomically (``run.json`` last):
 
         config.json, model.safetensors, tokenizer files   θ* (Hugging Face format)
-        knowledge_vector/    Δ_old of F-Learning methods (safetensors + JSON)
-        update_vector/       θ* − θ: apply it to θ to replay the whole update
+        knowledge_vector/    Δ_old of F-Learning methods (safetensors + JSON; not with save_vectors=false)
+        update_vector/       θ* − θ: apply it to θ to replay the whole update (not with save_vectors=false)
         adapter/             the LoRA adapter of a LoRA learning stage
-        report/              evaluation of θ (before) and θ* (after)
+        report/              evaluation of θ (before) and θ* (after), when evaluated
         run.json             resolved config, versions, hashes, timings, losses, metrics
         README.md            model card
         """
         outcome = self.outcome
+        data = {
+            "old": data_record(self.old_file, self.old_ds),
+            "new": data_record(self.new_file, self.new_ds),
+            "facts": len(self.records),
+            "joined_by": self.data.joined_by,
+            "truncated": [item.to_json() for item in self.truncated],
+        }
+        if self.data.dropped:
+            data["dropped_after_joining"] = self.data.dropped
         summary = run_summary(
             self.cfg,
             self.method,
             self.plan,
             model={"source": self.cfg.model, "path": self.model_source, "fingerprint": self.base_fp},
-            data={
-                "old": data_record(self.old_file, self.old_ds),
-                "new": data_record(self.new_file, self.new_ds),
-            },
+            data=data,
             timings=self.timings,
             outcome=outcome,
             before=self.before,
             after=self.after,
+            resumed=self.resumed,
         )
         if self.out is not None:  # by the main process only; the others wait until it is in place
             summary["timings_seconds"]["save"] = on_main_process(self._write_output, summary)
@@ -290,7 +329,7 @@ class UpdateRecipe:
             out=self.out,
             summary=summary,
             outcome=outcome,
-            records=list(self.new_ds.records),
+            records=list(self.records),
             before=self.before,
             after=self.after,
         )
@@ -314,9 +353,9 @@ class UpdateRecipe:
         self.tokenizer.save_pretrained(stage_dir)
         if outcome.adapter_dir is not None:  # saved in the work directory by the LoRA learning stage
             shutil.copytree(outcome.adapter_dir, stage_dir / "adapter")
-        if outcome.forget is not None:
+        if outcome.forget is not None and self.cfg.save_vectors:
             outcome.forget.vector.save(stage_dir / "knowledge_vector")
-        if self.theta is not None:
+        if self.theta is not None:  # kept only with save_vectors
             delta = {k: p.detach().float() - self.theta[k].float() for k, p in model.named_parameters()}
             meta = dict(
                 self.vector_meta, method=f"update:{self.cfg.method}", hyperparameters=summary["stages"]
@@ -348,13 +387,94 @@ def update(
     Returns:
         ``UpdateResult`` with the output directory, the run summary and the in-memory updated model.
     Raises:
+        ConfigError: invalid fields, every problem at once (``update():learn.lr: ...``).
         FlearnError: bad input (config, data, model, output path), a diverged loss, non-finite weights,
             a disk that is full or not writable; nothing is written to ``out`` then.
     """
-    recipe = UpdateRecipe(
-        config if config is not None else UpdateConfig(**fields), progress=progress, resume=resume
-    )
+    if config is None:
+        config = build_config(UpdateConfig, fields, "update()")  # a ConfigError listing every problem
+    recipe = UpdateRecipe(config, progress=progress, resume=resume)
     recipe.setup()
     with recipe.guard():
         recipe.run()
         return recipe.save()
+
+
+def tokenizer_and_config(cfg: UpdateConfig):
+    """The tokenizer and config of ``cfg.model``, without its weights (for the checks before any work).
+
+    Raises:
+        FlearnError: the model cannot be found, or its tokenizer or config cannot be loaded.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    from flearning.models import resolve_model
+
+    source = resolve_model(cfg.model)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+        model_config = AutoConfig.from_pretrained(source, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as ex:
+        raise FlearnError(f"cannot load the model or its tokenizer from '{cfg.model}': {ex}") from ex
+    return tokenizer, model_config
+
+
+def dry_run(cfg: UpdateConfig, *, processes: int = 1, available: int | None = None):
+    """``flearn update --dry-run``: everything an update checks before training, without loading weights.
+
+    Reads and checks the facts as the update does (one file or a split pair, conflicting edits warned
+    about), loads the model's tokenizer and config (not its weights) to apply the context rule
+    (``data.context``), and plans memory (``recipes.memory``) from the longest training text of the data
+    in tokens; when the tokenizer cannot be loaded the plan says what it assumed instead.
+
+    Returns:
+        The ``MemoryPlan``.
+    Raises:
+        FlearnError: what the update would refuse before training (config, data, context).
+    """
+    from flearning.data.encoding import encode_pair
+    from flearning.recipes.memory import dry_run_plan
+
+    if cfg.data is None and cfg.old is None and cfg.new is None:  # a plan for a model and method alone
+        for note in lambda_notes(cfg):
+            log.warning(note)
+        return dry_run_plan(
+            cfg,
+            seq_len_source="assumed: no data given (facts are short, ~10-40 tokens)",
+            processes=processes,
+            available=available,
+        )
+    recipe = UpdateRecipe(cfg)  # the settings, and the warnings about λ
+    recipe._setup_data()
+    try:
+        tokenizer, model_config = tokenizer_and_config(cfg)
+    except FlearnError as ex:
+        reason = str(ex).splitlines()[0]
+        log.warning(
+            "cannot load the tokenizer of %s (%s): the data's token lengths are not checked",
+            cfg.model,
+            reason,
+        )
+        return dry_run_plan(
+            cfg,
+            seq_len_source=f"assumed: the tokenizer of {cfg.model} could not be loaded, so the data's lengths "
+            "were not measured",
+            processes=processes,
+            available=available,
+        )
+    recipe._fit_context(tokenizer, model_config)
+    stages = [(recipe.plan.learn, recipe.new_pairs)]
+    if recipe.method.forget is not None:
+        stages.append((recipe.plan.forget, recipe.old_pairs))
+    longest = max(
+        len(encode_pair(tokenizer, prompt, target, add_eos=stage.add_eos).input_ids)
+        for stage, pairs in stages
+        for prompt, target in pairs
+    )
+    return dry_run_plan(
+        cfg,
+        seq_len=longest,
+        seq_len_source=f"the longest training text of the data, {cfg.model} tokenizer",
+        processes=processes,
+        available=available,
+    )
