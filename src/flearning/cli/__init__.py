@@ -43,11 +43,22 @@ def _not_printed_yet(record: logging.LogRecord) -> bool:
     return True
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from flearning._version import __version__
+
+        typer.echo(f"flearn {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log debug messages."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Log warnings and errors only."),
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print the version and exit."
+    ),
 ) -> None:
     from flearning.distributed import launched_processes
 
