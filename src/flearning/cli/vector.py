@@ -1,7 +1,8 @@
 """``flearn vector``: compute, apply, scale and inspect knowledge vectors.
 
-Sign convention: ``apply`` always computes θ + L·Δ. Forgetting (F-Learning's θ − λ·Δ_old) is a
-negative L: ``flearn vector apply --model M --vector V --lambda=-0.7 --out M2``.
+Which way ``apply`` goes is said in words: ``--forget X`` computes θ − X·Δ (F-Learning's θ − λ·Δ_old, the
+sign ``flearn update --lambda`` uses), ``--add X`` computes θ + X·Δ (replaying ``update_vector/``), and
+``--lambda L`` (kept for compatibility) computes θ + L·Δ, so forgetting there is a negative L. Exactly one.
 
 Big checkpoints: ``compute`` and ``apply`` stream safetensors files tensor by tensor
 (``vectors.streaming``) instead of loading models, with ``--stream``, and by default when the model
@@ -117,6 +118,33 @@ def compute_command(
     )
 
 
+def _signed_amount(forget: float | None, add: float | None, lam: float | None) -> float:
+    """L of θ + L·Δ from exactly one of --forget X (L = −X), --add X (L = X) and --lambda L (FlearnError)."""
+    from flearning.errors import FlearnError
+
+    given = [
+        name for name, value in (("--forget", forget), ("--add", add), ("--lambda", lam)) if value is not None
+    ]
+    if len(given) != 1:
+        raise FlearnError(
+            f"give exactly one of --forget, --add or --lambda (got {', '.join(given) or 'none'}): --forget 0.7 "
+            "computes θ − 0.7·Δ, --add 0.7 computes θ + 0.7·Δ, --lambda L computes θ + L·Δ"
+        )
+    if forget is not None and not forget > 0:
+        raise FlearnError(
+            f"--forget takes how much to forget (> 0), got {forget}: θ − {forget}·Δ; use --add to add Δ"
+        )
+    if add is not None and not add > 0:
+        raise FlearnError(
+            f"--add takes how much to add (> 0), got {add}: θ + {add}·Δ; use --forget to subtract Δ"
+        )
+    return -forget if forget is not None else add if add is not None else lam
+
+
+def _formula(lam: float) -> str:
+    return f"θ {'−' if lam < 0 else '+'} {abs(lam):g}·Δ"
+
+
 @vector_app.command("apply")
 def apply_command(
     model_path: str = typer.Option(
@@ -125,10 +153,19 @@ def apply_command(
     vector_path: Path = typer.Option(
         ..., "--vector", help="Knowledge-vector directory (or a PEFT LoRA adapter directory, streamed)."
     ),
-    lam: float = typer.Option(
-        ...,
+    forget: float | None = typer.Option(
+        None,
+        "--forget",
+        help="Subtract: --forget 0.7 computes θ − 0.7·Δ (F-Learning's forgetting, λ of update).",
+    ),
+    add: float | None = typer.Option(
+        None, "--add", help="Add: --add 1 computes θ + 1·Δ (replays update_vector/)."
+    ),
+    lam: float | None = typer.Option(
+        None,
         "--lambda",
-        help="Scale L in θ + L·Δ. Forgetting is NEGATIVE: --lambda=-0.7 computes θ − 0.7·Δ.",
+        help="Signed scale L in θ + L·Δ, kept for compatibility: forgetting is NEGATIVE here (--lambda=-0.7 "
+        "is --forget 0.7). Give exactly one of --forget, --add, --lambda.",
     ),
     out: Path = typer.Option(..., "--out", help="New model directory (never the input model's)."),
     overwrite: bool = typer.Option(
@@ -147,7 +184,7 @@ def apply_command(
         show_default=False,
     ),
 ) -> None:
-    """Write a new model θ + L·Δ (L < 0 forgets: F-Learning's θ − λ·Δ_old is --lambda=-λ).
+    """Write a new model θ − X·Δ (--forget X), θ + X·Δ (--add X) or θ + L·Δ (--lambda L).
 
     --vector is a knowledge-vector directory or, streamed, a PEFT LoRA adapter directory.
     """
@@ -155,17 +192,18 @@ def apply_command(
     from flearning.vectors.lora import is_lora_adapter
     from flearning.vectors.streaming import StreamResult
 
+    lam = _signed_amount(forget, add, lam)  # before any work
     inputs = {"model": model_path, "vector": vector_path}
     with _claimed(out, kind="vector-apply", inputs=inputs, overwrite=overwrite, what="the model"):
         result = apply_vector(
             model_path, vector_path, lam, out, check_base=check_base, overwrite=overwrite, stream=stream
         )
     if not isinstance(result, StreamResult):
-        typer.echo(f"applied {_summary(result)} with lambda={lam} to {model_path} -> {out}")
+        typer.echo(f"applied {_summary(result)} as {_formula(lam)} (lambda={lam}) to {model_path} -> {out}")
         return
     typer.echo(
-        f"applied {'LoRA adapter' if is_lora_adapter(vector_path) else 'vector'} {vector_path} with "
-        f"lambda={lam} to {model_path} -> {out} (streamed: {result.num_tensors} tensors, "
+        f"applied {'LoRA adapter' if is_lora_adapter(vector_path) else 'vector'} {vector_path} as "
+        f"{_formula(lam)} (lambda={lam}) to {model_path} -> {out} (streamed: {result.num_tensors} tensors, "
         f"{result.num_params:,} parameters changed, {_files_and_time(result)})"
     )
 
