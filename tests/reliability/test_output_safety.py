@@ -276,6 +276,20 @@ def test_overwrite_never_deletes_an_input_inside_the_output(name, inputs, tmp_pa
     assert hashes(tmp_path) == before
 
 
+def test_update_overwrite_never_deletes_its_config_file_inside_the_output(inputs, tmp_path, capsys):
+    """``update --config outp/cfg.yaml --out outp --overwrite``: the config file is an input too."""
+    out = earlier_output("update", inputs, tmp_path / "outp", capsys)
+    config = out / "cfg.yaml"
+    config.write_text(f"model: {inputs['model']}\ndata: {inputs['facts']}\nmethod: ft\nevaluate: false\n")
+    digest = hashlib.sha256(config.read_bytes()).hexdigest()
+    before = hashes(tmp_path)
+    args = ["update", "--config", config, "--out", out, "--overwrite", "--no-progress"]
+    code, text = run([*args, "learn.epochs=1"], capsys)
+    assert_refused(code, text, f"{out}: holds the input config {config}")
+    assert hashlib.sha256(config.read_bytes()).hexdigest() == digest
+    assert hashes(tmp_path) == before
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_home_and_current_directory_are_never_outputs(name, inputs, tmp_path, capsys, monkeypatch):
     home = tmp_path / "home"

@@ -123,7 +123,8 @@ def update_command(
     if cfg.out is None:
         raise typer.BadParameter("an output directory is required (--out DIR or out=DIR)")
     mode = "resume" if resume else "restart" if restart else "auto"
-    result = update(cfg, progress=not no_progress, resume=mode)
+    # the config file is an input too: --overwrite never deletes it with an earlier output holding it
+    result = update(cfg, progress=not no_progress, resume=mode, inputs={"config": config})
     console = Console()
     answers = answers_table(result.records, result.before, result.after)
     if answers is not None:

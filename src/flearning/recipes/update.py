@@ -56,10 +56,18 @@ class UpdateRecipe:
     and opens the work directory, ``run`` evaluates θ, forgets, learns and evaluates θ*, ``save`` writes
     the output. Everything that can fail on bad input fails before any training."""
 
-    def __init__(self, cfg: UpdateConfig, *, progress: bool = True, resume: ResumeMode = "auto") -> None:
+    def __init__(
+        self,
+        cfg: UpdateConfig,
+        *,
+        progress: bool = True,
+        resume: ResumeMode = "auto",
+        inputs: dict[str, Path | None] | None = None,
+    ) -> None:
         if resume not in ("auto", "resume", "restart"):
             raise ValueError(f"resume must be auto, resume or restart, not {resume!r}")
         self.cfg = cfg
+        self.inputs = dict(inputs or {})  # inputs besides the model and the data (the config file)
         self.progress = progress
         self.resume = resume
         self.method = get_method(cfg.method)
@@ -125,7 +133,7 @@ class UpdateRecipe:
             data = (
                 {"data": self.old_file} if same else {"old facts": self.old_file, "new facts": self.new_file}
             )
-            inputs = {"model": self.model_source, **data}
+            inputs = {"model": self.model_source, **data, **self.inputs}
 
             def claim() -> Path:
                 self._claim = claim_output(
@@ -373,7 +381,12 @@ class UpdateRecipe:
 
 
 def update(
-    config: UpdateConfig | None = None, *, progress: bool = True, resume: ResumeMode = "auto", **fields: Any
+    config: UpdateConfig | None = None,
+    *,
+    progress: bool = True,
+    resume: ResumeMode = "auto",
+    inputs: dict[str, Path | None] | None = None,
+    **fields: Any,
 ) -> UpdateResult:
     """Replace old facts by new ones in a causal LM and write the result (Python API of ``flearn update``).
 
@@ -384,6 +397,8 @@ def update(
         resume: what to do with ``<out>.partial/`` left by an interrupted run: ``auto`` resumes it if it
             was made by the same run (else refuses, naming what differs), ``resume`` also requires it to
             exist, ``restart`` discards it.
+        inputs: other files the run reads, by what they are (``{"config": path}``: the YAML config), that
+            the output rule (``io.output``) protects like the model and the data.
     Returns:
         ``UpdateResult`` with the output directory, the run summary and the in-memory updated model.
     Raises:
@@ -393,7 +408,7 @@ def update(
     """
     if config is None:
         config = build_config(UpdateConfig, fields, "update()")  # a ConfigError listing every problem
-    recipe = UpdateRecipe(config, progress=progress, resume=resume)
+    recipe = UpdateRecipe(config, progress=progress, resume=resume, inputs=inputs)
     recipe.setup()
     with recipe.guard():
         recipe.run()
