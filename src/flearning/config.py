@@ -234,13 +234,7 @@ class UpdateConfig(BaseModel):
     @classmethod
     def _forgetting_lambda(cls, value: float, info: ValidationInfo) -> float:
         if value < 0 and not info.data.get("allow_negative_lambda", False):
-            raise PydanticCustomError(
-                "negative_lambda",
-                "λ = {value} is negative: θ' = θ − λ·Δ_old would add {amount}·Δ_old and strengthen the old "
-                "facts instead of forgetting them (λ > 0 forgets). If that is what you want, set "
-                "allow_negative_lambda: true (--allow-negative-lambda)",
-                {"value": value, "amount": -value},
-            )
+            raise negative_lambda(value)
         return value
 
     @field_validator("method")
@@ -440,6 +434,17 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
+def negative_lambda(value: float) -> PydanticCustomError:
+    """The refusal of a negative λ (``flearn update`` and ``flearn bench``: λ > 0 forgets)."""
+    return PydanticCustomError(
+        "negative_lambda",
+        "λ = {value} is negative: θ' = θ − λ·Δ_old would add {amount}·Δ_old and strengthen the old "
+        "facts instead of forgetting them (λ > 0 forgets). If that is what you want, set "
+        "allow_negative_lambda: true (--allow-negative-lambda)",
+        {"value": value, "amount": -value},
+    )
+
+
 class BenchConfig(BaseModel):
     """Everything ``flearn bench`` needs. ``data`` maps a dataset name to its file; ``samples`` and ``full``
     name the shipped samples and the full datasets under ``data_root``; left out, the full datasets when
@@ -455,6 +460,9 @@ class BenchConfig(BaseModel):
     n: ConfigInt = Field(200, ge=1)
     n_val: ConfigInt = Field(0, ge=0)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
+    # λ > 0 forgets, as in flearn update: a negative λ (in lambdas or lambda_grid) is refused unless this
+    # says it is meant (declared before both, whose validator reads it)
+    allow_negative_lambda: ConfigBool = False
     lambdas: Lambdas = Field(default_factory=lambda: [0.7])
     lambda_grid: list[ConfigFloat] = Field(
         default_factory=lambda: [0.1, 0.3, 0.7, 1.0, 1.5, 3.0], min_length=1
@@ -540,6 +548,16 @@ class BenchConfig(BaseModel):
         # n_val is checked first; when it is invalid itself, its own problem is the one reported
         if value == "auto" and info.data.get("n_val", 1) < 1:
             raise PydanticCustomError("auto_lambda", "auto needs a validation split (n_val >= 1)")
+        return value
+
+    @field_validator("lambdas", "lambda_grid")
+    @classmethod
+    def _forgetting_lambdas(cls, value: list[float] | str, info: ValidationInfo) -> list[float] | str:
+        if value == "auto" or info.data.get("allow_negative_lambda", False):
+            return value
+        negative = [lam for lam in value if lam < 0]
+        if negative:
+            raise negative_lambda(negative[0])
         return value
 
 

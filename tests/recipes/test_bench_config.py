@@ -155,7 +155,7 @@ def test_every_number_and_switch_refuses_what_lax_mode_would_coerce(model):
     checked = lax_values_refused(model)
     expected_fields = {
         BenchConfig: {"n", "n_val", "seeds", "lambdas", "lambda_grid", "locality_tolerance", "linf_bound"}
-        | {"eval_batch_size", "generation", "fluency", "trust_remote_code"},
+        | {"eval_batch_size", "generation", "fluency", "trust_remote_code", "allow_negative_lambda"},
         PrimeSettings: {"lr", "max_epochs", "threshold", "batch_size"},
         PrimeOptions: {"lr", "max_epochs", "threshold", "batch_size", "seed"},
     }[model]

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from reliability_helpers import FACTS, update_args
+from pydantic import ValidationError
+from reliability_helpers import FACTS, bench_args, update_args
 
 import flearning
 import flearning.recipes.stopping as stopping
@@ -121,6 +122,53 @@ def test_lambda_zero_and_lambda_without_a_forget_stage_are_warned_about(
     assert "method ft has no forget stage" in dry("--config", config)
     quiet = dry("--method", "flearning-ft", "--lambda", "0.7")
     assert "lambda" not in quiet and "forget stage" not in quiet
+
+
+@pytest.mark.parametrize("how", ["option", "override", "yaml", "grid", "python"])
+def test_bench_refuses_a_negative_lambda_like_update(how, tiny_model_dir, facts, tmp_path, capsys):
+    out = tmp_path / "bench"
+    args = bench_args(tiny_model_dir, facts, out, "flearning-ft")
+    at = args.index("--lambda")
+    if how == "python":
+        with pytest.raises(ValidationError) as caught:
+            BenchConfig(model=str(tiny_model_dir), data={"toy": facts}, lambdas=[0.5, -0.5], out=out)
+        err = str(caught.value)
+    else:
+        if how == "option":
+            args[at + 1] = "-0.5"
+        else:
+            del args[at : at + 2]
+            if how == "override":
+                args.append("lambdas=[0.5,-0.5]")
+            else:
+                config = tmp_path / "bench.yaml"
+                text = (
+                    "lambdas: [0.5, -0.5]\n"
+                    if how == "yaml"
+                    else "lambdas: auto\nn_val: 2\nlambda_grid: [0.3, -0.5]\n"
+                )
+                config.write_text(text)
+                args += ["--config", str(config)]
+        before = tree_digest(tmp_path)
+        code, _, err = run(args, capsys)
+        assert code == 2, err
+        assert tree_digest(tmp_path) == before
+    flat = " ".join(err.split())
+    field = "lambda_grid" if how == "grid" else "lambdas"
+    assert field in flat
+    assert "λ = -0.5 is negative: θ' = θ − λ·Δ_old would add 0.5·Δ_old and strengthen the old facts" in flat
+    assert "allow_negative_lambda: true (--allow-negative-lambda)" in flat
+    assert not out.exists()
+
+
+def test_bench_takes_a_negative_lambda_when_explicitly_allowed(tiny_model_dir, facts):
+    cfg = BenchConfig(
+        data={"toy": facts}, lambdas=[-0.5], lambda_grid=[-1.0, 0.5], allow_negative_lambda=True
+    )
+    assert cfg.lambdas == [-0.5] and cfg.lambda_grid == [-1.0, 0.5]
+    assert load_config(BenchConfig, None, [], {"lambdas": [-0.5], "allow_negative_lambda": True}).lambdas == [
+        -0.5
+    ]
 
 
 @pytest.fixture
@@ -375,20 +423,36 @@ def test_an_answer_alone_longer_than_the_context_cannot_be_truncated(tiny_model_
     assert f"{data}:line 13:target_new: " in " ".join(err.split())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="flearn eval lives in cli/eval.py (owned by the output-safety work): the check is one call to "
-    "flearning.data.context.check_context after its load_model; see the report of issue 16",
-)
 def test_eval_refuses_inputs_longer_than_the_context(tiny_model_dir, tmp_path, capsys):
     data = long_facts(tmp_path)
     out = tmp_path / "report"
+    before = tree_digest(tmp_path)
     code, _, err = run(
         ["eval", "--model", tiny_model_dir, "--data", data, "--out", out, "--no-progress"], capsys
     )
     assert code == 2
-    assert f"{data}:line 13:prompt: " in " ".join(err.split())
+    flat = " ".join(err.split())
+    assert f"{data}:line 13:prompt: " in flat and f"the model takes at most {LIMIT}" in flat
+    assert "--truncate" in flat
     assert not out.exists()
+    assert tree_digest(tmp_path) == before
+
+
+def test_eval_truncate_cuts_long_prompts_and_says_so(tiny_model_dir, tmp_path, capsys, caplog):
+    data = long_facts(tmp_path)
+    out = tmp_path / "report"
+    args = ["eval", "--model", tiny_model_dir, "--data", data, "--out", out, "--no-generation"]
+    code, _, err = run([*args, "--no-progress", "--truncate"], capsys)
+    assert code == 0, err
+    assert f"{data}:line 13:prompt: " in warnings_of(caplog)
+    assert "its prompt was cut from the left to fit (--truncate)" in warnings_of(caplog)
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert len(records) == len(FACTS) + 1
+    tokens = len(FILLER + "The code of item 99 is") + 1 + len("new9") + 1  # bytes, the space, EOS
+    (meta,) = json.loads((out / "summary.json").read_text())["methods"]["tiny-model"]["meta"]
+    assert meta["truncated"] == [
+        {"where": f"{data}:line 13", "id": "long", "field": "prompt", "tokens": tokens}
+    ]
 
 
 # ---- finding 10: the smaller ones ---------------------------------------------------------------------

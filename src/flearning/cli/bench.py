@@ -46,7 +46,15 @@ def bench_command(
         None, "--n-val", help="Validation edits per dataset (for --lambda auto)."
     ),
     seeds: int | None = typer.Option(None, "--seeds", help="Number of seeds (0, 1, ...)."),
-    lam: str | None = typer.Option(None, "--lambda", help="λ values (comma-separated) or 'auto'."),
+    lam: str | None = typer.Option(
+        None,
+        "--lambda",
+        help="λ values (comma-separated) or 'auto'. λ > 0 forgets (θ' = θ − λ·Δ_old); a negative λ is refused "
+        "unless --allow-negative-lambda.",
+    ),
+    allow_negative_lambda: bool = typer.Option(
+        False, "--allow-negative-lambda", help="Accept λ < 0 (it adds Δ_old: the old facts get stronger)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (results and cache)."),
     no_progress: bool = typer.Option(False, "--no-progress"),
 ) -> None:
@@ -67,6 +75,7 @@ def bench_command(
         "methods": methods.split(",") if methods else None,
         "seeds": list(range(seeds)) if seeds else None,
         "lambdas": None if lam is None else ("auto" if lam == "auto" else _floats(lam)),
+        "allow_negative_lambda": True if allow_negative_lambda else None,
     }
     # every problem of the file, the options and the overrides at once (exit 2)
     cfg = load_config(BenchConfig, config, overrides or [], cli, profile=profile)

@@ -102,7 +102,7 @@ def input_notes(
         too_long = find_too_long(dataset.records, tokenizer, positions, dataset.locations)
         context = {"limit": positions, "too_long": [t.to_json() for t in too_long]}
         notes += [
-            f"warning: {t.where}:{t.field}: {t.message(positions, name)}; flearn update refuses it "
+            f"warning: {t.where}:{t.field}: {t.message(positions, name)}; flearn update and eval refuse it "
             f"({TRUNCATE_HINT})"
             for t in too_long
         ]

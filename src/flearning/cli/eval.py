@@ -5,6 +5,7 @@ Registered by ``flearning.cli``; heavy imports (torch, transformers) happen insi
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import typer
@@ -14,6 +15,8 @@ from flearning.evaluation.definitions import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_FLUENCY_TOKENS,
 )
+
+log = logging.getLogger(__name__)
 
 
 def eval_command(
@@ -65,13 +68,21 @@ def eval_command(
     name: str | None = typer.Option(
         None, "--name", help="Method name in the report (default: the model's name)."
     ),
+    truncate: bool = typer.Option(
+        False,
+        "--truncate",
+        help="Cut prompts longer than the model's context from the left (named in a warning) instead of "
+        "refusing them.",
+    ),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ) -> None:
     """Score a model on a dataset: Reliability, Generality, Locality, Portability, Old retention, Efficacy,
     Paraphrase score, Generation exact match and (optionally) Fluency."""
     from rich.console import Console
 
+    from flearning.cli.data import model_tokenizer
     from flearning.data import load_dataset
+    from flearning.data.context import check_context
     from flearning.evaluation.evaluate import evaluate
     from flearning.evaluation.reference import reference_predictions
     from flearning.evaluation.report import REPORT_FILES, write_report
@@ -79,18 +90,30 @@ def eval_command(
     from flearning.io.output import claim_output, output_kind, write_marker
     from flearning.models import DEFAULT_MODEL, cache_root, load_model
 
-    # before any work, the output's rule (io.output) and its lock, held to the end: never an input or a
-    # directory holding one, never another's files. Only the report's files are replaced inside it: the
-    # directory itself stays (its parent may be read-only, it may be the current directory, a symlink).
+    # The data first, and the context rule (data.context, as update applies it) from the model's tokenizer
+    # and config alone: a bad file or a record longer than the context is refused (exit 2, naming file,
+    # record and field) before any weights are loaded and before the output is touched.
+    dataset = load_dataset(data, fmt, limit=limit)
+    context_tokenizer, context = model_tokenizer(model)
+    records, cut = check_context(
+        dataset.records, context_tokenizer, context, dataset.locations, truncate=truncate
+    )
+    for item in cut:
+        log.warning(
+            "%s:%s: %s; its prompt was cut from the left to fit (--truncate)",
+            item.where,
+            item.field,
+            item.message(*context),
+        )
+    # then the output's rule (io.output) and its lock, held to the end: never an input or a directory
+    # holding one, never another's files. Only the report's files are replaced inside it: the directory
+    # itself stays (its parent may be read-only, it may be the current directory, a symlink).
     inputs = {"model": model, "reference model": reference, "data": data}
     claim = claim_output(
         out, kind="eval", inputs=inputs, overwrite=overwrite, whole=False, entries=REPORT_FILES
     )
     with claim as target:
         console = Console(stderr=False)
-        # Load the data first: a bad file is reported before any model is loaded.
-        dataset = load_dataset(data, fmt, limit=limit)
-        records = dataset.records
         evaluated, tokenizer = load_model(model)
         ref = None
         if reference is not None:
@@ -125,6 +148,8 @@ def eval_command(
                 "data_sha256": dataset.sha256,
             }
         )
+        if cut:
+            result.meta["truncated"] = [item.to_json() for item in cut]
         method = name or Path(model or DEFAULT_MODEL).name
         title = f"{method} on {data.name} ({len(records)} records)"
         note = "Nothing was written; a previous report is untouched."

@@ -6,7 +6,7 @@ answer) must fit in the model's context (``max_position_embeddings`` or its equi
 config). ``find_too_long`` names each field that does not (file, record, field, tokens against the limit);
 ``check_context`` refuses them, or with ``truncate`` cuts the prompts from the left (keeping the words
 right before the answer) and reports what it cut. ``flearn data check --model`` warns with
-``find_too_long``; ``flearn update`` (and its dry run) applies ``check_context``.
+``find_too_long``; ``flearn update`` (and its dry run) and ``flearn eval`` apply ``check_context``.
 """
 
 from __future__ import annotations
