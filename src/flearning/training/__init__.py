@@ -7,4 +7,12 @@ The loss covers the answer tokens only; a stage can be checkpointed and resumed 
 from flearning.training.config import LoraSettings, TrainConfig
 from flearning.training.trainer import EpochCheck, TrainingDivergedError, TrainResult, attach_lora, train
 
-__all__ = ["EpochCheck", "LoraSettings", "TrainConfig", "TrainResult", "TrainingDivergedError", "attach_lora", "train"]
+__all__ = [
+    "EpochCheck",
+    "LoraSettings",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDivergedError",
+    "attach_lora",
+    "train",
+]

@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class EpochCheck:
     """What an epoch-end check decided: stop the stage now, and what to record about the epoch (kept in
