@@ -146,28 +146,16 @@ def train_until(
         batch_size: rows per forward pass of the checks.
         on_step: ``train``'s per-step callback.
     """
-    if rule is None or (rule.until_accuracy is None and rule.max_locality_drop is None):
-        result = train(
-            model,
-            tokenizer,
-            pairs,
-            cfg,
-            description=description,
-            progress=progress,
-            checkpoint=checkpoint,
-            on_step=on_step,
-        )
-        return StoppedStage(result, "epochs", None)
-    if rule.max_locality_drop is not None and budget is None:
+    if rule is not None and rule.max_locality_drop is not None and budget is None:
         raise ValueError("a stop rule with a locality budget needs the budget measured (locality_budget)")
-    from flearning.evaluation.evaluate import teacher_forced_accuracy
+    checked = rule is not None and (rule.until_accuracy is not None or rule.max_locality_drop is not None)
+    kept = _KeptEpoch(checkpoint.directory if checkpoint is not None else None)
 
     def accuracy(trained) -> float:
+        from flearning.evaluation.evaluate import teacher_forced_accuracy
+
         scores = teacher_forced_accuracy(trained, tokenizer, pairs, batch_size=batch_size)
         return float(sum(scores) / len(scores))
-
-    before = accuracy(model)
-    kept = _KeptEpoch(checkpoint.directory if checkpoint is not None else None)
 
     def check(epoch: int, trained, earlier: list[dict[str, Any]]) -> EpochCheck:
         row: dict[str, Any] = {"epoch": epoch, "accuracy": accuracy(trained)}
@@ -181,6 +169,7 @@ def train_until(
         log.info("%s: after epoch %d %s", description, epoch, _describe(row))
         return EpochCheck(stop=reached or row.get("within_budget") is False, record=row)
 
+    before = accuracy(model) if checked else None
     result = train(
         model,
         tokenizer,
@@ -189,9 +178,11 @@ def train_until(
         description=description,
         progress=progress,
         checkpoint=checkpoint,
-        on_epoch_end=check,
+        on_epoch_end=check if checked else None,
         on_step=on_step,
     )
+    if not checked:  # a fixed schedule: nothing was checked
+        return StoppedStage(result, "epochs", None)
     history = result.epoch_log
     last = history[-1]
     kept_epoch = last["epoch"]
