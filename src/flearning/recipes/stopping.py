@@ -101,14 +101,6 @@ class StoppedStage:
         """Epochs trained (the last check's epoch)."""
         return self.history[-1]["epoch"] if self.history else int(round(self.result.epochs))
 
-    @property
-    def accuracy(self) -> float | None:
-        """Accuracy of the kept epoch (0..1)."""
-        for row in self.history:
-            if row["epoch"] == self.kept_epoch:
-                return row["accuracy"]
-        return None
-
     def to_json(self, rule: StopRule | None) -> dict[str, Any]:
         return {
             "rule": rule.to_json() if rule is not None else None,
@@ -210,7 +202,6 @@ def train_until(
             last["epoch"],
             rule.until_accuracy,
         )
-    kept.discard()
     return StoppedStage(result, stopped_by, kept_epoch, before, history)
 
 
@@ -268,6 +259,3 @@ class _KeptEpoch:
             params = dict(model.named_parameters())
             for name, value in weights.items():
                 params[name].copy_(value)
-
-    def discard(self) -> None:
-        self.weights = None
