@@ -43,6 +43,25 @@ def test_normalize_text(text, expected):
         (" Par", "Paris", 0.0),
         ("'Sega' games", "Sega", 1.0),
         ("anything", "  ", 0.0),  # an empty target never matches
+        # whole words only: the target must end on a word boundary of the generation
+        (" India is a country", "India", 1.0),
+        (" India.", "India", 1.0),
+        (" India", "India", 1.0),
+        (" Indian Ocean", "India", 0.0),
+        (" Parisian cafés", "Paris", 0.0),
+        (" Paris-based", "Paris", 1.0),  # a hyphen ends the word
+        (" Keir Starmer's cabinet", "Keir Starmer", 1.0),
+        (" 3.5 km", "3.5", 1.0),
+        (" 3.55 km", "3.5", 0.0),
+        (" 1990s", "1990", 0.0),
+        (" U.S. Army", "U.S.", 1.0),  # the target's own final dot is stripped; the next char is '.'
+        (" New York City", "New York", 1.0),
+        (" New Yorker", "New York", 0.0),
+        (" Straße 5", "Straße", 1.0),
+        (" Straßen", "Straße", 0.0),
+        # scripts without spaces between words match by prefix
+        ("北京是中国的首都", "北京", 1.0),
+        ("東京都", "東京", 1.0),
     ],
 )
 def test_exact_match(generated, target, expected):

@@ -68,7 +68,9 @@ METRIC_DEFINITIONS: dict[str, str] = {
     "gen_exact_match": (
         "Greedy decoding of len(target_new tokens) + 3 new tokens after the edit prompt (stopping at EOS); "
         "1 if the normalized output (lowercased, white space collapsed, punctuation stripped at both ends) "
-        "starts with the normalized target_new, else 0."
+        "starts with the normalized target_new as whole words (the target must end on a word boundary: "
+        "'India' does not match 'Indian Ocean'; scripts without spaces, such as Chinese, match by prefix), "
+        "else 0."
     ),
     "fluency": (
         "Weighted n-gram entropy (ROME/EasyEdit: mean of 2/3 x bigram entropy and 4/3 x trigram entropy, "

@@ -16,6 +16,10 @@ _WHITESPACE = re.compile(r"\s+")
 # hyphens, dots or apostrophes kept) and every other non-space character as its own token.
 _WORD = re.compile(r"\w+(?:[-.']\w+)*|[^\w\s]")
 _EDGE_PUNCTUATION = string.punctuation + "“”‘’«»…–—"
+# Scripts written without spaces between words: CJK ideographs, kana, Thai, Lao, Khmer, Myanmar.
+_UNSPACED = re.compile(
+    "[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]"
+)
 
 
 def normalize_text(text: str) -> str:
@@ -35,8 +39,21 @@ def normalize_text(text: str) -> str:
     return text
 
 
+def _continues_word(before: str, after: str) -> bool:
+    """Whether ``after`` continues the word that ends with ``before`` (both single characters): two word
+    characters in a row, unless either is from a script written without spaces between words."""
+    if not (before.isalnum() or before == "_") or not (after.isalnum() or after == "_"):
+        return False
+    return not (_UNSPACED.match(before) or _UNSPACED.match(after))
+
+
 def exact_match(generated: str, target: str) -> float:
-    """1.0 if the normalized generation starts with the normalized target, else 0.0.
+    """1.0 if the normalized generation starts with the normalized target as whole words, else 0.0.
+
+    The target must end on a word boundary of the generation: "India" matches "India is" and
+    "India." but not "Indian Ocean" (a target ending in a word character must not be followed by
+    another). Scripts written without spaces (Chinese, Japanese, Thai) have no such boundary and match
+    by prefix.
 
     Args:
         generated: the decoded new tokens (without the prompt).
@@ -45,7 +62,10 @@ def exact_match(generated: str, target: str) -> float:
         1.0 or 0.0. An empty normalized target never matches.
     """
     want = normalize_text(target)
-    return float(bool(want) and normalize_text(generated).startswith(want))
+    have = normalize_text(generated)
+    if not want or not have.startswith(want):
+        return 0.0
+    return float(len(have) == len(want) or not _continues_word(want[-1], have[len(want)]))
 
 
 def word_tokens(text: str) -> list[str]:
