@@ -257,7 +257,10 @@ def test_zsre_portability_shapes(tmp_path):
     pa = PromptAnswer
     assert recs_out[0].portability == [pa(prompt="Which sea does New River 0 flow into?", answer="Baltic")]
     assert recs_out[1].portability == [pa(prompt="P1", answer="A1"), pa(prompt="P2", answer="A2")]
-    assert recs_out[2].portability == [pa(prompt="P3", answer="A3"), pa(prompt="P4", answer="A4")]
+    assert recs_out[2].portability == [  # a KnowEdit object of categories: each probe keeps its category
+        pa(prompt="P3", answer="A3", category="Reasoning"),
+        pa(prompt="P4", answer="A4", category="Subject_Aliasing"),
+    ]
     assert recs_out[3].portability == []
 
 

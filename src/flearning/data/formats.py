@@ -243,8 +243,9 @@ def _answer_text(ctx: RecordContext, value: Any, path: str) -> str | None:
     return _clean_text(ctx, value, path, allow_empty=True) or None
 
 
-def _probe(ctx: RecordContext, obj: Any, path: str) -> list[PromptAnswer]:
-    """One ``{New Question, New Answer}`` or ``{prompt, answer|ground_truth|target}`` object."""
+def _probe(ctx: RecordContext, obj: Any, path: str, category: str | None = None) -> list[PromptAnswer]:
+    """One ``{New Question, New Answer}`` or ``{prompt, answer|ground_truth|target}`` object (of
+    ``category``, when the file groups its probes)."""
     if not isinstance(obj, dict):
         ctx.add(path, f"expected a {{prompt, answer}} object, got {json_type(obj)}")
         return []
@@ -260,7 +261,7 @@ def _probe(ctx: RecordContext, obj: Any, path: str) -> list[PromptAnswer]:
     answer = _answer_text(ctx, obj[answer_key], join_path(path, answer_key))
     if not prompt or not answer:
         return []  # a blank probe cannot be scored; treat it as absent
-    return [PromptAnswer(prompt=prompt, answer=answer)]
+    return [PromptAnswer(prompt=prompt, answer=answer, category=category)]
 
 
 def _is_probe(obj: Mapping[str, Any]) -> bool:
@@ -271,8 +272,9 @@ def probes(ctx: RecordContext, value: Any, path: str) -> list[PromptAnswer]:
     """Locality or portability probes of an EasyEdit-style record.
 
     Accepted shapes: null; one probe object; a list of probe objects; or an object mapping category
-    names to a probe object or a list of them (KnowEdit: ``{"Reasoning": [...], ...}``). A probe
-    object is ``{"New Question", "New Answer"}`` or ``{"prompt", "answer"|"ground_truth"|"target"}``.
+    names to a probe object or a list of them (KnowEdit: ``{"Reasoning": [...], ...}``; each probe keeps
+    its category's name). A probe object is ``{"New Question", "New Answer"}`` or ``{"prompt",
+    "answer"|"ground_truth"|"target"}``.
 
     Args:
         ctx: collects problems.
@@ -292,9 +294,11 @@ def probes(ctx: RecordContext, value: Any, path: str) -> list[PromptAnswer]:
         for name, group in value.items():
             sub = join_path(path, name)
             if isinstance(group, list):
-                out += [p for i, item in enumerate(group) for p in _probe(ctx, item, join_path(sub, i))]
+                out += [
+                    p for i, item in enumerate(group) for p in _probe(ctx, item, join_path(sub, i), str(name))
+                ]
             else:
-                out += _probe(ctx, group, sub)
+                out += _probe(ctx, group, sub, str(name))
         return out
     ctx.add(
         path, f"expected a probe object, a list of them or an object of such lists, got {json_type(value)}"
@@ -340,8 +344,9 @@ def _finish(ctx: RecordContext, n_before: int, **fields: Any) -> Candidate | Non
 def parse_zsre(ctx: RecordContext, rec: Mapping[str, Any]) -> Candidate | None:
     """MEND/EasyEdit ZsRE: ``src`` → ``answers[0]`` (old) / ``alt`` (new).
 
-    Also reads ``rephrase`` (string or list), ``loc``/``loc_ans``, ``subject``, ``portability`` and an
-    optional ``id``/``case_id``; other fields (``pred``, ``cond``) are ignored.
+    Also reads ``rephrase`` (string or list), ``loc``/``loc_ans``, ``subject``, ``portability``, a
+    KnowEdit-style ``locality`` (probes, or categories of them) and an optional ``id``/``case_id``; other
+    fields (``pred``, ``cond``) are ignored.
     """
     n = len(ctx.problems)
     prompt = required_text(ctx, rec, "src")
@@ -369,7 +374,7 @@ def parse_zsre(ctx: RecordContext, rec: Mapping[str, Any]) -> Candidate | None:
         new_field="alt",
         subject=optional_text(ctx, rec, "subject"),
         rephrase_prompts=tuple(text_list(ctx, rec, "rephrase", single_ok=True)),
-        locality=tuple(_paired(ctx, rec, "loc", "loc_ans")),
+        locality=(*_paired(ctx, rec, "loc", "loc_ans"), *probes(ctx, rec.get("locality"), "locality")),
         portability=tuple(probes(ctx, rec.get("portability"), "portability")),
     )
 
@@ -378,7 +383,8 @@ def parse_counterfact(ctx: RecordContext, rec: Mapping[str, Any]) -> Candidate |
     """EasyEdit CounterFact: ``prompt`` → ``ground_truth`` (old) / ``target_new`` (new).
 
     Also reads ``subject``, ``rephrase_prompt`` (string or list), ``locality_prompt`` /
-    ``locality_ground_truth``, ``portability`` and ``case_id`` (or ``id``).
+    ``locality_ground_truth``, a KnowEdit-style ``locality`` (probes, or categories of them),
+    ``portability`` and ``case_id`` (or ``id``).
     """
     n = len(ctx.problems)
     prompt = required_text(ctx, rec, "prompt")
@@ -397,7 +403,10 @@ def parse_counterfact(ctx: RecordContext, rec: Mapping[str, Any]) -> Candidate |
         new_field="target_new",
         subject=optional_text(ctx, rec, "subject"),
         rephrase_prompts=tuple(text_list(ctx, rec, "rephrase_prompt", single_ok=True)),
-        locality=tuple(_paired(ctx, rec, "locality_prompt", "locality_ground_truth")),
+        locality=(
+            *_paired(ctx, rec, "locality_prompt", "locality_ground_truth"),
+            *probes(ctx, rec.get("locality"), "locality"),
+        ),
         portability=tuple(probes(ctx, rec.get("portability"), "portability")),
     )
 
@@ -450,7 +459,8 @@ def parse_counterfact_rome(ctx: RecordContext, rec: Mapping[str, Any]) -> Candid
 
 
 def _jsonl_probes(ctx: RecordContext, rec: Mapping[str, Any], key: str) -> list[PromptAnswer]:
-    """``[{"prompt": ..., "answer": ...}, ...]`` exactly: the project's own format is not lenient."""
+    """``[{"prompt": ..., "answer": ...}, ...]`` exactly (each may name its ``category``): the project's
+    own format is not lenient."""
     value = rec.get(key)
     if value is None:
         return []
@@ -463,12 +473,13 @@ def _jsonl_probes(ctx: RecordContext, rec: Mapping[str, Any], key: str) -> list[
         if not isinstance(item, dict):
             ctx.add(path, f"expected a {{prompt, answer}} object, got {json_type(item)}")
             continue
-        for extra in sorted(set(item) - {"prompt", "answer"}):
-            ctx.add(join_path(path, extra), "unknown field (expected prompt and answer)")
+        for extra in sorted(set(item) - {"prompt", "answer", "category"}):
+            ctx.add(join_path(path, extra), "unknown field (expected prompt, answer and optionally category)")
         prompt = required_text(ctx, item, "prompt", prefix=path)
         answer = required_text(ctx, item, "answer", prefix=path)
+        category = optional_text(ctx, item, "category", prefix=path)
         if prompt and answer:
-            out.append(PromptAnswer(prompt=prompt, answer=answer))
+            out.append(PromptAnswer(prompt=prompt, answer=answer, category=category))
     return out
 
 

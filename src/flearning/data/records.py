@@ -6,16 +6,32 @@ Every loader (zsRE, CounterFact, JSONL) produces ``KnowledgeRecord``s; training 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 class PromptAnswer(BaseModel):
-    """A prompt with the answer expected after it (locality and portability probes)."""
+    """A prompt with the answer expected after it (locality and portability probes).
+
+    ``category`` names the group a probe belongs to in files that group them (KnowEdit:
+    ``{"Relation_Specificity": [...], "Forgetfulness": [...]}``); the metrics average within each
+    category, then over categories. None (every other shape) is one implicit category; it is left out
+    when the probe is dumped, so records without categories serialise and hash as before.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     prompt: str
     answer: str
+    category: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_empty_category(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("category") is None:
+            data.pop("category", None)
+        return data
 
 
 class KnowledgeRecord(BaseModel):

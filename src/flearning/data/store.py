@@ -35,7 +35,7 @@ def record_to_json(record: KnowledgeRecord) -> dict[str, Any]:
     for key in ("locality", "portability"):
         probes = getattr(record, key)
         if probes:
-            obj[key] = [{"prompt": p.prompt, "answer": p.answer} for p in probes]
+            obj[key] = [p.model_dump(mode="json") for p in probes]  # category only when there is one
     return obj
 
 
