@@ -95,7 +95,7 @@ def evaluate_oracle(
     Returns:
         ``EvalResult`` whose ``meta`` counts forward passes and generate calls.
     """
-    from tqdm.auto import tqdm
+    from flearning.io.progress import progress_bar
 
     counter = _Counter()
     pad_id, eos_id = pad_token_id(tokenizer), eos_token_id(tokenizer)
@@ -106,7 +106,7 @@ def evaluate_oracle(
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:
-        for record in tqdm(records, desc="one at a time", disable=not progress, leave=False):
+        for record in progress_bar(records, desc="one at a time", unit="record", enabled=progress, leave=False):
             probes = record_probes(tokenizer, record)
 
             def score(p: Probe, m: PreTrainedModel = model) -> ProbeScore:

@@ -196,9 +196,9 @@ def selected_logits(model: PreTrainedModel, batch: ModelBatch) -> torch.Tensor:
 
 
 def _batched(batches: list[list[int]], progress: bool, desc: str) -> Iterator[list[int]]:
-    from tqdm.auto import tqdm
+    from flearning.io.progress import progress_bar
 
-    yield from tqdm(batches, desc=desc, unit="batch", disable=not progress, leave=False, dynamic_ncols=True)
+    yield from progress_bar(batches, desc=desc, unit="batch", enabled=progress, leave=False)
 
 
 def score_probes(

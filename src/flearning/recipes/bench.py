@@ -211,13 +211,12 @@ class Bench:
 
     # ---- the protocol ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
-
         from flearning.evaluation.evaluate import evaluate
+        from flearning.io.progress import progress_bar
 
         self.setup()
         started = time.perf_counter()
-        bar = tqdm(total=self.planned_runs(), desc="bench runs", unit="run", disable=not self.progress)
+        bar = progress_bar(total=self.planned_runs(), desc="bench runs", unit="run", enabled=self.progress)
         for dataset, (evaluated, validation) in self.datasets.items():
             for seed in self.cfg.seeds:
                 theta = self.primed(dataset, seed, [*evaluated, *validation])

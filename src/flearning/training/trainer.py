@@ -47,6 +47,20 @@ class EpochCheck:
 EpochCallback = Callable[[int, torch.nn.Module, list[dict[str, Any]]], EpochCheck]
 # Called after each optimizer step with (step, loss of that step).
 StepCallback = Callable[[int, float], None]
+# Called after each optimizer step with what it did (experiment tracking: recipes/tracking.py).
+StatsCallback = Callable[["StepStats"], None]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """One optimizer step of a stage, for an observer (``train``'s ``on_stats``)."""
+
+    step: int  # 1-based optimizer step of the stage
+    loss: float  # the step's loss (as in ``TrainResult.losses``)
+    lr: float  # the learning rate the step used
+    epoch: float  # epochs done after the step
+    tokens: int  # non-padding tokens of the stage so far (including those before a resume)
+    seconds: float  # training seconds of the stage so far (including those before a resume)
 
 
 def answer_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -165,6 +179,7 @@ def train(
     progress: bool = True,
     on_epoch_end: EpochCallback | None = None,
     on_step: StepCallback | None = None,
+    on_stats: StatsCallback | None = None,
     checkpoint: Checkpointing | None = None,
 ) -> TrainResult:
     """Fine-tune ``model`` on (prompt, answer) pairs with loss on the answer tokens only.
@@ -180,6 +195,8 @@ def train(
             records are in ``TrainResult.epoch_log`` and in the checkpoints (a resumed stage continues
             them, and runs a check that an interruption cut short).
         on_step: optional callback after each optimizer step, with (step, loss).
+        on_stats: optional callback after each optimizer step, with its ``StepStats`` (loss, learning
+            rate, tokens, seconds): what experiment tracking logs.
         checkpoint: save the stage's state there (periodically, at the end, and when interrupted) and
             resume from the latest compatible checkpoint: the result is bit-identical to an
             uninterrupted run.
@@ -190,7 +207,7 @@ def train(
         FlearnError: out of memory, with what to change; a checkpoint made by another configuration,
             other data or another starting model (naming what differs); disk full while checkpointing.
     """
-    from tqdm.auto import tqdm
+    from flearning.io.progress import progress_bar
 
     if not pairs:
         raise FlearnError(f"{description}: no training pairs")
@@ -204,13 +221,13 @@ def train(
         torch.is_deterministic_algorithms_warn_only_enabled(),
     )
     run.start_clock()
-    bar = tqdm(
+    bar = progress_bar(
         total=run.total_steps,
+        initial=pos.step,
         desc=description,
         unit="step",
-        disable=not progress or not run.accelerator.is_main_process,
+        enabled=progress and run.accelerator.is_main_process,
     )
-    bar.update(pos.step)
     try:
         if cfg.compile:
             torch.use_deterministic_algorithms(True, warn_only=True)
@@ -221,7 +238,7 @@ def train(
                 break
             if pos.step >= run.total_steps:
                 break
-            _run_epoch(run, bar, on_step)
+            _run_epoch(run, bar, on_step, on_stats)
         pos.seconds = run.elapsed()
         if checkpoint is not None and not run.finished:
             run.save(complete=True)
@@ -425,7 +442,7 @@ def _start_or_resume(
     )
 
 
-def _run_epoch(run: _Run, bar, on_step: StepCallback | None) -> None:
+def _run_epoch(run: _Run, bar, on_step: StepCallback | None, on_stats: StatsCallback | None = None) -> None:
     """The rest of the current epoch (from the batch a resumed run stopped at), ending early when the
     stage has taken its last optimizer step."""
     pos, cfg, accelerator = run.pos, run.cfg, run.accelerator
@@ -439,6 +456,7 @@ def _run_epoch(run: _Run, bar, on_step: StepCallback | None) -> None:
     for batch_index, batch in enumerate(run.loader):
         if batch_index < skip:
             continue
+        lr = run.optimizer.param_groups[0]["lr"]  # before the schedule steps: the rate this step uses
         loss = _optimizer_step(run, batch, batch_index)
         pending_tokens += int(batch["attention_mask"].sum())
         running += loss.item() / cfg.grad_accum
@@ -462,11 +480,14 @@ def _run_epoch(run: _Run, bar, on_step: StepCallback | None) -> None:
             run.rng_at_step = ckpt.capture_rng()
         run.updating = False
         running = 0.0
+        bar.set_postfix(loss=f"{pos.losses[-1]:.4f}", epoch=pos.epoch + 1, refresh=False)
         bar.update(1)
-        bar.set_postfix(loss=f"{pos.losses[-1]:.4f}", epoch=pos.epoch + 1)
         _maybe_checkpoint(run)
         if on_step is not None:
             on_step(pos.step, pos.losses[-1])
+        if on_stats is not None:
+            epochs = pos.step / run.steps_per_epoch
+            on_stats(StepStats(pos.step, pos.losses[-1], lr, epochs, pos.tokens, pos.seconds))
         if pos.step >= run.total_steps:
             if pos.step % run.steps_per_epoch:
                 return  # the last step falls inside the epoch (max_steps): the epoch is not complete
