@@ -83,6 +83,7 @@ from flearning.cli import bench as _bench  # noqa: E402
 from flearning.cli import clean as _clean  # noqa: E402
 from flearning.cli import data as _data  # noqa: E402
 from flearning.cli import eval as _eval  # noqa: E402
+from flearning.cli import generate as _generate  # noqa: E402
 from flearning.cli import model as _model  # noqa: E402
 from flearning.cli import prime as _prime  # noqa: E402
 from flearning.cli import update as _update  # noqa: E402
@@ -92,6 +93,9 @@ app.add_typer(_data.data_app, name="data", help="Validate and summarise knowledg
 app.add_typer(_model.model_app, name="model", help="Inspect and prepare models.")
 app.command("update", help="Replace old facts by new ones (forget, then learn).")(_update.update_command)
 app.command("eval", help="Score a model on an editing dataset with every metric.")(_eval.eval_command)
+app.command("generate", help="See the change: greedy continuations of prompts, before | after.")(
+    _generate.generate_command
+)
 app.command("prime", help="Teach a model the old facts until it holds them.")(_prime.prime_command)
 app.command("bench", help="Reproduce the paper's experiment: every method side by side.")(
     _bench.bench_command

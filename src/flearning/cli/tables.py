@@ -1,6 +1,7 @@
 """Every terminal table (rich): the before → after table of ``flearn update``, the summary of ``flearn
-eval`` and the memory plan of ``flearn update --dry-run``. The numbers come from the recipes and the
-evaluation; this module only lays them out (heavy imports stay inside the functions).
+eval``, the greedy continuations of ``flearn update`` and ``flearn generate`` and the memory plan of
+``flearn update --dry-run``. The numbers come from the recipes and the evaluation; this module only lays
+them out (heavy imports stay inside the functions).
 """
 
 from __future__ import annotations
@@ -94,8 +95,6 @@ def locality_line(summary: dict[str, Any]) -> str | None:
 def answers_table(records: list[Any], before: Any, after: Any, shown: int = 5):
     """For the first ``shown`` facts: the old and new answer and what the model said before and after
     the update (greedy continuations of the edit prompt), or None when they were not generated."""
-    from rich.table import Table
-
     if before is None or after is None:
         return None
     said_before = {r["id"]: r.get("generated") for r in before.records}
@@ -103,17 +102,33 @@ def answers_table(records: list[Any], before: Any, after: Any, shown: int = 5):
     rows = [r for r in records if said_before.get(r.id) is not None and said_after.get(r.id) is not None]
     if not rows:
         return None
-    table = Table(title=f"What the model says (greedy), {min(shown, len(rows))} of {len(rows)} facts")
-    for column in ("prompt", "old answer", "new answer", "before", "after"):
+    return continuations_table(
+        [
+            {
+                "prompt": record.prompt,
+                "old answer": record.target_old,
+                "new answer": record.target_new,
+                "before": said_before[record.id].strip(),
+                "after": said_after[record.id].strip(),
+            }
+            for record in rows[:shown]
+        ],
+        title=f"What the model says (greedy), {min(shown, len(rows))} of {len(rows)} facts",
+    )
+
+
+def continuations_table(rows: list[dict[str, str]], title: str | None, ends: list[bool] | None = None):
+    """Greedy continuations side by side (``answers_table`` of ``flearn update``, ``flearn generate``):
+    one row per prompt, the columns named by the first row's keys, in order; ``ends[i]`` draws a line
+    under row ``i`` (the last prompt of a fact)."""
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(title=title)
+    for column in rows[0] if rows else ():
         table.add_column(column, overflow="fold")
-    for record in rows[:shown]:
-        table.add_row(
-            record.prompt,
-            record.target_old,
-            record.target_new,
-            said_before[record.id].strip(),
-            said_after[record.id].strip(),
-        )
+    for i, row in enumerate(rows):  # Text: a prompt or an answer with [brackets] is not rich markup
+        table.add_row(*(Text(value) for value in row.values()), end_section=bool(ends and ends[i]))
     return table
 
 
