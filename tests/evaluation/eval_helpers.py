@@ -68,6 +68,11 @@ def assert_same_records(batched: list[dict], single: list[dict], tol: float = 1e
             else:
                 worst = max(worst, abs(a[key] - b[key]))
                 assert abs(a[key] - b[key]) <= tol, (a["id"], key, a[key], b[key])
+        for key in ("locality_by_category", "portability_by_category"):
+            assert set(a.get(key, {})) == set(b.get(key, {})), (a["id"], key)
+            for name, value in a.get(key, {}).items():
+                worst = max(worst, abs(value - b[key][name]))
+                assert abs(value - b[key][name]) <= tol, (a["id"], key, name)
         assert a.get("generated") == b.get("generated"), a["id"]
         assert a.get("fluency_text") == b.get("fluency_text"), a["id"]
     return worst

@@ -177,7 +177,8 @@ def test_probes_use_encode_pair(tokenizer):
 
 
 def test_efficacy_and_exact_match_on_a_memorised_fact(tokenizer):
-    """A tiny model trained a few steps on 'AB C': reliability, efficacy and exact match are all 1."""
+    """A tiny model trained a few steps on 'AB C<eos>': reliability, efficacy and exact match are all 1
+    (the EOS makes it stop after the answer: ' CCCC' would not match 'C' on a word boundary)."""
     import torch
 
     from tiny import tiny_llama
@@ -185,7 +186,11 @@ def test_efficacy_and_exact_match_on_a_memorised_fact(tokenizer):
     model = tiny_llama(0)
     record = KnowledgeRecord(id="x", prompt="AB", target_old="Z", target_new="C")
     ids = torch.tensor(
-        [tokenizer("AB")["input_ids"] + tokenizer(" C", add_special_tokens=False)["input_ids"]]
+        [
+            tokenizer("AB")["input_ids"]
+            + tokenizer(" C", add_special_tokens=False)["input_ids"]
+            + [tokenizer.eos_token_id]
+        ]
     )
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(60):
@@ -198,7 +203,7 @@ def test_efficacy_and_exact_match_on_a_memorised_fact(tokenizer):
     assert row["reliability"] == 1.0
     assert row["old_retention"] == 0.5  # byte tokens " ", "Z": the shared space is still predicted
     assert row["efficacy"] == 1.0
-    assert row["gen_exact_match"] == 1.0 and row["generated"].startswith(" C")
+    assert row["gen_exact_match"] == 1.0 and row["generated"] == " C"
 
 
 def test_summary_hand_computed():

@@ -18,12 +18,13 @@ from flearning.evaluation.definitions import (
     DEFAULT_FLUENCY_TOKENS,
     EXACT_MATCH_EXTRA_TOKENS,
 )
-from flearning.evaluation.metrics import argmax_agreement, mean_or_none, nll_prefers_new
+from flearning.evaluation.metrics import argmax_agreement, category_means, mean_or_none, nll_prefers_new
 from flearning.evaluation.probes import (
     RecordProbes,
     encode_probe,
     eos_token_id,
     pad_token_id,
+    probe_categories,
     record_probes,
     unique_probes,
 )
@@ -56,20 +57,27 @@ def record_metrics(
         generated: decoded greedy continuation for exact match (None: not computed).
         fluency_text: prompt + long greedy continuation for Fluency (None: not computed).
     Returns:
-        ``{"id", metrics..., "generated"?}``; missing metrics are None.
+        ``{"id", metrics..., "generated"?}``; missing metrics are None. Locality and Portability are the
+        mean over the record's categories of the mean within each (``metrics.category_means``); when its
+        probes have categories, ``locality_by_category`` / ``portability_by_category`` hold those means.
     """
     new, old = score[probes.new], score[probes.old]
-    locality = None
+    locality, locality_by = None, {}
     if reference is not None:
-        locality = mean_or_none(
-            [argmax_agreement(require_prediction(reference, p), score[p].argmax) for p in probes.locality]
+        locality, locality_by = category_means(
+            [argmax_agreement(require_prediction(reference, p), score[p].argmax) for p in probes.locality],
+            probe_categories(probes.locality, probes.locality_categories),
         )
+    portability, portability_by = category_means(
+        [score[p].accuracy for p in probes.portability],
+        probe_categories(probes.portability, probes.portability_categories),
+    )
     row: dict[str, Any] = {
         "id": record.id,
         "reliability": new.accuracy,
         "generality": mean_or_none([score[p].accuracy for p in probes.rephrase_new]),
         "locality": locality,
-        "portability": mean_or_none([score[p].accuracy for p in probes.portability]),
+        "portability": portability,
         "old_retention": old.accuracy,
         "efficacy": nll_prefers_new(new.nll, old.nll),
         "paraphrase": mean_or_none(
@@ -81,6 +89,10 @@ def record_metrics(
         "gen_exact_match": exact_match(generated, record.target_new) if generated is not None else None,
         "fluency": compute_n_gram_entropy(fluency_text) if fluency_text is not None else None,
     }
+    if locality_by:
+        row["locality_by_category"] = locality_by
+    if portability_by:
+        row["portability_by_category"] = portability_by
     if generated is not None:
         row["generated"] = generated
     if fluency_text is not None:

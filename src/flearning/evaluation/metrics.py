@@ -136,6 +136,36 @@ def nll_prefers_new(nll_new: float, nll_old: float) -> float:
     return float(nll_new < nll_old)
 
 
+NO_CATEGORY = "(no category)"  # the name of a record's uncategorised probes beside categorised ones
+
+
+def category_means(
+    values: Sequence[float], categories: Sequence[str | None]
+) -> tuple[float | None, dict[str, float]]:
+    """A record's Locality or Portability from its per-probe values, by category (EasyEdit's KnowEdit
+    rule): the mean within each category, then the mean over the categories.
+
+    Args:
+        values: one value per probe.
+        categories: each probe's category (None: uncategorised).
+    Returns:
+        ``(value, by_category)``: the mean over categories of the within-category means (None without
+        probes), and those means by category name, empty when no probe has a category. Probes without
+        a category are one implicit category (``NO_CATEGORY`` when others have one), so a record without
+        categories gets the plain mean over its probes.
+    """
+    if len(values) != len(categories):
+        raise ValueError("one category per value is needed")
+    groups: dict[str | None, list[float]] = {}
+    for value, category in zip(values, categories, strict=True):
+        groups.setdefault(category, []).append(value)
+    means = {name: math.fsum(group) / len(group) for name, group in groups.items()}
+    overall = mean_or_none(list(means.values()))
+    if set(means) <= {None}:
+        return overall, {}
+    return overall, {NO_CATEGORY if name is None else name: mean for name, mean in means.items()}
+
+
 def mean_or_none(values: Sequence[float]) -> float | None:
     """Mean of a record's per-probe values, or None when the record has no such probe.
 

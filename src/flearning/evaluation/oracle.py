@@ -14,13 +14,14 @@ import torch
 from flearning.evaluation.definitions import DEFAULT_FLUENCY_TOKENS, EXACT_MATCH_EXTRA_TOKENS
 from flearning.evaluation.metrics import (
     argmax_agreement,
+    category_means,
     mean_or_none,
     mean_target_nll,
     nll_prefers_new,
     target_argmax,
     token_accuracy,
 )
-from flearning.evaluation.probes import eos_token_id, pad_token_id, record_probes
+from flearning.evaluation.probes import eos_token_id, pad_token_id, probe_categories, record_probes
 from flearning.evaluation.results import EvalResult
 from flearning.evaluation.scoring import Probe, ProbeScore, greedy_generate
 from flearning.evaluation.text import compute_n_gram_entropy, exact_match
@@ -112,20 +113,25 @@ def evaluate_oracle(
             def score(p: Probe, m: PreTrainedModel = model) -> ProbeScore:
                 return single_score(m, p, counter)
 
-            locality = None
+            locality, locality_by = None, {}
             if reference_model is not None:
-                locality = mean_or_none(
+                locality, locality_by = category_means(
                     [
                         argmax_agreement(score(p, reference_model).argmax, score(p).argmax)
                         for p in probes.locality
-                    ]
+                    ],
+                    probe_categories(probes.locality, probes.locality_categories),
                 )
+            portability, portability_by = category_means(
+                [score(p).accuracy for p in probes.portability],
+                probe_categories(probes.portability, probes.portability_categories),
+            )
             row: dict[str, Any] = {
                 "id": record.id,
                 "reliability": score(probes.new).accuracy,
                 "generality": mean_or_none([score(p).accuracy for p in probes.rephrase_new]),
                 "locality": locality,
-                "portability": mean_or_none([score(p).accuracy for p in probes.portability]),
+                "portability": portability,
                 "old_retention": score(probes.old).accuracy,
                 "efficacy": nll_prefers_new(score(probes.new).nll, score(probes.old).nll),
                 "paraphrase": (
@@ -141,6 +147,10 @@ def evaluate_oracle(
                 "gen_exact_match": None,
                 "fluency": None,
             }
+            if locality_by:
+                row["locality_by_category"] = locality_by
+            if portability_by:
+                row["portability_by_category"] = portability_by
             prompt = list(probes.new.prompt_ids)
             gen_start = time.perf_counter()
             if generation:

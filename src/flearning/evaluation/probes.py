@@ -32,6 +32,9 @@ class RecordProbes:
     rephrase_old: tuple[Probe, ...]
     locality: tuple[Probe, ...]
     portability: tuple[Probe, ...]
+    # each locality / portability probe's category (None: uncategorised), in the same order
+    locality_categories: tuple[str | None, ...] = ()
+    portability_categories: tuple[str | None, ...] = ()
 
     def all(self) -> Iterable[Probe]:
         yield self.new
@@ -72,7 +75,19 @@ def record_probes(tokenizer: PreTrainedTokenizerBase, record: KnowledgeRecord) -
         rephrase_old=tuple(encode_probe(tokenizer, p, record.target_old) for p in record.rephrase_prompts),
         locality=tuple(encode_probe(tokenizer, pa.prompt, pa.answer) for pa in record.locality),
         portability=tuple(encode_probe(tokenizer, pa.prompt, pa.answer) for pa in record.portability),
+        locality_categories=tuple(pa.category for pa in record.locality),
+        portability_categories=tuple(pa.category for pa in record.portability),
     )
+
+
+def probe_categories(probes: Sequence[Probe], categories: Sequence[str | None]) -> list[str | None]:
+    """The category of each probe (``RecordProbes.locality_categories`` or ``portability_categories``;
+    all None when they were not given)."""
+    if not categories:
+        return [None] * len(probes)
+    if len(categories) != len(probes):
+        raise ValueError("one category per probe is needed")
+    return list(categories)
 
 
 def probe_key(probe: Probe) -> str:

@@ -23,7 +23,7 @@ from flearning.evaluation.definitions import (
     METRICS,
     PERCENT_METRICS,
 )
-from flearning.evaluation.results import EvalResult, aggregate
+from flearning.evaluation.results import EvalResult, aggregate, aggregate_categories
 from flearning.io.atomic import atomic_entries
 
 REPORT_FILES = (
@@ -102,21 +102,49 @@ def csv_table(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], metrics:
     return buf.getvalue()
 
 
+def markdown_categories(categories: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]]) -> str:
+    """Methods x (metric: category) Markdown table of ``format_cell`` values and counts, or "" when no
+    method's data has categories (``categories``: method -> ``aggregate_categories``)."""
+    columns = list(
+        dict.fromkeys((metric, name) for cats in categories.values() for metric in cats for name in cats[metric])
+    )
+    if not columns:
+        return ""
+    header = "| method | " + " | ".join(f"{METRIC_LABELS[m]}: {name}" for m, name in columns) + " |"
+    rule = "|---|" + "---:|" * len(columns)
+    rows = []
+    for method, cats in categories.items():
+        cells = []
+        for metric, name in columns:
+            entry = cats.get(metric, {}).get(name)
+            cells.append("–" if entry is None else f"{format_cell(entry)} (n={entry['n']})")
+        rows.append(f"| {method} | " + " | ".join(cells) + " |")
+    note = (
+        "Each probe category (KnowEdit) separately: the mean over records of each record's mean within the "
+        "category. A record's Locality and Portability above are the mean over its categories of these "
+        "within-category means (EasyEdit's KnowEdit rule)."
+    )
+    return "\n".join([header, rule, *rows]) + "\n\n" + note
+
+
 def markdown_report(
     title: str,
     summaries: Mapping[str, Mapping[str, Mapping[str, Any]]],
     *,
     has_sweep: bool = False,
+    categories: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]] | None = None,
 ) -> str:
-    """The whole ``summary.md``: table, counts, definitions, figures."""
+    """The whole ``summary.md``: table, counts, (categories), definitions, figures."""
     metrics = present_metrics(summaries)
     definitions = "\n".join(f"- **{METRIC_LABELS[m]}**: {METRIC_DEFINITIONS[m]}" for m in metrics)
     figures = "![methods x metrics](metrics.png)"
     if has_sweep:
         figures += "\n\n![metrics vs λ](sweep.png)"
+    by_category = markdown_categories(categories or {})
+    by_category = f"## Locality and Portability by category\n\n{by_category}\n\n" if by_category else ""
     return (
         f"# {title}\n\n{markdown_table(summaries, metrics)}\n\n{STD_NOTE}\n\n"
-        f"## Counts (n)\n\n{markdown_counts(summaries, metrics)}\n\n"
+        f"## Counts (n)\n\n{markdown_counts(summaries, metrics)}\n\n{by_category}"
         f"## Metric definitions\n\n{definitions}\n\n## Figures\n\n{figures}\n"
     )
 
@@ -315,6 +343,7 @@ def write_report(
     if out_dir.exists() and not out_dir.is_dir():
         raise NotADirectoryError(f"{out_dir} exists and is not a directory")
     summaries = {name: aggregate(list(runs)) for name, runs in results.items()}
+    categories = {name: aggregate_categories(list(runs)) for name, runs in results.items()}
 
     files: dict[str, Callable[[Path], None]] = {}
 
@@ -337,6 +366,8 @@ def write_report(
             name: {
                 "seeds": [r.seed if r.seed is not None else i for i, r in enumerate(runs)],
                 "metrics": summaries[name],
+                # Locality and Portability by probe category, when the data has categories (KnowEdit)
+                **({"categories": categories[name]} if categories[name] else {}),
                 "meta": [r.meta for r in runs],
             }
             for name, runs in results.items()
@@ -344,7 +375,7 @@ def write_report(
     }
     summary_text = _dumps(summary_doc, indent=2) + "\n"
     files["summary.json"] = lambda p: p.write_text(summary_text, encoding="utf-8")
-    md = markdown_report(title, summaries, has_sweep=bool(sweep))
+    md = markdown_report(title, summaries, has_sweep=bool(sweep), categories=categories)
     files["summary.md"] = lambda p: p.write_text(md, encoding="utf-8")
     csv_text = csv_table(summaries, present_metrics(summaries))
     files["summary.csv"] = lambda p: p.write_text(csv_text, encoding="utf-8")

@@ -13,6 +13,10 @@ from typing import Any
 
 from flearning.evaluation.definitions import METRICS
 
+# Metrics whose probes may come in categories (KnowEdit): their per-record values by category are
+# ``<metric>_by_category`` in a record's row.
+CATEGORY_METRICS: tuple[str, ...] = ("locality", "portability")
+
 
 def sample_std(values: Sequence[float]) -> float | None:
     """Sample standard deviation (n - 1 in the denominator), None for fewer than two values."""
@@ -63,6 +67,46 @@ class EvalResult:
         """
         return {m: summarize_values(self.values(m)) for m in METRICS}
 
+    def category_values(self, metric: str) -> dict[str, list[float]]:
+        """The per-record values of ``metric`` (Locality or Portability) within each category, in the
+        order the categories are first seen; empty when no record has categories."""
+        out: dict[str, list[float]] = {}
+        for record in self.records:
+            for name, value in (record.get(f"{metric}_by_category") or {}).items():
+                if value is not None:
+                    out.setdefault(name, []).append(value)
+        return out
+
+    def category_summary(self) -> dict[str, dict[str, dict[str, float | int | None]]]:
+        """Locality and Portability by category, as ``summary`` gives a metric: ``{metric: {category:
+        {"mean": x100, "std": x100, "n": records with that category}}}``; only metrics with categories.
+
+        The mean of a category is the mean over records of the record's mean within it (EasyEdit's
+        KnowEdit summary); a metric's overall value stays the mean over records of the record's mean
+        over its categories.
+        """
+        out = {}
+        for metric in CATEGORY_METRICS:
+            values = self.category_values(metric)
+            if values:
+                out[metric] = {name: summarize_values(v) for name, v in values.items()}
+        return out
+
+
+def _pooled(per_seed: Sequence[dict[str, float | int | None]]) -> dict[str, Any]:
+    """One metric over seeds from its per-seed summaries (``aggregate``'s fields)."""
+    present = [s for s in per_seed if s["n"]]
+    means = [s["mean"] for s in present]
+    stds = [s["std"] for s in present if s["std"] is not None]
+    return {
+        "mean": math.fsum(means) / len(means) if means else None,
+        "std": math.fsum(stds) / len(stds) if stds else None,
+        "std_seeds": sample_std(means),
+        "n": sum(s["n"] for s in per_seed),
+        "n_seeds": len(present),
+        "seed_means": means,
+    }
+
 
 def aggregate(results: Sequence[EvalResult]) -> dict[str, dict[str, Any]]:
     """Summary of several results of one method (one per seed).
@@ -79,18 +123,20 @@ def aggregate(results: Sequence[EvalResult]) -> dict[str, dict[str, Any]]:
     """
     if not results:
         raise ValueError("aggregate() needs at least one result")
-    out: dict[str, dict[str, Any]] = {}
-    for metric in METRICS:
-        per_seed = [r.summary()[metric] for r in results]
-        present = [s for s in per_seed if s["n"]]
-        means = [s["mean"] for s in present]
-        stds = [s["std"] for s in present if s["std"] is not None]
-        out[metric] = {
-            "mean": math.fsum(means) / len(means) if means else None,
-            "std": math.fsum(stds) / len(stds) if stds else None,
-            "std_seeds": sample_std(means),
-            "n": sum(s["n"] for s in per_seed),
-            "n_seeds": len(present),
-            "seed_means": means,
-        }
+    summaries = [r.summary() for r in results]
+    return {metric: _pooled([s[metric] for s in summaries]) for metric in METRICS}
+
+
+def aggregate_categories(results: Sequence[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Locality and Portability by category over seeds, with ``aggregate``'s fields: ``{metric: {category:
+    {...}}}``, only for metrics with categories (empty for data without them)."""
+    if not results:
+        raise ValueError("aggregate_categories() needs at least one result")
+    empty = summarize_values([])
+    summaries = [r.category_summary() for r in results]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for metric in CATEGORY_METRICS:
+        names = list(dict.fromkeys(name for s in summaries for name in s.get(metric, {})))
+        if names:
+            out[metric] = {name: _pooled([s.get(metric, {}).get(name, empty) for s in summaries]) for name in names}
     return out
