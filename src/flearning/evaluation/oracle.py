@@ -107,7 +107,9 @@ def evaluate_oracle(
     start = time.perf_counter()
     rows: list[dict[str, Any]] = []
     try:
-        for record in progress_bar(records, desc="one at a time", unit="record", enabled=progress, leave=False):
+        for record in progress_bar(
+            records, desc="one at a time", unit="record", enabled=progress, leave=False
+        ):
             probes = record_probes(tokenizer, record)
 
             def score(p: Probe, m: PreTrainedModel = model) -> ProbeScore:

@@ -106,7 +106,9 @@ def markdown_categories(categories: Mapping[str, Mapping[str, Mapping[str, Mappi
     """Methods x (metric: category) Markdown table of ``format_cell`` values and counts, or "" when no
     method's data has categories (``categories``: method -> ``aggregate_categories``)."""
     columns = list(
-        dict.fromkeys((metric, name) for cats in categories.values() for metric in cats for name in cats[metric])
+        dict.fromkeys(
+            (metric, name) for cats in categories.values() for metric in cats for name in cats[metric]
+        )
     )
     if not columns:
         return ""

@@ -138,5 +138,7 @@ def aggregate_categories(results: Sequence[EvalResult]) -> dict[str, dict[str, d
     for metric in CATEGORY_METRICS:
         names = list(dict.fromkeys(name for s in summaries for name in s.get(metric, {})))
         if names:
-            out[metric] = {name: _pooled([s.get(metric, {}).get(name, empty) for s in summaries]) for name in names}
+            out[metric] = {
+                name: _pooled([s.get(metric, {}).get(name, empty) for s in summaries]) for name in names
+            }
     return out
