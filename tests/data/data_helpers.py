@@ -83,3 +83,43 @@ def write_json(path: Path, value: Any) -> Path:
 def write_jsonl(path: Path, values: list[Any]) -> Path:
     path.write_text("".join(json.dumps(v, ensure_ascii=False) + "\n" for v in values), encoding="utf-8")
     return path
+
+
+# A user's own column names for the project's fields (``--field FIELD=COLUMN``).
+USER_COLUMNS = {
+    "id": "fact_id",
+    "prompt": "question",
+    "target_old": "answer_before",
+    "target_new": "answer_after",
+    "subject": "entity",
+    "rephrase_prompts": "paraphrases",
+    "locality": "neighbours",
+}
+
+
+def field_option(mapping: dict[str, str] = USER_COLUMNS) -> str:
+    """``--field``'s value for ``mapping``: ``prompt=question,target_old=answer_before,...``."""
+    return ",".join(f"{field}={column}" for field, column in mapping.items())
+
+
+def user_record(record: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    """``record`` (the project's fields) under the user's column names, with ``extra`` columns."""
+    return {USER_COLUMNS.get(key, key): value for key, value in record.items()} | extra
+
+
+def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """A real Parquet file written by pyarrow."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """A real CSV file written by pyarrow (every value quoted text)."""
+    import pyarrow as pa
+    import pyarrow.csv as pc
+
+    pc.write_csv(pa.Table.from_pylist(rows), path)
+    return path

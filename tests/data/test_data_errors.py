@@ -121,7 +121,11 @@ def test_jsonl_format_on_a_json_list(tmp_path):
 
 def test_missing_file_and_directory(tmp_path):
     assert error_text(tmp_path / "nope.json") == one(tmp_path / "nope.json", "no such file")
-    assert error_text(tmp_path) == one(tmp_path, "is a directory, not a file")
+    assert error_text(tmp_path) == one(
+        tmp_path,
+        "is a directory, not a file (a datasets directory, written by save_to_disk, holds "
+        "dataset_dict.json or state.json)",
+    )
 
 
 def test_not_utf8(tmp_path):

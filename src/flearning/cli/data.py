@@ -12,8 +12,19 @@ from typing import Any
 
 import typer
 
-from flearning.data.formats import FORMATS
+from flearning.data.formats import FORMATS, JSONL_FIELDS
 from flearning.data.summary import LengthFn
+
+# The data options flearn update, eval and bench share with data check (the rules: data/README.md).
+DATA_HELP = (
+    "a JSON list or .jsonl file, a .parquet or .csv file, a directory written by datasets' save_to_disk, or "
+    "a hub dataset (hf:owner/name) from your Hugging Face cache"
+)
+FIELD_HELP = (
+    "Read your own column names as the project's fields: FIELD=COLUMN, repeatable or comma-separated "
+    f"(e.g. prompt=question,target_new=answer); fields: {', '.join(JSONL_FIELDS)}."
+)
+SPLIT_HELP = "The split of a DatasetDict directory or a hub dataset (default: its only split)."
 
 data_app = typer.Typer(
     help="Validate and summarise knowledge datasets.",
@@ -126,6 +137,13 @@ def render_summary(summary: dict[str, Any], model_label: str | None) -> None:
     facts.add_column(style="bold")
     facts.add_column(overflow="fold")  # the full sha256 matters more than a tidy column
     facts.add_row("format", summary["format"])
+    if summary.get("reader", "json") != "json":
+        split = f", split {summary['split']}" if summary.get("split") else ""
+        facts.add_row("read as", f"{summary['reader']}{split}")
+    if summary.get("fields"):
+        facts.add_row("fields", ", ".join(f"{k}={v}" for k, v in summary["fields"].items()))
+    if summary.get("unused_columns"):
+        facts.add_row("columns not read", ", ".join(summary["unused_columns"]))
     facts.add_row("sha256", summary["sha256"])
     facts.add_row("records", f"{raw} in the file, {kept} kept")
     for reason, n in summary["dropped"].items():
@@ -166,10 +184,12 @@ def render_summary(summary: dict[str, Any], model_label: str | None) -> None:
 
 @data_app.command("check")
 def check_command(
-    file: Path = typer.Argument(..., help="Dataset file: a JSON list or a .jsonl file.", show_default=False),
+    file: Path = typer.Argument(..., help=f"The dataset: {DATA_HELP}.", show_default=False),
     fmt: str | None = typer.Option(
         None, "--format", "-f", help=f"One of: {', '.join(FORMATS)}. Detected from the content when omitted."
     ),
+    field: list[str] | None = typer.Option(None, "--field", help=FIELD_HELP, show_default=False),
+    split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
     strict: bool = typer.Option(False, "--strict", help="Report records that would be dropped as errors."),
     model: str | None = typer.Option(
         None,
@@ -184,11 +204,12 @@ def check_command(
     """Validate a dataset and summarise it: format, counts, drops, field coverage, lengths; warn about
     records longer than the model's context (with a model) and conflicting edits (one prompt, two new
     targets)."""
+    from flearning.data.fields import parse_fields
     from flearning.data.loading import load_dataset
     from flearning.data.summary import summarize
 
     # Load first: a bad file is reported before any tokenizer is loaded.
-    dataset = load_dataset(file, fmt, strict=strict)
+    dataset = load_dataset(file, fmt, strict=strict, fields=parse_fields(field), split=split)
     tokenizer = limit = None
     if model is None or model.strip().lower() != NO_MODEL:
         tokenizer, limit = model_tokenizer(model)

@@ -11,7 +11,7 @@ of both files are reported together. The drop rules run once more on the joined 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -61,20 +61,23 @@ def load_update_data(
     *,
     strict: bool = False,
     limit: int | None = None,
+    fields: Mapping[str, str] | None = None,
+    split: str | None = None,
 ) -> UpdateData:
-    """The facts of an update from one file (``old == new``) or a split pair, joined.
+    """The facts of an update from one file (``old == new``) or a split pair, joined; ``fields`` and
+    ``split`` (``loading.load_dataset``) apply to both files.
 
     Raises:
         InputError: every problem of both files and of the join (``FILE:line N:FIELD: what``).
     """
     if Path(old) == Path(new):
-        dataset = load_dataset(old, fmt, strict=strict, limit=limit)
+        dataset = load_dataset(old, fmt, strict=strict, limit=limit, fields=fields, split=split)
         return UpdateData(dataset, dataset, list(dataset.records), dataset.locations)
     loaded: dict[str, LoadedDataset] = {}
     problems: list[Problem] = []
     for part, path in (("old", old), ("new", new)):
         try:
-            loaded[part] = load_dataset(path, fmt, strict=strict, part=part)
+            loaded[part] = load_dataset(path, fmt, strict=strict, part=part, fields=fields, split=split)
         except InputError as ex:
             problems += ex.problems
     if problems:
@@ -157,7 +160,8 @@ def join(
         )
         locations.append(where)
     if problems:
-        problems.sort(key=lambda p: (p.source != str(old.path), p.record if p.record is not None else -1))
+        first = old.locations[0].source if old.locations else str(old.path)  # with [split] for a split
+        problems.sort(key=lambda p: (p.source != first, p.record if p.record is not None else -1))
         raise InputError(problems, what="dataset")
     if not records:
         raise FlearnError(

@@ -1,10 +1,13 @@
-"""Load a knowledge dataset file into ``KnowledgeRecord``s, or report everything wrong with it at once.
+"""Load a knowledge dataset into ``KnowledgeRecord``s, or report everything wrong with it at once.
 
-The format (``FORMATS``: ``zsre``, ``counterfact``, ``counterfact-rome``, the project's ``jsonl``) is
-detected from the content when not given. Records whose old or new target is empty, or unchanged, are
-dropped and counted per reason (``DROP_REASONS``; errors with ``strict=True``). Every problem is raised
-together as one ``InputError`` naming the file, record (or line) and field: nothing is half-loaded.
-Field mappings, detection rules and messages: ``data/README.md``.
+A dataset is a JSON list or JSON Lines file, or a table read through ``datasets`` (``sources``: Parquet,
+CSV, a ``save_to_disk`` directory, a hub dataset). The format (``FORMATS``: ``zsre``, ``counterfact``,
+``counterfact-rome``, the project's ``jsonl`` fields) is detected from the content when not given; a
+field mapping (``fields``: ``--field prompt=question``) reads the user's own columns as the project's
+fields. Records whose old or new target is empty, or unchanged, are dropped and counted per reason
+(``DROP_REASONS``; errors with ``strict=True``). Every problem is raised together as one ``InputError``
+naming the file, record (or line) and field: nothing is half-loaded. Field mappings, detection rules and
+messages: ``data/README.md``.
 """
 
 from __future__ import annotations
@@ -13,11 +16,12 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from flearning.data.fields import FIELD_OPTION, check_columns, map_record, rename_problems, unused_columns
 from flearning.data.formats import (
     FORMATS,
     PARSERS,
@@ -27,6 +31,7 @@ from flearning.data.formats import (
     json_type,
 )
 from flearning.data.records import KnowledgeRecord
+from flearning.data.sources import EMPTY_TABLE, SPLIT_OPTION, Source, read_table, resolve_source
 from flearning.errors import FlearnError, InputError, Problem
 
 log = logging.getLogger(__name__)
@@ -45,8 +50,8 @@ PARTS = ("both", "old", "new")
 
 @dataclass(frozen=True)
 class Location:
-    """Where a record is: its file and its 0-based position in a JSON list (``record N``) or its 1-based
-    line in a JSON Lines file (``line N``), as problems name it."""
+    """Where a record is: its file and its 0-based position in a JSON list or a table (``record N``) or
+    its 1-based line in a JSON Lines file (``line N``), as problems name it."""
 
     source: str
     index: int
@@ -62,15 +67,21 @@ class LoadedDataset:
 
     Attributes:
         records: kept records, in file order (at most ``limit`` of them).
-        format: the format used (given or detected).
-        path: the file.
-        n_raw: number of records in the file (JSON list entries, or non-blank JSONL lines).
+        format: the format used (given or detected; ``jsonl``: the project's fields, also of a table or a
+            mapped file).
+        path: the file, directory or hub dataset as given.
+        n_raw: number of records in the file (JSON list entries, non-blank JSONL lines, table rows).
         dropped: reason → count for records removed by the drop rules, over the whole file
             (only reasons that occurred).
-        sha256: hex digest of the file's bytes.
+        sha256: hex digest of the file's bytes (of the rows as JSON for a directory or a hub dataset).
         locations: where each kept record is in the file (parallel to ``records``).
         has_ids: every kept record has its own id (not its position).
         part: ``both``, or ``old``/``new`` for one file of a split pair (the other target is "").
+        reader: ``json`` (a JSON list or JSON Lines), ``parquet``, ``csv``, ``disk`` (a ``save_to_disk``
+            directory) or ``hub``.
+        split: the split read (a ``DatasetDict`` directory or a hub dataset), else None.
+        fields: the field mapping used (``{field: column}``), else None.
+        unused_columns: columns of a table or mapped file that no field reads.
     """
 
     records: list[KnowledgeRecord]
@@ -82,6 +93,10 @@ class LoadedDataset:
     locations: tuple[Location, ...] = ()
     has_ids: bool = False
     part: str = "both"
+    reader: str = "json"
+    split: str | None = None
+    fields: dict[str, str] | None = None
+    unused_columns: tuple[str, ...] = ()
 
     @property
     def n_dropped(self) -> int:
@@ -245,6 +260,72 @@ def _raw_items(
     return fmt, "record", list(enumerate(document)), []
 
 
+def _table_format(columns: tuple[str, ...], source: str) -> str:
+    """The format of a table, judged from its columns: the project's fields when it has ``target_old``, or
+    ``target_new`` and no ``ground_truth`` (the new file of a split pair); else as a JSON list's record."""
+    keys = dict.fromkeys(columns)
+    fmt = detect_record_format(keys)
+    if fmt in (None, "counterfact") and (
+        "target_old" in keys or ("target_new" in keys and "ground_truth" not in keys)
+    ):
+        return "jsonl"
+    if fmt is None:
+        raise _file_error(
+            source,
+            f"cannot detect the format from the columns ({', '.join(columns) or 'none'}): expected the "
+            "project's fields (prompt, target_old, target_new), zsre (src, answers, alt), counterfact "
+            "(prompt, ground_truth, target_new) or counterfact-rome (requested_rewrite); map your own "
+            f"columns with {FIELD_OPTION} prompt=COLUMN,target_old=COLUMN,target_new=COLUMN",
+        )
+    return fmt
+
+
+def _mapped_items(text: str, source: str) -> tuple[str, list[tuple[int, Any]], list[Problem]]:
+    """A JSON list or JSON Lines file whose records are mapped (``fields``): a list when the text starts
+    with ``[``, else one object per line. Returns ``(kind, [(index, raw value)], problems)``."""
+    if text.lstrip().startswith("["):
+        document = _decode_json(text, source)
+        if not document:
+            raise _file_error(source, "the JSON list holds no records")
+        return "record", list(enumerate(document)), []
+    values, problems = _decode_jsonl(text, source)
+    return "line", values, problems
+
+
+def _columns(items: list[tuple[int, Any]]) -> list[str]:
+    """The fields of a JSON file's records, in order of first appearance."""
+    return list(dict.fromkeys(key for _, raw in items if isinstance(raw, dict) for key in raw))
+
+
+def _project_fields(
+    items: list[tuple[int, Any]],
+    columns: list[str] | tuple[str, ...],
+    fields: Mapping[str, str] | None,
+    source: str,
+    part: str,
+) -> tuple[list[tuple[int, Any]], tuple[str, ...]]:
+    """Records of the project's fields read from a table or through a mapping: the mapping checked against
+    the columns (every problem at once), each record mapped, the columns no field reads named once.
+
+    Returns:
+        ``([(index, mapped record)], unused columns)``.
+    """
+    if fields:
+        problems = check_columns(fields, columns, source, part=part)
+        if problems:
+            raise InputError(problems, what="dataset")
+    unused = tuple(unused_columns(fields, columns))
+    if unused:
+        log.warning(
+            "%s: columns not read: %s (map one onto a field with %s FIELD=COLUMN)",
+            source,
+            ", ".join(unused),
+            FIELD_OPTION,
+        )
+    mapped = [(index, map_record(raw, fields) if isinstance(raw, dict) else raw) for index, raw in items]
+    return mapped, unused
+
+
 def _drop_reason(candidate: Candidate, part: str = "both") -> tuple[str, str] | None:
     """``(reason, source field)`` if the record cannot be used as an update, else None. One file of a
     split pair is checked for its own target only; the pair is checked once joined (``data.joining``)."""
@@ -333,6 +414,52 @@ def _convert(
     return kept, locations, own_ids and bool(kept), dropped, problems
 
 
+@dataclass
+class _Read:
+    """A dataset read and its format settled: ``items`` are ``(index, raw record)`` as the format's parser
+    reads them (mapped to the project's fields for a mapping or a table of them), ``kind`` what ``index``
+    counts, ``source`` how problems name the dataset, ``problems`` its malformed JSON Lines lines."""
+
+    fmt: str
+    kind: str
+    source: str
+    items: list[tuple[int, Any]]
+    problems: list[Problem]
+    sha256: str
+    split: str | None = None
+    unused: tuple[str, ...] = ()
+
+
+def _read(
+    found: Source, fmt: str | None, fields: Mapping[str, str] | None, split: str | None, part: str
+) -> _Read:
+    """Read the dataset (a JSON file, or a table through ``sources``) and settle its format."""
+    source = str(found.path)
+    if found.is_table:
+        table = read_table(found, split)
+        if not table.rows:
+            raise _file_error(table.name, EMPTY_TABLE)
+        items: list[tuple[int, Any]] = list(enumerate(table.rows))
+        fmt = "jsonl" if fields else fmt or _table_format(table.columns, table.name)
+        unused: tuple[str, ...] = ()
+        if fmt == "jsonl":
+            items, unused = _project_fields(items, table.columns, fields, table.name, part)
+        return _Read(fmt, "record", table.name, items, [], table.sha256, table.split, unused)
+    if split is not None:
+        raise _file_error(
+            source,
+            f"{SPLIT_OPTION} {split}: a JSON file has no splits ({SPLIT_OPTION} picks a split of a datasets "
+            "directory written from a DatasetDict, or of a hub dataset)",
+        )
+    text, digest = _read_text(found.path.expanduser(), source)
+    if not fields:
+        fmt, kind, items, problems = _raw_items(found.path, text, fmt, source)
+        return _Read(fmt, kind, source, items, problems, digest)
+    kind, items, problems = _mapped_items(text, source)
+    items, unused = _project_fields(items, _columns(items), fields, source, part)
+    return _Read("jsonl", kind, source, items, problems, digest, None, unused)
+
+
 def load_dataset(
     path: str | os.PathLike[str],
     fmt: str | None = None,
@@ -340,23 +467,31 @@ def load_dataset(
     strict: bool = False,
     limit: int | None = None,
     part: str = "both",
+    fields: Mapping[str, str] | None = None,
+    split: str | None = None,
 ) -> LoadedDataset:
-    """Read, validate and convert a dataset file.
+    """Read, validate and convert a dataset.
 
     Args:
-        path: the file (.json list or .jsonl).
+        path: a .json list or .jsonl file, a .parquet or .csv file, a directory written by
+            ``save_to_disk``, or a hub dataset (``hf:owner/name``; ``owner/name`` when nothing local is
+            named ``owner``), loaded through the user's cache (``sources``).
         fmt: one of ``FORMATS``; detected from the content when None.
         strict: report records that the drop rules would remove as errors instead of dropping them.
         limit: keep at most this many records (the first ones kept, in file order). The whole file is
             still validated and ``dropped`` counts the whole file.
         part: ``both`` (every record holds both targets), or ``old``/``new``: the file is one of a split
             pair and holds that target (the other may be absent; ``data.joining`` joins the pair).
+        fields: ``{field: column}``: read the user's columns as the project's fields (format ``jsonl``).
+        split: the split of a ``DatasetDict`` directory or a hub dataset (default: its only split).
     Returns:
         A ``LoadedDataset`` with at least one record.
     Raises:
         InputError: listing every problem (``FILE:record N:FIELD: message``; ``line N`` for JSONL).
+        FlearnError: a hub dataset cannot be loaded (offline and not cached, unknown, ...).
     """
-    path = Path(path)
+    found = resolve_source(path)
+    path = found.path
     source = str(path)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise FlearnError(f"limit must be a positive integer, got {limit!r}")
@@ -364,14 +499,21 @@ def load_dataset(
         raise ValueError(f"part must be one of {PARTS}, not {part!r}")
     if fmt is not None:
         fmt = normalize_format(fmt, source)
-    text, digest = _read_text(path, source)
-    fmt, kind, items, problems = _raw_items(path, text, fmt, source)
+    fields = dict(fields) if fields else None
+    if fields and fmt not in (None, "jsonl"):
+        raise _file_error(
+            source,
+            f"{FIELD_OPTION} maps columns onto the project's fields (format jsonl); it cannot be combined "
+            f"with --format {fmt}",
+        )
+    read = _read(found, fmt, fields, split, part)
+    fmt, source, items, problems = read.fmt, read.source, read.items, read.problems
 
     kept, locations, has_ids, dropped, record_problems = _convert(
-        items, fmt, kind, source, strict=strict, part=part
+        items, fmt, read.kind, source, strict=strict, part=part
     )
     # Malformed JSONL lines were found while decoding; merge them in file order (the sort is stable).
-    problems += record_problems
+    problems += rename_problems(record_problems, fields)
     if problems:
         problems.sort(key=lambda p: -1 if p.record is None else p.record)
         raise InputError(problems, what="dataset")
@@ -391,10 +533,14 @@ def load_dataset(
         path=path,
         n_raw=len(items),
         dropped=dict(sorted(dropped.items())),
-        sha256=digest,
+        sha256=read.sha256,
         locations=tuple(locations),
         has_ids=has_ids,
         part=part,
+        reader=found.kind,
+        split=read.split,
+        fields=fields,
+        unused_columns=read.unused,
     )
 
 
@@ -404,6 +550,8 @@ def load_records(
     *,
     strict: bool = False,
     limit: int | None = None,
+    fields: Mapping[str, str] | None = None,
+    split: str | None = None,
 ) -> list[KnowledgeRecord]:
-    """The records of ``load_dataset(path, fmt, strict=strict, limit=limit)``."""
-    return load_dataset(path, fmt, strict=strict, limit=limit).records
+    """The records of ``load_dataset(path, fmt, strict=strict, limit=limit, fields=fields, split=split)``."""
+    return load_dataset(path, fmt, strict=strict, limit=limit, fields=fields, split=split).records

@@ -101,7 +101,8 @@ def summarize(dataset: LoadedDataset, length_fn: LengthFn, unit: str) -> dict[st
         length_fn: length of ``prompt + " " + target``.
         unit: name of the length unit ("tokens" or "words").
     Returns:
-        A dict with file facts, counts, coverage and length statistics; the histogram is over the
+        A dict with file facts (path, format, how it was read: ``reader``, ``split``, ``fields``, the
+        ``unused_columns``), counts, coverage and length statistics; the histogram is over the
         edit prompt + new target (the sequences the learning stage trains on).
     """
     records = dataset.records
@@ -110,6 +111,10 @@ def summarize(dataset: LoadedDataset, length_fn: LengthFn, unit: str) -> dict[st
     return {
         "path": str(dataset.path),
         "format": dataset.format,
+        "reader": dataset.reader,
+        "split": dataset.split,
+        "fields": dataset.fields,
+        "unused_columns": list(dataset.unused_columns),
         "sha256": dataset.sha256,
         "n_raw": dataset.n_raw,
         "n_kept": len(records),
