@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from flearning.cli.data import FIELD_HELP, SPLIT_HELP
+
 
 def _parse_data(items: list[str] | None) -> dict[str, str] | None:
     if not items:
@@ -33,8 +35,13 @@ def bench_command(
     data: list[str] | None = typer.Option(
         None,
         "--data",
-        help="NAME=PATH, repeatable (default: the full datasets under --data-root if there, else the shipped samples).",
+        help="NAME=PATH, repeatable (default: the full datasets under --data-root if there, else the shipped samples); "
+        "PATH as flearn update's --data (a JSON, Parquet or CSV file, a save_to_disk directory, hf:owner/name).",
     ),
+    field: list[str] | None = typer.Option(
+        None, "--field", help=f"{FIELD_HELP} Applies to every --data file.", show_default=False
+    ),
+    split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
     data_root: Path | None = typer.Option(
         None,
         "--data-root",
@@ -63,12 +70,15 @@ def bench_command(
     Example: flearn bench --profile quick --out runs/bench-quick
     """
     from flearning.config import BenchConfig, load_config
+    from flearning.data.fields import parse_fields
     from flearning.recipes.bench import default_out, run_bench
 
     cli = {
         "model": model,
         "data_root": data_root,
         "data": _parse_data(data),
+        "fields": parse_fields(field),
+        "split": split,
         "n": n,
         "n_val": n_val,
         "out": out,

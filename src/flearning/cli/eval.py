@@ -10,6 +10,7 @@ from pathlib import Path
 
 import typer
 
+from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP
 from flearning.cli.tables import summary_table
 from flearning.evaluation.definitions import (
     DEFAULT_BATCH_SIZE,
@@ -24,7 +25,7 @@ def eval_command(
         ...,
         "--data",
         "-d",
-        help="Dataset file (zsre, counterfact, counterfact-rome or jsonl).",
+        help=f"The dataset (zsre, counterfact, counterfact-rome or jsonl): {DATA_HELP}.",
         show_default=False,
     ),
     out: Path = typer.Option(
@@ -51,6 +52,8 @@ def eval_command(
         None, "--reference", "-r", help="The model before the update, for Locality (omitted: no Locality)."
     ),
     fmt: str | None = typer.Option(None, "--format", "-f", help="Dataset format; detected when omitted."),
+    field: list[str] | None = typer.Option(None, "--field", help=FIELD_HELP, show_default=False),
+    split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Evaluate the first N records only."),
     batch_size: int = typer.Option(
         DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Rows per forward pass."
@@ -83,6 +86,7 @@ def eval_command(
     from flearning.cli.data import model_tokenizer
     from flearning.data import load_dataset
     from flearning.data.context import check_context
+    from flearning.data.fields import parse_fields
     from flearning.evaluation.evaluate import evaluate
     from flearning.evaluation.reference import reference_predictions
     from flearning.evaluation.report import REPORT_FILES, write_report
@@ -93,7 +97,7 @@ def eval_command(
     # The data first, and the context rule (data.context, as update applies it) from the model's tokenizer
     # and config alone: a bad file or a record longer than the context is refused (exit 2, naming file,
     # record and field) before any weights are loaded and before the output is touched.
-    dataset = load_dataset(data, fmt, limit=limit)
+    dataset = load_dataset(data, fmt, limit=limit, fields=parse_fields(field), split=split)
     context_tokenizer, context = model_tokenizer(model)
     records, cut = check_context(
         dataset.records, context_tokenizer, context, dataset.locations, truncate=truncate
@@ -148,6 +152,8 @@ def eval_command(
                 "data_sha256": dataset.sha256,
             }
         )
+        # how the data was read, when a split or a field mapping was used (data.sources, data.fields)
+        result.meta.update({k: v for k, v in (("split", dataset.split), ("fields", dataset.fields)) if v})
         if cut:
             result.meta["truncated"] = [item.to_json() for item in cut]
         method = name or Path(model or DEFAULT_MODEL).name

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import typer
 
+from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP
+
 
 def update_command(
     overrides: list[str] = typer.Argument(None, help="Config overrides as key=value (e.g. learn.lr=1e-4)."),
@@ -16,10 +18,18 @@ def update_command(
         help="YAML run configuration: a file, or a shipped config's name (demo, ft, ...).",
     ),
     model: str | None = typer.Option(None, "--model", "-m", help="Model directory, hub id, or smollm2-135m."),
-    data: Path | None = typer.Option(None, "--data", help="One file with old and new targets per fact."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help=f"The facts, with old and new targets: {DATA_HELP}.",
+    ),
     old: Path | None = typer.Option(None, "--old", help="File of the old facts (prompt → target_old)."),
     new: Path | None = typer.Option(None, "--new", help="File of the new facts (prompt → target_new)."),
     fmt: str | None = typer.Option(None, "--format", help="Data format (default: detected)."),
+    field: list[str] | None = typer.Option(
+        None, "--field", help=f"{FIELD_HELP} Config key: fields.", show_default=False
+    ),
+    split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
     method: str | None = typer.Option(
         None, "--method", help="ft, lora, ft-c, flearning-ft, flearning-lora, flearning-lora-ft."
     ),
@@ -88,6 +98,7 @@ def update_command(
         update_table,
     )
     from flearning.config import UpdateConfig, config_source, load_config, stage_plan
+    from flearning.data.fields import parse_fields
     from flearning.recipes.update import update
     from flearning.resources import resolve_config
 
@@ -97,6 +108,8 @@ def update_command(
         "old": old,
         "new": new,
         "format": fmt,
+        "fields": parse_fields(field),
+        "split": split,
         "method": method,
         "lambda": lam,
         "out": out,

@@ -47,6 +47,7 @@ from flearning.config.loading import (
 from flearning.config.loading import (
     validation_problems,
 )
+from flearning.data.fields import mapping_problems
 from flearning.errors import ConfigError, FlearnError, Problem
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.methods import METHODS, Method, get_method
@@ -99,6 +100,14 @@ def default_stage(
                 for p in problems
             ]
         raise ConfigError(problems) from ex
+
+
+def field_mapping(value: dict[str, str] | None) -> dict[str, str] | None:
+    """A ``fields`` setting checked (``data.fields``: the project's fields, non-empty column names)."""
+    problems = mapping_problems(value or {})
+    if problems:
+        raise PydanticCustomError("field_mapping", "{problems}", {"problems": "; ".join(problems)})
+    return value or None
 
 
 def _shipped_sample(value: Any) -> Any:
@@ -214,6 +223,10 @@ class UpdateConfig(BaseModel):
     old: Path | None = None
     new: Path | None = None
     format: str | None = None
+    # the user's own column names read as the project's fields ({field: column}: --field prompt=question),
+    # and the split of a DatasetDict directory or a hub dataset (data/README.md)
+    fields: dict[str, str] | None = None
+    split: str | None = None
     limit: ConfigInt | None = Field(None, ge=1)
     method: str = "flearning-ft"
     # λ > 0 forgets (θ' = θ − λ·Δ_old); a negative λ strengthens the old facts and is refused unless this
@@ -254,6 +267,11 @@ class UpdateConfig(BaseModel):
         if value < 0 and not info.data.get("allow_negative_lambda", False):
             raise negative_lambda(value)
         return value
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return field_mapping(value)
 
     @field_validator("method")
     @classmethod
@@ -474,6 +492,9 @@ class BenchConfig(BaseModel):
     model: str = DEFAULT_MODEL
     data_root: Path | None = None
     data: dict[str, Path] = Field(default_factory=lambda fields: default_data(fields.get("data_root")))
+    # the field mapping and the split every dataset of ``data`` is read with (as in UpdateConfig)
+    fields: dict[str, str] | None = None
+    split: str | None = None
     methods: list[str] = Field(default_factory=lambda: list(METHODS))
     n: ConfigInt = Field(200, ge=1)
     n_val: ConfigInt = Field(0, ge=0)
@@ -513,6 +534,11 @@ class BenchConfig(BaseModel):
             forget = default_stage(method.forget, self.lora, seed, overrides.given())
         learn = learn_config(method, full, lora, self.linf_bound)
         return StagePlan(learn=learn, forget=forget, lam=lam if lam is not None else 0.0)
+
+    @field_validator("fields")
+    @classmethod
+    def _known_fields(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        return field_mapping(value)
 
     @field_validator("methods")
     @classmethod

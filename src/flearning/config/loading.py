@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from flearning.errors import ConfigError, FlearnError, Problem
+from flearning.models.loading import HUB_PREFIX
 from flearning.resources import SAMPLE_PREFIX
 
 
@@ -187,10 +188,10 @@ def _exists(path: Path) -> bool:
 
 
 def _against(base: Path, value: Any, *, model: bool = False) -> Any:
-    """``value`` resolved against ``base`` when it is a relative path (not ``sample:NAME``, ``~/…``, or,
-    for a model, a name or hub id: a model is a path when it starts with ``./`` or ``../`` or names
-    something under ``base``)."""
-    if not isinstance(value, str) or not value or value.startswith((SAMPLE_PREFIX, "~")):
+    """``value`` resolved against ``base`` when it is a relative path (not ``sample:NAME``, ``~/…``, a hub
+    id ``hf:owner/name``, or, for a model, a name or hub id: a model is a path when it starts with ``./`` or
+    ``../`` or names something under ``base``)."""
+    if not isinstance(value, str) or not value or value.startswith((SAMPLE_PREFIX, "~", HUB_PREFIX)):
         return value
     if Path(value).is_absolute():
         return value

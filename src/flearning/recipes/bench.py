@@ -78,7 +78,7 @@ class Bench:
         from flearning.models import load_model, model_fingerprint
 
         for name, path in self.cfg.data.items():
-            ds = load_dataset(path)
+            ds = load_dataset(path, fields=self.cfg.fields, split=self.cfg.split)
             need = self.cfg.n + self.cfg.n_val
             if len(ds.records) < need:
                 raise FlearnError(

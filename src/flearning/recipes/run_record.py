@@ -64,14 +64,17 @@ def resumed_stages(work: Path | None) -> dict[str, str]:
 
 
 def data_record(path: Path, dataset: LoadedDataset) -> dict[str, Any]:
-    """One data file as ``run.json`` describes it."""
-    return {
+    """One data file as ``run.json`` describes it (a table also by its reader and split: ``data.sources``)."""
+    record = {
         "path": str(path),
         "format": dataset.format,
         "sha256": dataset.sha256,
         "records": len(dataset.records),
         "dropped": dataset.dropped,
     }
+    if dataset.reader != "json":
+        record.update(reader=dataset.reader, split=dataset.split)
+    return record
 
 
 def run_summary(

@@ -110,7 +110,9 @@ class UpdateRecipe:
         from flearning.data.summary import conflicting_edits
 
         cfg = self.cfg
-        self.data = load_update_data(self.old_file, self.new_file, cfg.format, limit=cfg.limit)
+        self.data = load_update_data(
+            self.old_file, self.new_file, cfg.format, limit=cfg.limit, fields=cfg.fields, split=cfg.split
+        )
         self.old_ds, self.new_ds = self.data.old, self.data.new
         self._use_records(self.data.records)
         for note in conflicting_edits(self.data.records, self.data.locations):
