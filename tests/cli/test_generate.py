@@ -114,6 +114,15 @@ def test_data_gives_edit_and_rephrase_prompts(tiny_model_dir, facts_file):
     assert "new0" in table and "old0" in table and facts[0]["rephrase_prompts"][0] in table
 
 
+def test_data_takes_a_shipped_sample(tiny_model_dir):
+    out = json.loads(
+        run("--model", tiny_model_dir, "--data", "sample:facts.jsonl", "-n", 1, "-t", 1, "--json")
+    )
+    assert (
+        out["results"][0]["id"] == "uk-prime-minister" and out["results"][0]["target_new"] == "Keir Starmer"
+    )
+
+
 def test_stop_at_newline(tiny_model_dir):
     out = json.loads(run("--model", tiny_model_dir, *PROMPTS, "-t", 12, "--stop-at-newline", "--json"))
     for result in out["results"]:
@@ -130,6 +139,7 @@ def test_stop_at_newline(tiny_model_dir):
         (["--model", "{model}"], "no prompts"),
         (["--model", "{model}", "Hello", "  "], "empty prompt (prompt 2)"),
         (["--model", "{model}", "Hello", "--limit", "2"], "--limit takes the first N records of --data"),
+        (["--model", "{model}", "Hello", "--split", "train"], "describe --data"),
         (["--model", "{model}", "--data", "{tmp}/missing.jsonl"], "missing.jsonl"),
         (["--model", "{model}", "--reference", "{tmp}/no-such-before", "Hello"], "no-such-before"),
         (["--model", "{model}", "x" * 300], "but the model takes at most 256"),

@@ -14,6 +14,7 @@ from huggingface_hub import ModelCard
 from flearning.config import UpdateConfig, parse_overrides
 from flearning.recipes.run_record import base_model, model_card, update_command
 from flearning.recipes.update import update
+from flearning.resources import sample_path
 from tiny import toy_facts
 
 FAST = {"learn": {"lr": 1e-2, "epochs": 2}, "forget": {"lr": 1e-2, "epochs": 1}, "eval_batch_size": 8}
@@ -118,6 +119,22 @@ def test_the_learning_stage_line(updated):
         "Learning stage: 2 epochs, kept epoch 2; it reached 95. Accuracy on the new facts after each epoch (×100): 50, 98."
         in text
     )
+
+
+def test_a_shipped_sample_is_named_sample_name_and_a_tables_split_is_kept(updated):
+    _, run = updated
+    summary = summary_with(run, "smollm2-135m", data_path=str(sample_path("facts.jsonl")))
+    summary["config"].update(data=str(sample_path("facts.jsonl")), split="validation")
+    text = ModelCard(model_card(summary)).text
+    assert "`sample:facts.jsonl` (6 records" in text
+    assert "--data sample:facts.jsonl --split validation --limit 5" in text
+    assert "data=sample:facts.jsonl" in text and "split=validation" in text
+
+
+def test_unmeasured_metrics_are_left_out_of_the_table(updated):
+    _, run = updated
+    assert run["metrics_after"]["fluency"]["mean"] is None  # not asked for
+    assert "| Fluency |" not in ModelCard(model_card(run)).text
 
 
 def test_without_evaluation_the_card_says_so(updated):

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP
 from flearning.errors import FlearnError
 
 if TYPE_CHECKING:
@@ -173,10 +174,12 @@ def generate_command(
         None,
         "--data",
         "-d",
-        help="Take each record's edit prompt and rephrase prompts from this dataset (any format flearn "
-        "reads), and show its old and new answers.",
+        help=f"Take each record's edit prompt and rephrase prompts from this dataset, and show its old and "
+        f"new answers: {DATA_HELP} (sample:NAME: a shipped sample).",
     ),
     fmt: str | None = typer.Option(None, "--format", "-f", help="Dataset format; detected when omitted."),
+    field: list[str] | None = typer.Option(None, "--field", help=FIELD_HELP, show_default=False),
+    split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
     limit: int | None = typer.Option(
         None, "--limit", "-n", min=1, help="The first N records of --data only."
     ),
@@ -214,10 +217,16 @@ def generate_command(
         raise FlearnError("--limit takes the first N records of --data; without --data there are none")
     if data is not None:
         from flearning.data import load_dataset
+        from flearning.data.fields import parse_fields
+        from flearning.resources import resolve_sample
 
-        items += data_prompts(load_dataset(data, fmt, limit=limit).records, rephrase=rephrase)
-    elif fmt is not None:
-        raise FlearnError("--format is the format of --data; without --data there is no file to read")
+        fields = parse_fields(field)
+        records = load_dataset(resolve_sample(data), fmt, limit=limit, fields=fields, split=split).records
+        items += data_prompts(records, rephrase=rephrase)
+    elif fmt is not None or field or split is not None:
+        raise FlearnError(
+            "--format, --field and --split describe --data; without --data there is nothing to read"
+        )
     if not items:
         raise FlearnError(
             'no prompts: give them as arguments (flearn generate -m DIR "prompt") or --data FILE'

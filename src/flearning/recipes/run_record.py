@@ -140,9 +140,29 @@ def _fmt(metrics: dict[str, Any] | None, name: str) -> str:
     return f"{metrics[name]['mean']:.1f}"
 
 
+def _mean(metrics: dict[str, Any] | None, name: str) -> float | None:
+    return ((metrics or {}).get(name) or {}).get("mean")
+
+
 def _change(before: dict[str, Any] | None, after: dict[str, Any] | None, name: str) -> str:
-    b, a = _fmt(before, name), _fmt(after, name)
-    return "" if "–" in (a, b) else f"{float(a) - float(b):+.1f}"
+    b, a = _mean(before, name), _mean(after, name)
+    return "" if a is None or b is None else f"{a - b:+.1f}"
+
+
+def shown_path(path: str | None) -> str | None:
+    """A path as a model card shows it: a shipped sample as ``sample:NAME`` (which every command reads,
+    wherever the package is installed), anything else as it was given."""
+    from flearning.resources import SAMPLE_PREFIX, samples_dir
+
+    if not path:
+        return path
+    given = Path(path)
+    try:
+        if given.is_file() and given.parent.resolve() == samples_dir().resolve():
+            return SAMPLE_PREFIX + given.name
+    except OSError:
+        pass
+    return path
 
 
 # A hub repository id (huggingface_hub's rule: [org/]name of word characters, '-', '.'; no '--' or '..'),
@@ -192,6 +212,8 @@ def _command_value(key: str, value: Any) -> str:
 
     from flearning.config import parse_overrides
 
+    if isinstance(value, str):
+        value = shown_path(value)
     pair = f"{key}={value}" if isinstance(value, str) else f"{key}={json.dumps(value)}"
     tree, problems = parse_overrides([pair])
     for part in key.split("."):
@@ -246,6 +268,7 @@ def _metrics_section(summary: dict[str, Any]) -> str:
     rows = "\n".join(
         f"| {METRIC_LABELS.get(n, n)} | {_fmt(before, n)} | {_fmt(after, n)} | {_change(before, after, n)} |"
         for n in after or before
+        if _mean(before, n) is not None or _mean(after, n) is not None  # Fluency only when measured
     )
     return f"""On the {_facts(summary["data"])} facts of the update, before (the base model) and after (this model):
 
@@ -291,11 +314,12 @@ def model_card(summary: dict[str, Any]) -> str:
     )
     old, new = data["old"], data["new"]
     facts = (
-        f"`{old['path']}` ({old['records']} records, format {old['format']}, sha256 {old['sha256'][:12]}…)"
+        f"`{shown_path(old['path'])}` ({old['records']} records, format {old['format']}, sha256 "
+        f"{old['sha256'][:12]}…)"
     )
     if new["path"] != old["path"] or new.get("sha256") != old.get("sha256"):
         facts = (
-            f"old facts {facts}; new facts `{new['path']}` ({new['records']} records, format "
+            f"old facts {facts}; new facts `{shown_path(new['path'])}` ({new['records']} records, format "
             f"{new['format']}, sha256 {new['sha256'][:12]}…)"
         )
     schedule = summary.get("learn_schedule") or {}
@@ -344,7 +368,7 @@ print(tokenizer.decode(output[0, inputs.input_ids.shape[1]:], skip_special_token
 See the change, prompt by prompt (greedy continuations before | after):
 
 ```bash
-{_shell_line("flearn generate", "--model", out, "--reference", reference, "--data", new["path"], "--limit", "5")}
+{_shell_line("flearn generate", "--model", out, "--reference", reference, *_data_options(config, new), "--limit", "5")}
 ```
 {vectors}
 ## How it was made
@@ -357,6 +381,16 @@ See the change, prompt by prompt (greedy continuations before | after):
 """
     card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}")  # parses and checks the metadata again
     return str(card)
+
+
+def _data_options(config: dict[str, Any], data: dict[str, Any]) -> list[str]:
+    """``--data`` (with ``--split`` and ``--field`` when the run used them) to read the new facts again."""
+    options = ["--data", shown_path(data["path"]) or ""]
+    if config.get("split"):
+        options += ["--split", str(config["split"])]
+    if config.get("fields"):
+        options += ["--field", ",".join(f"{k}={v}" for k, v in config["fields"].items())]
+    return options
 
 
 def _shell_line(command: str, *args: str) -> str:
