@@ -58,7 +58,10 @@ def test_iterating_and_a_resumed_count():
         clock.now += 95.0
         bar.update(1)
     bar.close()
-    assert stream.getvalue().splitlines()[0] == "bench runs: run 1/4 (25%), zsre seed 0 ft, 95.0 s/run, eta 4 min 45 s"
+    assert (
+        stream.getvalue().splitlines()[0]
+        == "bench runs: run 1/4 (25%), zsre seed 0 ft, 95.0 s/run, eta 4 min 45 s"
+    )
 
     stream, clock = io.StringIO(), FakeClock()
     bar = progress_bar(total=10, initial=6, desc="learn", unit="step", file=stream, interval=1.0, clock=clock)

@@ -8,11 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from data_helpers import counterfact_record, jsonl_record, rome_record, zsre_record
-from hypothesis import HealthCheck, event, given, settings
+from data_helpers import (
+    USER_COLUMNS,
+    counterfact_record,
+    jsonl_record,
+    rome_record,
+    user_record,
+    write_parquet,
+    zsre_record,
+)
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from flearning.data import FORMATS, KnowledgeRecord, LoadedDataset, load_dataset, save_jsonl
+from flearning.data.formats import JSONL_FIELDS
 from flearning.errors import InputError
 
 BUILDERS = {
@@ -174,3 +183,53 @@ def test_limit_never_exceeded(fuzz_dir, fmt_records, limit):
     limited = load_dataset(path, fmt, limit=limit)
     assert limited.records == full.records[:limit]
     assert limited.dropped == full.dropped
+
+
+# field mappings as a user may write them: right, partly right, misspelt fields and columns, blanks
+mappings = st.one_of(
+    st.just(USER_COLUMNS),
+    st.dictionaries(
+        st.sampled_from([*JSONL_FIELDS, "promt", ""]),
+        st.sampled_from([*USER_COLUMNS.values(), "nope", "", "prompt"]),
+        max_size=8,
+    ),
+)
+
+
+def _only_input_errors(path: Path, **kwargs: Any) -> LoadedDataset | None:
+    try:
+        ds = load_dataset(path, **kwargs)
+    except InputError as err:
+        event("InputError")
+        assert str(err).startswith("invalid dataset: ")
+        assert all(str(p).startswith(str(path)) for p in err.problems)
+        return None
+    event(f"loaded {ds.format}")
+    check_loaded(ds)
+    return ds
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(mutated(user_record(jsonl_record(0), topic="x")), min_size=1, max_size=4),
+    fields=mappings,
+)
+def test_mapped_json_lines_raise_only_input_errors(fuzz_dir, rows, fields):
+    path = fuzz_dir / "mapped.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), errors="surrogatepass")
+    _only_input_errors(path, fields=fields)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    rows=st.lists(mutated(user_record(jsonl_record(0))), min_size=1, max_size=3),
+    fields=mappings,
+)
+def test_mapped_parquet_raises_only_input_errors(fuzz_dir, rows, fields):
+    """Random rows that Arrow can store (one type per column) read through datasets."""
+    path = fuzz_dir / "mapped.parquet"
+    try:
+        write_parquet(path, rows)
+    except Exception:  # mixed types in a column, text Arrow cannot encode: not a Parquet file to test
+        assume(False)
+    _only_input_errors(path, fields=fields)

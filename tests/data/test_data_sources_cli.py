@@ -156,6 +156,40 @@ def test_update_dry_run_with_a_parquet_file_and_fields(tiny_model_dir, tmp_path,
     assert f"{path}:record 1:answer_before: missing (mapped to target_old)" in capsys.readouterr().err
 
 
+def test_eval_reads_a_dataset_dict_split_with_fields(tiny_model_dir, tmp_path, capsys):
+    directory = tmp_path / "facts-dd"
+    rows = user_rows(4)
+    datasets.DatasetDict(
+        {"train": datasets.Dataset.from_list(rows[:2]), "test": datasets.Dataset.from_list(rows[2:])}
+    ).save_to_disk(str(directory))
+    out = tmp_path / "report"
+    args = ["eval", "-m", str(tiny_model_dir), "-d", str(directory), "--no-generation", "--no-progress"]
+    assert main([*args, "--field", field_option(), "--split", "test", "-o", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    (meta,) = summary["methods"]["tiny-model"]["meta"]
+    assert (meta["data"], meta["format"], meta["split"]) == (str(directory), "jsonl", "test")
+    assert meta["fields"] == USER_COLUMNS
+    assert summary["methods"]["tiny-model"]["metrics"]["reliability"]["n"] == 2
+    capsys.readouterr()
+    assert main([*args, "--field", "prompt=query", "--split", "test", "-o", str(tmp_path / "r2")]) == 2
+    assert f"{directory}[test]:query: no such column (mapped to prompt" in capsys.readouterr().err
+    assert not (tmp_path / "r2").exists()  # refused before the output is touched
+
+
+def test_bench_takes_fields_and_split_for_every_dataset(tmp_path, capsys):
+    from flearning.config import BenchConfig
+
+    path = write_parquet(tmp_path / "facts.parquet", user_rows())
+    cli = {"data": {"mine": str(path)}, "fields": USER_COLUMNS, "split": None}
+    cfg = load_config(BenchConfig, None, [], cli)
+    assert (cfg.fields, cfg.split) == (USER_COLUMNS, None)
+    assert (
+        main(["bench", "--data", f"mine={path}", "--field", "promt=question", "--out", str(tmp_path / "b")])
+        == 2
+    )
+    assert "--field: 'promt' is not a field" in capsys.readouterr().err
+
+
 # --- fresh processes: hub ids offline, and no datasets at start-up --------------------------------
 
 

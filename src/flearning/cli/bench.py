@@ -63,7 +63,22 @@ def bench_command(
         False, "--allow-negative-lambda", help="Accept λ < 0 (it adds Δ_old: the old facts get stronger)."
     ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Output directory (results and cache)."),
-    no_progress: bool = typer.Option(False, "--no-progress"),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="Hide progress (a bar on a terminal, else a line every 10 s)."
+    ),
+    report_to: list[str] | None = typer.Option(
+        None,
+        "--report-to",
+        help="Log every stage and run to experiment trackers: tensorboard, wandb, mlflow, trackio (repeatable "
+        "or comma-separated; config key report_to; default none).",
+        show_default=False,
+    ),
+    run_name: str | None = typer.Option(
+        None, "--run-name", help="The tracked run's name (default: the bench directory's name)."
+    ),
+    logging_dir: Path | None = typer.Option(
+        None, "--logging-dir", help="Where TensorBoard and wandb write (default: OUT/logs/)."
+    ),
 ) -> None:
     """Run every method from the same primed model on ZsRE and CounterFact and tabulate them.
 
@@ -86,6 +101,9 @@ def bench_command(
         "seeds": list(range(seeds)) if seeds else None,
         "lambdas": None if lam is None else ("auto" if lam == "auto" else _floats(lam)),
         "allow_negative_lambda": True if allow_negative_lambda else None,
+        "report_to": ",".join(report_to) if report_to else None,
+        "run_name": run_name,
+        "logging_dir": logging_dir,
     }
     # every problem of the file, the options and the overrides at once (exit 2)
     cfg = load_config(BenchConfig, config, overrides or [], cli, profile=profile)

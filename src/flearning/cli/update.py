@@ -64,7 +64,24 @@ def update_command(
         "--trust-remote-code",
         help="Run the model repository's own code (off: only transformers' code).",
     ),
-    no_progress: bool = typer.Option(False, "--no-progress", help="Hide progress bars."),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="Hide progress (a bar on a terminal, else a line every 10 s)."
+    ),
+    report_to: list[str] | None = typer.Option(
+        None,
+        "--report-to",
+        help="Log the run to experiment trackers: tensorboard, wandb, mlflow, trackio (repeatable or "
+        "comma-separated; config key report_to; default none).",
+        show_default=False,
+    ),
+    run_name: str | None = typer.Option(
+        None, "--run-name", help="The tracked run's name (default: the output directory's name)."
+    ),
+    logging_dir: Path | None = typer.Option(
+        None,
+        "--logging-dir",
+        help="Where TensorBoard and wandb write (default: OUT/logs/, kept in OUT.partial/logs/ while running).",
+    ),
     resume: bool = typer.Option(
         False,
         "--resume",
@@ -121,6 +138,9 @@ def update_command(
         "save_vectors": False if no_vectors else None,
         "truncate": True if truncate else None,
         "trust_remote_code": True if trust_remote_code else None,
+        "report_to": ",".join(report_to) if report_to else None,
+        "run_name": run_name,
+        "logging_dir": logging_dir,
     }
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other")

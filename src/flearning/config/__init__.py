@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     GetPydanticSchema,
@@ -68,6 +70,30 @@ from flearning.training.config import (
 FULL_STAGE = {"lr": 5e-5, "epochs": 3.0, "batch_size": 8}
 LORA_STAGE = {"lr": 1e-3, "epochs": 5.0, "batch_size": 8}
 LINF_BOUND = 5e-4  # ε of ft-c: how far a constrained learning stage may move any weight from θ
+
+# The experiment trackers ``report_to`` may name (accelerate's integrations; recipes/tracking.py).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "trackio")
+TrackerName = Literal["tensorboard", "wandb", "mlflow", "trackio"]
+
+
+def _tracker_list(value: Any) -> Any:
+    """``report_to``: a list, or one text of names separated by commas (``--report-to tensorboard,wandb``,
+    ``report_to=wandb``); each name once."""
+    if isinstance(value, str):
+        value = [name.strip() for name in value.split(",") if name.strip()]
+    if isinstance(value, (list, tuple)):
+        return list(dict.fromkeys(value))
+    return value
+
+
+def _run_name(value: str) -> str:
+    if value in (".", "..") or "/" in value or "\\" in value:
+        raise ValueError(f"{value!r} cannot name a run: it is a directory name (no '/', not '.' or '..')")
+    return value
+
+
+ReportTo = Annotated[list[TrackerName], BeforeValidator(_tracker_list)]
+RunName = Annotated[str, Field(min_length=1), AfterValidator(_run_name)]
 
 
 def default_stage(
@@ -253,8 +279,24 @@ class UpdateConfig(BaseModel):
     save_vectors: ConfigBool = True
     trust_remote_code: ConfigBool = False
 
+    # experiment tracking (recipes/tracking.py), none by default: accelerate's trackers log one run named
+    # run_name (default: the output directory's name); TensorBoard and wandb write in logging_dir (default:
+    # the output's logs/, written in <out>.partial/logs/ while the update runs). Not part of what a
+    # resumed update must match.
+    report_to: ReportTo = Field(default_factory=list)
+    run_name: RunName | None = None
+    logging_dir: Path | None = None
+
     # fields holding paths, which a YAML file's relative paths are resolved for (``load_config``)
-    path_fields: ClassVar[tuple[str, ...]] = ("model", "data", "old", "new", "out", "learn.locality_probes")
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "model",
+        "data",
+        "old",
+        "new",
+        "out",
+        "learn.locality_probes",
+        "logging_dir",
+    )
 
     @field_validator("data", "old", "new", mode="before")
     @classmethod
@@ -429,7 +471,7 @@ DEFAULT_DATA_ROOT = Path("..") / "shared" / "data"
 FULL_DATA = {"zsre": "zsre/zsre_dev-2.8k.json", "counterfact": "counterfact/counterfact-val.json"}
 SAMPLE_DATA = {"zsre": "zsre-200.json", "counterfact": "counterfact-200.json"}
 # What a bench's output directory holds besides one report directory per dataset.
-RESERVED_NAMES = ("cache", "summary.json", "table.md")
+RESERVED_NAMES = ("cache", "summary.json", "table.md", "logs")
 
 
 def data_root(given: Path | None = None) -> Path:
@@ -520,8 +562,14 @@ class BenchConfig(BaseModel):
     out: Path | None = None
     trust_remote_code: ConfigBool = False
 
+    # experiment tracking (recipes/tracking.py), none by default: one run named run_name (default: the
+    # bench directory's name) for every stage and run of the bench; logging_dir default: its logs/
+    report_to: ReportTo = Field(default_factory=list)
+    run_name: RunName | None = None
+    logging_dir: Path | None = None
+
     # fields holding paths (``data`` maps names to paths), resolved against a YAML file's directory
-    path_fields: ClassVar[tuple[str, ...]] = ("model", "data_root", "data.*", "out")
+    path_fields: ClassVar[tuple[str, ...]] = ("model", "data_root", "data.*", "out", "logging_dir")
 
     def stage_plan(self, method: Method, seed: int, lam: float | None = None) -> StagePlan:
         """The stages of ``method`` at ``seed``: the same learning settings for every method, the forget

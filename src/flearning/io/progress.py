@@ -103,7 +103,11 @@ class LogLines(_std_tqdm):
     monitor_interval = 0  # no monitor thread: the lines are written from update/set_postfix only
 
     def __init__(
-        self, *args: Any, interval: float = LINE_INTERVAL, clock: Callable[[], float] | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        interval: float = LINE_INTERVAL,
+        clock: Callable[[], float] | None = None,
+        **kwargs: Any,
     ) -> None:
         self.interval = interval
         self._extra: list[str] = []  # set_postfix's key value pairs, or set_postfix_str's text
@@ -154,11 +158,8 @@ class LogLines(_std_tqdm):
     def _line(self, now: float, *, final: bool) -> str:
         unit, n, total = self.unit, self.n, self.total
         head = f"{self.desc}: " if self.desc else ""
-        if total:
-            parts = [f"{head}{unit} {n}/{total} ({100 * n / total:.0f}%)"]
-        else:
-            parts = [f"{head}{n} {unit}"]
-        parts += self._extra
+        count = f"{unit} {n}/{total} ({100 * n / total:.0f}%)" if total else f"{n} {unit}"
+        parts = [f"{head}{count}", *self._extra]
         if final:
             seconds = now - self.start_t
             done = n - self.initial

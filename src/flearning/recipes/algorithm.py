@@ -24,6 +24,7 @@ from flearning.distributed import on_main_process
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.methods import Method
 from flearning.recipes.stopping import StoppedStage, locality_budget, train_until
+from flearning.recipes.tracking import NO_TRACKING, Tracking
 from flearning.training import TrainConfig, train
 from flearning.vectors import KnowledgeVector, Provenance, forget
 
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from flearning.training.checkpoint import Checkpointing
+    from flearning.training.trainer import StatsCallback
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ def forget_stage(
     checkpoint: Checkpointing | None = None,
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
+    on_stats: StatsCallback | None = None,
 ) -> ForgetResult:
     """Δ_old = FT(θ, K_old) − θ, with full fine-tuning or LoRA as ``cfg.lora`` says; θ ends unchanged.
 
@@ -85,6 +88,7 @@ def forget_stage(
         checkpoint: where the training saves and resumes its state (``train``); dropped once Δ_old is
             in ``cache``.
         metadata: provenance stored with Δ_old (base model, method, data hash, ...).
+        on_stats: ``train``'s per-step callback (experiment tracking).
     """
     start = time.perf_counter()
     # the main process decides whether the stage is done (the others then read what it wrote)
@@ -103,6 +107,7 @@ def forget_stage(
         cfg,
         description=f"forget: {'LoRA' if lora else 'FT'} on old facts",
         progress=progress,
+        on_stats=on_stats,
         checkpoint=checkpoint,
     )
     if not lora:
@@ -156,6 +161,7 @@ def run_method(
     adapter_dir: Path | None = None,
     learn_checkpoint: Checkpointing | None = None,
     eval_batch_size: int = DEFAULT_BATCH_SIZE,
+    tracker: Tracking | None = None,
 ) -> MethodOutcome:
     """Update ``model`` (θ, holding the old facts) in place with ``method``; returns θ*.
 
@@ -173,10 +179,13 @@ def run_method(
         adapter_dir: where to save the adapter of a LoRA learning stage, before it is merged.
         learn_checkpoint: where the learning stage saves and resumes its state (``train``).
         eval_batch_size: rows per forward pass of the learning stage's stop-rule checks.
+        tracker: the run's experiment tracking (``recipes.tracking``): each stage's steps as
+            ``forget/...`` and ``learn/...``, and λ.
     Returns:
         ``MethodOutcome`` with θ*, Δ_old and, for a LoRA learning stage, the adapter.
     """
     outcome = MethodOutcome(model=model, forget=None, adapter_dir=None)
+    track = tracker if tracker is not None else NO_TRACKING
     # the learning stage's locality budget is measured against θ, the model before the update
     budget = locality_budget(model, tokenizer, plan.stop, eval_batch_size)
 
@@ -193,7 +202,9 @@ def run_method(
             checkpoint=forget_checkpoint,
             progress=progress,
             metadata=vector_metadata,
+            on_stats=track.stage("forget"),
         )
+        track.stage_done(stage.steps)
         outcome.forget = stage
         outcome.timings["forget_train"] = stage.seconds
         if stage.losses is not None:
@@ -202,6 +213,7 @@ def run_method(
             outcome.tokens["forget"] = stage.tokens
         start = time.perf_counter()
         forget(model, stage.vector, plan.lam)  # θ' = θ − λ·Δ_old
+        track.log({"lambda": plan.lam})
         outcome.timings["forget_apply"] = time.perf_counter() - start
 
     learn_cfg = plan.learn
@@ -217,8 +229,10 @@ def run_method(
         progress=progress,
         checkpoint=learn_checkpoint,
         batch_size=eval_batch_size,
+        on_stats=track.stage("learn"),
     )
     result = learned.result
+    track.stage_done(result.steps)
     outcome.learn = learned
     outcome.timings["learn_train"] = time.perf_counter() - start
     outcome.losses["learn"] = result.losses

@@ -25,6 +25,7 @@ from flearning.errors import FlearnError
 from flearning.methods import METHODS, get_method
 from flearning.recipes.bench_cache import Cache, RunRecord, forget_key, prime_key, run_key
 from flearning.recipes.bench_report import PRIMED, dataset_report, paper_table
+from flearning.recipes.tracking import NO_TRACKING, RunTracker, check_trackers, scalars
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -60,6 +61,8 @@ class Bench:
     def __init__(self, cfg: BenchConfig, *, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
+        check_trackers(cfg.report_to)  # report_to: every tracker's library is there (before any work)
+        self.tracker: RunTracker = NO_TRACKING  # report_to's trackers, while run() runs
         self.out = default_out(cfg)
         self.cache = Cache(self.out / "cache")
         # dataset -> (evaluated records, validation records); filled by setup()
@@ -118,7 +121,17 @@ class Bench:
             info = json.loads(info_path.read_text())
         else:
             model = copy.deepcopy(self.base)
-            result = prime(model, self.tokenizer, records, cfg, threshold=p.threshold, progress=self.progress)
+            scope = self.tracker.scoped(f"{dataset}/seed{seed}")
+            result = prime(
+                model,
+                self.tokenizer,
+                records,
+                cfg,
+                threshold=p.threshold,
+                progress=self.progress,
+                on_stats=scope.stage("prime"),
+            )
+            scope.stage_done(len(result.losses))
             self.counters["trained_prime"] += 1
             info = {
                 "dataset": dataset,
@@ -161,9 +174,11 @@ class Bench:
             fluency=self.cfg.fluency,
             split=split.name,
         )
+        scope = self.tracker.scoped(_run_scope(split, method_name, lam))
         cached = self.cache.load_run(key)
         if cached is not None:
             self.counters["cached_runs"] += 1
+            scope.log(scalars("eval", cached.result().summary()))
             return cached
         outcome = run_method(
             method,
@@ -179,6 +194,7 @@ class Bench:
             forget_cache=(
                 self.cache.vector_dir(forget_key(theta.key, split.name, plan.forget)) if plan.forget else None
             ),
+            tracker=scope,
         )
         if outcome.forget is not None and outcome.forget.trained:
             self.counters["trained_forget"] += 1
@@ -207,14 +223,37 @@ class Bench:
             {k: round(v, 3) for k, v in seconds.items()},
         )
         self.cache.save_run(key, run)
+        scope.log(scalars("eval", result.summary()))
         return run
 
     # ---- the protocol ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Set up, run the protocol (every stage and run logged to ``report_to``'s trackers), write."""
+        self.setup()
+        self.tracker = self._start_tracking()
+        try:
+            return self._protocol()
+        finally:
+            self.tracker.finish()
+
+    def _start_tracking(self) -> RunTracker:
+        """The bench's trackers (``recipes.tracking``): one run for all its stages and runs, named
+        ``run_name`` or the bench directory's name; local files in ``logging_dir``, else its ``logs/``."""
+        cfg = self.cfg
+        if not cfg.report_to:
+            return NO_TRACKING
+        return RunTracker(
+            cfg.report_to,
+            run_name=cfg.run_name or self.out.resolve().name,
+            logging_dir=cfg.logging_dir or self.out / "logs",
+            config=_portable(cfg.model_dump(mode="json")),
+            mlflow_artifacts=True,
+        )
+
+    def _protocol(self) -> dict[str, Any]:
         from flearning.evaluation.evaluate import evaluate
         from flearning.io.progress import progress_bar
 
-        self.setup()
         started = time.perf_counter()
         bar = progress_bar(total=self.planned_runs(), desc="bench runs", unit="run", enabled=self.progress)
         for dataset, (evaluated, validation) in self.datasets.items():
@@ -232,6 +271,8 @@ class Bench:
                     seed=seed,
                 )
                 info = dict(theta.info, metrics=primed_eval.summary())
+                primed_scope = self.tracker.scoped(f"{dataset}/seed{seed}/primed")
+                primed_scope.log(scalars("eval", primed_eval.summary()))
                 self.primes.setdefault(dataset, []).append(info)
                 self.runs.append(RunRecord(dataset, seed, PRIMED, None, "eval", primed_eval.records))
                 chosen = (
@@ -348,7 +389,13 @@ def run_bench(
         "inputs": {**given, "model": cfg.model, **(inputs or {})},
         "overwrite": False,
         "whole": False,
-        "entries": ["summary.json", "table.md", "cache", *cfg.data],
+        "entries": [
+            "summary.json",
+            "table.md",
+            "cache",
+            *cfg.data,
+            *(["logs"] if cfg.report_to and cfg.logging_dir is None else []),  # the trackers' files
+        ],
         "rerun": True,
     }
     with claim_output(out, within=[out / "cache"], **rule) as target:
@@ -358,12 +405,22 @@ def run_bench(
         return Bench(cfg, progress=progress).run()
 
 
+def _run_scope(split: Split, method_name: str, lam: float | None) -> str:
+    """Where a run's scalars go in the bench's tracking run: ``zsre/seed0/flearning-ft/lambda0.7/``
+    (the validation runs of ``lambdas: auto`` under ``zsre/seed0/val/``)."""
+    theta = split.theta
+    parts = [theta.dataset, f"seed{theta.seed}", *(["val"] if split.name == "val" else []), method_name]
+    if lam is not None:
+        parts.append(f"lambda{lam:g}")
+    return "/".join(parts)
+
+
 def _portable(config: dict[str, Any]) -> dict[str, Any]:
     """The configuration as recorded in ``summary.json``: its file paths relative to the current
     directory (the repository, for the shipped results), so results carry no machine's absolute paths."""
     config = dict(config)
     config["data"] = {name: os.path.relpath(path) for name, path in config["data"].items()}
-    for key in ("data_root", "out"):
+    for key in ("data_root", "out", "logging_dir"):
         if config.get(key):
             config[key] = os.path.relpath(config[key])
     return config

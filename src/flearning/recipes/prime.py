@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from flearning.training.trainer import StatsCallback
+
 
 @dataclass
 class PrimeResult:
@@ -44,6 +46,7 @@ def prime(
     *,
     threshold: float | None = None,
     progress: bool = True,
+    on_stats: StatsCallback | None = None,
 ) -> PrimeResult:
     """Fine-tune ``model`` in place on (prompt, target_old) until old-fact accuracy ≥ ``threshold``
     or ``cfg.epochs`` epochs have run.
@@ -55,6 +58,7 @@ def prime(
         cfg: stage settings; ``epochs`` is the maximum (default: ``PrimeSettings``, the bench's).
         threshold: stop as soon as accuracy reaches this (0..1; default: ``PrimeSettings.threshold``).
         progress: progress bars.
+        on_stats: ``train``'s per-step callback (experiment tracking).
     Returns:
         ``PrimeResult`` with θ, accuracy before/after and per-epoch history.
     """
@@ -70,6 +74,7 @@ def prime(
         StopRule(until_accuracy=threshold),
         description="prime: teach old facts",
         progress=progress,
+        on_stats=on_stats,
     )
     history = [(row["epoch"], row["accuracy"]) for row in stage.history]
     return PrimeResult(

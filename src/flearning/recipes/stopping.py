@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from flearning.training.checkpoint import Checkpointing
-    from flearning.training.trainer import StepCallback
+    from flearning.training.trainer import StatsCallback, StepCallback
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +126,7 @@ def train_until(
     checkpoint: Checkpointing | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_step: StepCallback | None = None,
+    on_stats: StatsCallback | None = None,
 ) -> StoppedStage:
     """``train`` on ``pairs``, ending the stage by ``rule`` (``cfg.epochs`` is the cap).
 
@@ -136,7 +137,7 @@ def train_until(
         checkpoint: the stage's checkpoints (``train``); the kept epoch's weights are saved beside them
             while a later epoch may still exceed the budget.
         batch_size: rows per forward pass of the checks.
-        on_step: ``train``'s per-step callback.
+        on_step, on_stats: ``train``'s per-step callbacks.
     """
     if rule is not None and rule.max_locality_drop is not None and budget is None:
         raise ValueError("a stop rule with a locality budget needs the budget measured (locality_budget)")
@@ -172,6 +173,7 @@ def train_until(
         checkpoint=checkpoint,
         on_epoch_end=check if checked else None,
         on_step=on_step,
+        on_stats=on_stats,
     )
     if not checked:  # a fixed schedule: nothing was checked
         return StoppedStage(result, "epochs", None)

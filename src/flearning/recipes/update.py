@@ -25,6 +25,7 @@ from flearning.io.atomic import atomic_directory
 from flearning.methods import get_method
 from flearning.recipes.algorithm import MethodOutcome, run_method
 from flearning.recipes.run_record import data_record, model_card, resumed_stages, run_summary
+from flearning.recipes.tracking import NO_TRACKING, RunTracker, check_trackers, scalars
 from flearning.recipes.work_dir import (
     ResumeMode,
     check_work_dir_path,
@@ -76,6 +77,7 @@ class UpdateRecipe:
         self.timings: dict[str, float] = {}
         for note in lambda_notes(cfg):
             log.warning(note)
+        check_tracking(cfg)  # report_to: every tracker's library is there (before any work)
         # set by setup()
         self.data = None  # UpdateData: the facts, one file or a split pair joined
         self.old_ds = self.new_ds = None  # LoadedDataset
@@ -92,6 +94,8 @@ class UpdateRecipe:
         self.vector_meta: dict[str, Any] = {}  # provenance of Δ_old and of update_vector/
         self.work: Path | None = None  # <out>.partial, while the update runs
         # set by run()
+        self.tracker: RunTracker = NO_TRACKING  # report_to's trackers, while run() runs
+        self.logs: Path | None = None  # the trackers' local files in the work directory, for <out>/logs
         self.reference = self.before = self.after = None
         self.outcome: MethodOutcome | None = None
 
@@ -225,7 +229,10 @@ class UpdateRecipe:
             )
         try:
             with write_errors_as_flearn(writes, what="the output", note=note):
-                yield
+                try:
+                    yield
+                finally:  # a failed run's log is closed before its work directory is kept or removed
+                    self.tracker.finish()
         except (TrainingDivergedError, VectorError, NonFiniteModelError):
             if self.work is not None:
                 close_after_failure(self.work, resumable=False)
@@ -237,11 +244,13 @@ class UpdateRecipe:
 
     # ---- run -------------------------------------------------------------------------------------
     def run(self) -> None:
-        """(evaluate θ) → forget → learn → check θ* is finite → (evaluate θ*)."""
+        """(evaluate θ) → forget → learn → check θ* is finite → (evaluate θ*); each step's scalars to
+        the run's trackers (``report_to``)."""
         import torch
 
         from flearning.training.checkpoint import Checkpointing
 
+        self._start_tracking()
         if self.cfg.evaluate:
             from flearning.evaluation import reference_predictions
 
@@ -251,6 +260,7 @@ class UpdateRecipe:
             )
             self.timings["reference"] = time.perf_counter() - start
             self.before = self._evaluate(self.model, "before")
+            self.tracker.log(scalars("eval/before", self.before.summary()))
 
         work, every = self.work, self.cfg.checkpoint_every
         self.outcome = run_method(
@@ -269,12 +279,33 @@ class UpdateRecipe:
             adapter_dir=work / "adapter" if work else None,  # copied into the output
             learn_checkpoint=Checkpointing(work / "learn", every=every) if work else None,
             eval_batch_size=self.cfg.eval_batch_size,
+            tracker=self.tracker,
         )
         self.timings.update(self.outcome.timings)
         if not all(torch.isfinite(p).all() for p in self.outcome.model.parameters()):
             raise NonFiniteModelError("the updated model has non-finite weights; nothing was written")
         if self.cfg.evaluate:
             self.after = self._evaluate(self.outcome.model, "after")
+            self.tracker.log(scalars("eval/after", self.after.summary()))
+        self.tracker.finish()
+
+    def _start_tracking(self) -> None:
+        """The run's trackers (``recipes.tracking``), on the main process. Their local files go to
+        ``logging_dir``, else to the work directory's ``logs/``, copied into the output's ``logs/``: a
+        resumed update continues them there."""
+        cfg = self.cfg
+        if not cfg.report_to:
+            return
+        logging_dir = cfg.logging_dir
+        if logging_dir is None and self.work is not None:
+            logging_dir = self.logs = self.work / "logs"
+        self.tracker = RunTracker(
+            cfg.report_to,
+            run_name=cfg.run_name or (self.out.name if self.out is not None else "flearn-update"),
+            logging_dir=logging_dir,
+            config=cfg.model_dump(mode="json", by_alias=True),
+            mlflow_artifacts=cfg.logging_dir is not None,
+        )
 
     def _evaluate(self, evaluated, when: str):
         """Every metric on the new facts, Locality against θ (the model before the update)."""
@@ -302,6 +333,7 @@ class UpdateRecipe:
         update_vector/       θ* − θ: apply it to θ to replay the whole update (not with save_vectors=false)
         adapter/             the LoRA adapter of a LoRA learning stage
         report/              evaluation of θ (before) and θ* (after), when evaluated
+        logs/                the experiment trackers' local files (report_to; not with logging_dir)
         run.json             resolved config, versions, hashes, timings, losses, metrics
         README.md            model card
         """
@@ -379,6 +411,8 @@ class UpdateRecipe:
                 stage_dir / "report",
                 title=f"flearn update ({self.cfg.method}): before vs after",
             )
+        if self.logs is not None and self.logs.is_dir():  # the trackers' files (report_to)
+            shutil.copytree(self.logs, stage_dir / "logs")
         (stage_dir / "README.md").write_text(model_card(summary))
 
 
@@ -415,6 +449,28 @@ def update(
     with recipe.guard():
         recipe.run()
         return recipe.save()
+
+
+def check_tracking(cfg: UpdateConfig) -> None:
+    """``report_to`` can work: each tracker's library is installed, TensorBoard has a directory to write
+    in, and ``logging_dir`` is not inside the output (which is replaced whole when the update ends).
+
+    Raises:
+        FlearnError: naming what to install or change.
+    """
+    if not cfg.report_to:
+        return
+    check_trackers(cfg.report_to)
+    if "tensorboard" in cfg.report_to and cfg.logging_dir is None and cfg.out is None:
+        raise FlearnError("report_to tensorboard needs an output directory (out) or a logging_dir")
+    if cfg.logging_dir is not None and cfg.out is not None:
+        logs, out = Path(cfg.logging_dir).expanduser().resolve(), Path(cfg.out).expanduser().resolve()
+        if logs.is_relative_to(out):
+            raise FlearnError(
+                f"logging_dir {cfg.logging_dir} is inside the output {cfg.out}, which is replaced whole when "
+                "the update ends: leave logging_dir unset (the logs then go to the output's logs/) or "
+                "choose a directory outside it"
+            )
 
 
 def tokenizer_and_config(cfg: UpdateConfig):
