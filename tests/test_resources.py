@@ -31,6 +31,7 @@ def test_shipped_files_are_inside_the_package():
         "counterfact-rome-sample.json",
         "facts.jsonl",
         "locality-probes.jsonl",
+        "wikitext-2-valid-200.txt",
         "zsre-200.json",
     ]
     assert config_names() == sorted(["demo", *METHOD_CONFIGS])

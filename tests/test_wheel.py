@@ -31,6 +31,7 @@ SHIPPED = [
     "flearning/resources/samples/zsre-200.json",
     "flearning/resources/samples/counterfact-200.json",
     "flearning/resources/samples/counterfact-rome-sample.json",
+    "flearning/resources/samples/wikitext-2-valid-200.txt",
     "flearning/resources/samples/README.md",
     "flearning/resources/configs/demo.yaml",
     "flearning/resources/configs/flearning-ft.yaml",

@@ -85,3 +85,18 @@ PERCENT_METRICS: tuple[str, ...] = tuple(m for m in METRICS if m != "fluency")
 # New tokens greedily decoded for exact match beyond the target's own length.
 EXACT_MATCH_EXTRA_TOKENS = 3
 DEFAULT_FLUENCY_TOKENS = 50
+
+# General ability: perplexity on a held-out text corpus (not a per-record metric: one value per model).
+# The default corpus is 200 WikiText-2 validation paragraphs shipped with the package (resources/samples).
+PERPLEXITY_SAMPLE = "wikitext-2-valid-200.txt"
+DEFAULT_PERPLEXITY_PASSAGES = 200
+DEFAULT_PERPLEXITY_MAX_TOKENS = 256
+# Tokens per forward pass of the perplexity evaluation (rows x longest passage in the batch): bounds the
+# memory of the [tokens, vocab] logits (2048 x 49152 floats = 0.4 GB for SmolLM2).
+PERPLEXITY_BATCH_TOKENS = 2048
+PERPLEXITY_DEFINITION = (
+    "Token-level perplexity on a held-out text corpus: exp of the mean negative log-likelihood (nats) "
+    "over every predicted token of every passage (a passage's first token has no prediction); passages "
+    "are cut to their first max_tokens tokens. Lower is better; an update that damages the model's "
+    "general language ability raises it. Not a percentage."
+)

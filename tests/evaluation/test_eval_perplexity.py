@@ -1,0 +1,114 @@
+"""Perplexity on held-out text: the batched value equals a one-passage-at-a-time hand computation, and
+padding (how passages share a batch, the pad token) does not change it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from eval_helpers import sharp_llama
+
+from flearning.errors import FlearnError
+from flearning.evaluation.corpus import DEFAULT_CORPUS, corpus_path, load_passages, split_passages
+from flearning.evaluation.perplexity import encode_passages, passage_nll, perplexity, token_batches
+
+PASSAGES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "A",  # one token: nothing to predict, left out
+    "Homarus gammarus , known as the European lobster , is a species of clawed lobster .",
+    "It may grow to a length of 60 cm ( 24 in ) and a mass of 6 kilograms ( 13 lb ) , and bears a "
+    "conspicuous pair of claws . In life , the lobsters are blue , only becoming lobster red on cooking .",
+    "Short one.",
+    "Mating occurs in the summer , producing eggs which are carried by the females for up to a year.",
+]
+MAX_TOKENS = 64  # byte tokens: the three longer passages are cut
+
+
+def hand_perplexity(model, tokenizer, passages, max_tokens):
+    """One unpadded forward per passage, full logits, log-softmax in float64: exp(Σ NLL / N)."""
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for text in passages:
+            ids = tokenizer(text)["input_ids"][:max_tokens]
+            if len(ids) < 2:
+                continue
+            logits = model(input_ids=torch.tensor([ids])).logits[0].double()
+            log_probs = torch.log_softmax(logits[:-1], dim=-1)
+            total -= float(log_probs.gather(1, torch.tensor(ids[1:])[:, None]).sum())
+            count += len(ids) - 1
+    return math.exp(total / count), total / count, count
+
+
+@pytest.mark.parametrize("batch_tokens", [1, 100, 10_000])
+def test_batched_perplexity_equals_one_passage_at_a_time(tokenizer, batch_tokens):
+    model = sharp_llama(0)
+    want, want_nll, want_tokens = hand_perplexity(model, tokenizer, PASSAGES, MAX_TOKENS)
+    got = perplexity(model, tokenizer, PASSAGES, max_tokens=MAX_TOKENS, batch_tokens=batch_tokens)
+    assert got.tokens == want_tokens
+    cut = sum(len(tokenizer(p)["input_ids"]) > MAX_TOKENS for p in PASSAGES)
+    assert got.passages == len(PASSAGES) - 1 and got.truncated == cut == 3 and got.max_tokens == MAX_TOKENS
+    assert abs(got.nll - want_nll) < 1e-5
+    assert got.perplexity == pytest.approx(want, rel=1e-5)
+    assert got.perplexity == pytest.approx(math.exp(got.nll), rel=1e-12)
+
+
+def test_padding_does_not_change_a_passage(tokenizer):
+    """Each passage's summed NLL is the same alone (no padding), in one batch padded to the longest with
+    one pad id, and padded with another; its count is its token count minus one."""
+    model = sharp_llama(1)
+    encoded, _ = encode_passages(tokenizer, PASSAGES, MAX_TOKENS)
+    alone = passage_nll(model, encoded, pad_id=0, batch_tokens=1)
+    padded = passage_nll(model, encoded, pad_id=0, batch_tokens=10_000)
+    other_pad = passage_nll(model, encoded, pad_id=200, batch_tokens=10_000)
+    assert len(token_batches([len(p) for p in encoded], 10_000)) == 1  # really one padded batch
+    for (a, n), (b, m), (c, k), ids in zip(alone, padded, other_pad, encoded, strict=True):
+        assert n == m == k == len(ids) - 1
+        assert abs(a - b) < 1e-5 * n and abs(a - c) < 1e-5 * n
+
+
+def test_model_mode_is_restored_and_errors(tokenizer):
+    model = sharp_llama(0)
+    model.train()
+    perplexity(model, tokenizer, PASSAGES[:1], max_tokens=8)
+    assert model.training
+    with pytest.raises(ValueError, match="nothing to predict"):
+        perplexity(model, tokenizer, ["A", ""], max_tokens=8)
+    with pytest.raises(ValueError):
+        encode_passages(tokenizer, PASSAGES, 1)
+
+
+def test_token_batches_respect_the_budget():
+    lengths = [5, 3, 9, 9, 2, 7]
+    batches = token_batches(lengths, 18)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for batch in batches:
+        assert len(batch) == 1 or len(batch) * max(lengths[i] for i in batch) <= 18
+        assert lengths[batch[0]] == max(lengths[i] for i in batch)  # the first row is the longest
+    assert token_batches([50, 40], 10) == [[0], [1]]  # a passage longer than the budget is alone
+
+
+def test_passages_are_blocks_between_blank_lines(tmp_path):
+    text = "First line\nstill the first.\n\n\n  Second  \n \t \nThird\r\n\r\nFourth"
+    assert split_passages(text) == ["First line\nstill the first.", "Second", "Third", "Fourth"]
+    path = tmp_path / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    assert load_passages(path, 2) == ["First line\nstill the first.", "Second"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(FlearnError, match="holds no text"):
+        load_passages(tmp_path / "empty.txt")
+    with pytest.raises(FlearnError, match="not found"):
+        load_passages(tmp_path / "missing.txt")
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    with pytest.raises(FlearnError, match="not UTF-8"):
+        load_passages(tmp_path / "latin1.txt")
+
+
+def test_the_shipped_corpus():
+    path = corpus_path(DEFAULT_CORPUS)
+    assert path.stat().st_size < 100_000
+    passages = load_passages(DEFAULT_CORPUS)
+    assert len(passages) == 200
+    assert all(200 <= len(p) <= 600 and "\n" not in p and not p.startswith("=") for p in passages)
+    readme = (path.parent / "README.md").read_text()
+    assert path.name in readme and "CC BY-SA" in readme
