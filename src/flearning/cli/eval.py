@@ -77,7 +77,9 @@ def eval_command(
         help="Cut prompts longer than the model's context from the left (named in a warning) instead of "
         "refusing them.",
     ),
-    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+    progress: bool = typer.Option(
+        True, "--progress/--no-progress", help="Show progress (a bar on a terminal, else a line every 10 s)."
+    ),
 ) -> None:
     """Score a model on a dataset: Reliability, Generality, Locality, Portability, Old retention, Efficacy,
     Paraphrase score, Generation exact match and (optionally) Fluency."""

@@ -28,7 +28,9 @@ def prime_command(
     overwrite: bool = typer.Option(
         False, "--overwrite", help="Replace an earlier output of flearn prime (never anything else)."
     ),
-    no_progress: bool = typer.Option(False, "--no-progress"),
+    no_progress: bool = typer.Option(
+        False, "--no-progress", help="Hide progress (a bar on a terminal, else a line every 10 s)."
+    ),
 ) -> None:
     """Fine-tune on prompt → old answer until the old facts are held; report the accuracy reached."""
     from flearning.data import load_dataset
