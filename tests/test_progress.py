@@ -32,8 +32,8 @@ def test_not_a_terminal_one_line_per_interval_with_values():
     text = stream.getvalue()
     assert "\r" not in text
     lines = text.splitlines()
-    # 60 s of work: a line each 10 s (the last one at 100%), and the closing line
-    assert len(lines) == 60 // 10 + 1
+    # 60 s of work: a line each 10 s before the end, and the closing line
+    assert len(lines) == 60 // 10
     assert lines[0] == "forget: step 20/120 (17%), loss 0.0500, 2.0 step/s, eta 50 s"
     assert lines[1].startswith("forget: step 40/120 (33%), loss 0.0250, 2.0 step/s, eta 40 s")
     assert lines[-1] == "forget: step 120/120 (100%), loss 0.0083, 2.0 step/s, done in 1 min 0 s"

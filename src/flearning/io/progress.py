@@ -131,8 +131,8 @@ class LogLines(_std_tqdm):
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
         """A line when ``interval`` seconds have passed since the last one (tqdm calls this on updates
-        and on ``set_postfix``)."""
-        if self._last_t is None:
+        and on ``set_postfix``), none once the count is complete (``close`` writes that one)."""
+        if self._last_t is None or (self.total and self.n >= self.total):  # the closing line says it
             return False
         now = self._time()
         if now - self._last_t < self.interval:
