@@ -333,13 +333,17 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
 def model_fingerprint(model: torch.nn.Module) -> str:
     """A short content hash of a model's weights (names, shapes, dtypes and values).
 
-    Tied parameters appear once, as in ``named_parameters()``. About 1 s for 135M fp32 parameters.
+    Tied parameters appear once, as in ``named_parameters()``. About 1 s for 135M fp32 parameters. A
+    model sharded with FSDP2 gives the fingerprint of its whole weights (gathered one tensor at a time:
+    every process must call this).
     """
     import torch
 
+    from flearning.sharding import full
+
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().contiguous().cpu()
+        t = full(tensor.detach()).contiguous().cpu()
         h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
         h.update(t.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return h.hexdigest()

@@ -205,6 +205,29 @@ class _BaseWeightsView:
         return self._state
 
 
+def merge_adapter(model: torch.nn.Module, adapter_name: str = "default") -> torch.nn.Module:
+    """The plain model with the adapter merged into its weights (peft's ``merge_and_unload``).
+
+    On a model sharded with FSDP2 peft cannot add B·A to a weight it holds only rows of: there the
+    delta ΔW = B·A·scaling (``lora_deltas``, the adapter's factors are whole on every process) is formed,
+    the adapter removed, and each process adds its rows of ΔW to its shard, in fp32 as peft does.
+    """
+    import torch
+
+    from flearning.sharding import is_sharded
+    from flearning.vectors.ops import updated_values
+
+    if not is_sharded(unwrap_peft(model)):
+        return model.merge_and_unload()
+    deltas = lora_deltas(model, adapter_name)
+    plain = model.unload()
+    params = dict(plain.named_parameters())
+    with torch.no_grad():
+        for key, value in updated_values(params, deltas, 1.0).items():
+            params[key].copy_(value)
+    return plain
+
+
 def base_fingerprint(model: torch.nn.Module) -> str:
     """``model_fingerprint`` of the base model under a peft wrapper, without unloading the adapters.
 

@@ -13,6 +13,7 @@ from numbers import Real
 from typing import TYPE_CHECKING
 
 from flearning.errors import FlearnError, format_names
+from flearning.sharding import all_finite, count_nonzero, is_dtensor, like, local
 
 if TYPE_CHECKING:
     import torch
@@ -59,7 +60,8 @@ def dedupe_shared(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
         if tensor.device.type == "meta":
             out[name] = tensor
             continue
-        key = (tensor.data_ptr(), tuple(tensor.shape), tuple(tensor.stride()), tensor.dtype.itemsize)
+        part = local(tensor)  # an FSDP2 shard: its local memory
+        key = (part.data_ptr(), tuple(tensor.shape), tuple(part.stride()), tensor.dtype.itemsize)
         if tensor.numel() and key in seen:
             continue
         seen.add(key)
@@ -139,7 +141,7 @@ def drop_zero(tensors: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tens
     kept: dict[str, torch.Tensor] = {}
     dropped: list[str] = []
     for key, tensor in tensors.items():
-        if tensor.count_nonzero().item() == 0:
+        if count_nonzero(tensor) == 0:  # over every process's shard
             dropped.append(key)
         else:
             kept[key] = tensor
@@ -228,10 +230,12 @@ def updated_values(
             param = params[key]
             # At least fp32 (bf16/fp16 cannot hold a small delta); fp64 stays fp64.
             compute = torch.promote_types(param.dtype, torch.float32)
+            if is_dtensor(param) and not is_dtensor(d):  # a whole delta (read from disk): this shard's rows
+                d = like(d, param)
             new = param.detach().to(compute) + lam * d.to(param.device, compute)
             new = new.to(param.dtype)
-            if not bool(torch.isfinite(new).all()):
-                n_bad = int((~torch.isfinite(new)).sum())
+            if not all_finite(new):  # over every process's shard
+                n_bad = new.numel() - count_nonzero(torch.isfinite(new))
                 bad.append(f"{key}: {n_bad} of {new.numel()} values not finite")
             out[key] = new
     if bad:

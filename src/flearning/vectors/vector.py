@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flearning.errors import format_names
+from flearning.sharding import abs_max, gathered, is_dtensor
 from flearning.vectors import ops
 from flearning.vectors.metadata import (
     ALL_ZERO,
@@ -132,7 +133,7 @@ class KnowledgeVector:
 
         deltas = ops.difference(dict(base.named_parameters()), dict(finetuned.named_parameters()))
         provenance = (provenance or Provenance()).with_defaults(
-            base_model=lambda: _name_or_path(base),
+            base_model=lambda: name_or_path(base),
             base_fingerprint=lambda: model_fingerprint(base),
             method="ft",
         )
@@ -162,7 +163,7 @@ class KnowledgeVector:
 
         deltas = lora.lora_deltas(peft_model, adapter_name)
         provenance = (provenance or Provenance()).with_defaults(
-            base_model=lambda: _name_or_path(lora.unwrap_peft(peft_model)),
+            base_model=lambda: name_or_path(lora.unwrap_peft(peft_model)),
             base_fingerprint=lambda: lora.base_fingerprint(peft_model),
             method="lora",
         )
@@ -292,7 +293,7 @@ class KnowledgeVector:
         """Count, norm, largest magnitude and root mean square of the deltas."""
         n = self.num_params
         norm = self.norm()
-        max_abs = max(float(t.abs().max()) for t in self.deltas.values() if t.numel()) if n else 0.0
+        max_abs = max(abs_max(t) for t in self.deltas.values() if t.numel()) if n else 0.0
         return VectorStats(len(self), n, norm, max_abs, norm / math.sqrt(n) if n else 0.0)
 
     # -- applying -----------------------------------------------------------------------------------------
@@ -358,6 +359,21 @@ class KnowledgeVector:
         log.debug("applied %s with lambda=%s to %d tensors", self, lam, len(new_values))
         return model
 
+    # -- FSDP2 ---------------------------------------------------------------------------------------------
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the deltas are FSDP2 shards (each process holds its rows; see ``consolidated``)."""
+        return any(is_dtensor(t) for t in self.deltas.values())
+
+    def consolidated(self) -> KnowledgeVector | None:
+        """The whole vector on the main process, gathered one tensor at a time (every process must call
+        it); None on the other processes. A vector of whole tensors is returned as it is."""
+        if not self.sharded:
+            return self
+        whole = dict(gathered(self.deltas.items()))
+        return type(self)(whole, self.metadata) if whole else None
+
     # -- files ------------------------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
@@ -407,7 +423,7 @@ def forget(
     return vector._apply(model, -ops.check_scalar(lam, "lambda"), check_base=check_base)
 
 
-def _name_or_path(model: torch.nn.Module) -> str | None:
+def name_or_path(model: torch.nn.Module) -> str | None:
     config = getattr(model, "config", None)
     name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
     return str(name) if name else None
