@@ -41,7 +41,8 @@ def test_shipped_files_are_inside_the_package():
         "ddp.yaml",
         "deepspeed-zero2.yaml",
         "deepspeed-zero3.yaml",
-        "fsdp.yaml",
+        "fsdp2-cpu.yaml",
+        "fsdp2.yaml",
         "multi-node.yaml",
     ]
 

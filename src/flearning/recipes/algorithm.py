@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import time
@@ -27,6 +26,7 @@ from flearning.recipes.stopping import StoppedStage, locality_budget, train_unti
 from flearning.recipes.tracking import NO_TRACKING, Tracking
 from flearning.training import TrainConfig, train
 from flearning.vectors import KnowledgeVector, Provenance, forget
+from flearning.vectors.lora import merge_adapter
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -48,6 +48,13 @@ class ForgetResult:
     losses: list[float] | None = None
     tokens: int | None = None
     steps: int | None = None
+    # what is written to disk: ``vector`` itself, or under FSDP2 its whole tensors on the main process
+    # (``KnowledgeVector.consolidated``; None on the other processes)
+    whole: KnowledgeVector | None = None
+
+    def __post_init__(self) -> None:
+        if self.whole is None and not self.vector.sharded:
+            self.whole = self.vector
 
 
 @dataclass
@@ -76,7 +83,9 @@ def forget_stage(
 ) -> ForgetResult:
     """Δ_old = FT(θ, K_old) − θ, with full fine-tuning or LoRA as ``cfg.lora`` says; θ ends unchanged.
 
-    Full: fine-tune a copy and subtract. LoRA: train an adapter on θ itself, read Δ = B·A·scaling per
+    Full: fine-tune θ itself, keeping its weights as the stage found them (``train(keep_start=True)``),
+    take Δ = θ_T − θ, then put θ back (no second model: under FSDP2 every process keeps only its own
+    shards, and the arithmetic is local). LoRA: train an adapter on θ itself, read Δ = B·A·scaling per
     layer, then remove the adapter (θ's weights were never changed).
 
     Args:
@@ -101,7 +110,7 @@ def forget_stage(
     lora = cfg.lora is not None
     trainable = {name: p.requires_grad for name, p in model.named_parameters()}
     result = train(
-        model if lora else copy.deepcopy(model),  # full FT trains a copy, LoRA an adapter on θ
+        model,  # full FT trains θ in place (its start kept), LoRA an adapter on θ
         tokenizer,
         old_pairs,
         cfg,
@@ -109,9 +118,10 @@ def forget_stage(
         progress=progress,
         on_stats=on_stats,
         checkpoint=checkpoint,
+        keep_start=not lora,
     )
     if not lora:
-        vector = KnowledgeVector.from_models(model, result.model, provenance)
+        vector = _full_vector(model, result.start, provenance)
     else:
         vector = KnowledgeVector.from_lora(result.model, provenance=provenance)
         result.model.unload()  # removes the LoRA layers in place, base weights unchanged
@@ -119,9 +129,31 @@ def forget_stage(
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
     info = {"losses": result.losses, "tokens": result.tokens, "steps": result.steps}
+    whole = vector.consolidated()  # under FSDP2: gathered onto the main process, one tensor at a time
     if cache is not None:
-        on_main_process(_keep, vector, info, cache, trace, checkpoint)
-    return ForgetResult(vector, time.perf_counter() - start, True, **info)
+        on_main_process(_keep, whole, info, cache, trace, checkpoint)
+    return ForgetResult(vector, time.perf_counter() - start, True, whole=whole, **info)
+
+
+def _full_vector(model: PreTrainedModel, start: dict[str, Any], provenance: Provenance) -> KnowledgeVector:
+    """Δ = θ_T − θ from the trained model and its kept start; then θ is put back in place."""
+    import torch
+
+    from flearning.models import model_fingerprint
+    from flearning.vectors.vector import name_or_path
+
+    trained = dict(model.named_parameters())
+    with torch.no_grad():
+        deltas = {name: trained[name].detach().float() - start[name].float() for name in start}
+        for name, value in start.items():
+            trained[name].copy_(value)
+    del start
+    provenance = provenance.with_defaults(
+        base_model=lambda: name_or_path(model),
+        base_fingerprint=lambda: model_fingerprint(model),
+        method="ft",
+    )
+    return KnowledgeVector.from_deltas(deltas, provenance, kind="full")
 
 
 def _cached(cache: Path, trace: Path | None) -> bool:
@@ -241,7 +273,7 @@ def run_method(
         if adapter_dir is not None:  # before merging: merging drops A and B
             on_main_process(result.model.save_pretrained, adapter_dir)
             outcome.adapter_dir = adapter_dir
-        outcome.model = result.model.merge_and_unload()
+        outcome.model = merge_adapter(result.model)  # peft's merge_and_unload, also on FSDP2 shards
     else:
         outcome.model = result.model
     return outcome

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from flearning.config import UpdateConfig, build_config, lambda_notes, stage_plan
-from flearning.distributed import on_main_process
+from flearning.distributed import is_main_process, on_main_process
 from flearning.errors import FlearnError
 from flearning.io.atomic import atomic_directory
 from flearning.methods import get_method
@@ -34,6 +34,7 @@ from flearning.recipes.work_dir import (
     run_identity,
     work_dir_for,
 )
+from flearning.sharding import all_finite, fsdp2_requested, is_sharded, whole_state
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,8 @@ class UpdateRecipe:
             raise FlearnError(f"cannot load the model or its tokenizer from '{self.cfg.model}': {ex}") from ex
         self.timings["load_model"] = time.perf_counter() - start
         self.base_fp = model_fingerprint(self.model)
-        if self.out is not None and self.cfg.save_vectors:  # for update_vector/ = θ* − θ
+        # for update_vector/ = θ* − θ; under FSDP2 only the main process, which writes it, keeps θ
+        if self.out is not None and self.cfg.save_vectors and (is_main_process() or not fsdp2_requested()):
             self.theta = {k: v.detach().clone() for k, v in self.model.named_parameters()}
         self.vector_meta = {
             "base_model": self.cfg.model,
@@ -246,7 +248,6 @@ class UpdateRecipe:
     def run(self) -> None:
         """(evaluate θ) → forget → learn → check θ* is finite → (evaluate θ*); each step's scalars to
         the run's trackers (``report_to``)."""
-        import torch
 
         from flearning.training.checkpoint import Checkpointing
 
@@ -282,7 +283,7 @@ class UpdateRecipe:
             tracker=self.tracker,
         )
         self.timings.update(self.outcome.timings)
-        if not all(torch.isfinite(p).all() for p in self.outcome.model.parameters()):
+        if not all(all_finite(p) for p in self.outcome.model.parameters()):  # every shard, under FSDP2
             raise NonFiniteModelError("the updated model has non-finite weights; nothing was written")
         if self.cfg.evaluate:
             self.after = self._evaluate(self.outcome.model, "after")
@@ -360,7 +361,10 @@ class UpdateRecipe:
             resumed=self.resumed,
         )
         if self.out is not None:  # by the main process only; the others wait until it is in place
+            # under FSDP2 the weights are gathered onto the main process first, one tensor at a time
+            self.whole = whole_state(outcome.model) if is_sharded(outcome.model) else None
             summary["timings_seconds"]["save"] = on_main_process(self._write_output, summary)
+            self.whole = None
             if outcome.adapter_dir is not None:
                 outcome.adapter_dir = self.out / "adapter"
         if self.work is not None:  # the output is in place: nothing is left to resume
@@ -391,14 +395,16 @@ class UpdateRecipe:
         from flearning.vectors import KnowledgeVector, Provenance
 
         outcome, model = self.outcome, self.outcome.model
-        model.save_pretrained(stage_dir, safe_serialization=True)
+        whole = getattr(self, "whole", None)  # θ*'s gathered weights under FSDP2
+        model.save_pretrained(stage_dir, safe_serialization=True, state_dict=whole)
         self.tokenizer.save_pretrained(stage_dir)
         if outcome.adapter_dir is not None:  # saved in the work directory by the LoRA learning stage
             shutil.copytree(outcome.adapter_dir, stage_dir / "adapter")
         if outcome.forget is not None and self.cfg.save_vectors:
-            outcome.forget.vector.save(stage_dir / "knowledge_vector")
+            outcome.forget.whole.save(stage_dir / "knowledge_vector")
         if self.theta is not None:  # kept only with save_vectors
-            delta = {k: p.detach().float() - self.theta[k].float() for k, p in model.named_parameters()}
+            now = {k: whole[k] if whole is not None else p for k, p in model.named_parameters()}
+            delta = {k: p.detach().float() - self.theta[k].float() for k, p in now.items()}
             meta = dict(
                 self.vector_meta, method=f"update:{self.cfg.method}", hyperparameters=summary["stages"]
             )
@@ -492,7 +498,9 @@ def tokenizer_and_config(cfg: UpdateConfig):
     return tokenizer, model_config
 
 
-def dry_run(cfg: UpdateConfig, *, processes: int = 1, available: int | None = None):
+def dry_run(
+    cfg: UpdateConfig, *, processes: int = 1, available: int | None = None, sharding: str = "none"
+):
     """``flearn update --dry-run``: everything an update checks before training, without loading weights.
 
     Reads and checks the facts as the update does (one file or a split pair, conflicting edits warned
@@ -515,6 +523,7 @@ def dry_run(cfg: UpdateConfig, *, processes: int = 1, available: int | None = No
             cfg,
             seq_len_source="assumed: no data given (facts are short, ~10-40 tokens)",
             processes=processes,
+            sharding=sharding,
             available=available,
         )
     recipe = UpdateRecipe(cfg)  # the settings, and the warnings about λ
@@ -533,6 +542,7 @@ def dry_run(cfg: UpdateConfig, *, processes: int = 1, available: int | None = No
             seq_len_source=f"assumed: the tokenizer of {cfg.model} could not be loaded, so the data's lengths "
             "were not measured",
             processes=processes,
+            sharding=sharding,
             available=available,
         )
     recipe._fit_context(tokenizer, model_config)
@@ -549,5 +559,6 @@ def dry_run(cfg: UpdateConfig, *, processes: int = 1, available: int | None = No
         seq_len=longest,
         seq_len_source=f"the longest training text of the data, {cfg.model} tokenizer",
         processes=processes,
+        sharding=sharding,
         available=available,
     )

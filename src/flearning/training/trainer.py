@@ -1,7 +1,7 @@
 """One supervised fine-tuning stage on prompt→answer pairs, full or LoRA, on accelerate.
 
 A plain loop on ``accelerate`` rather than ``transformers.Trainer``: the same code runs on one CPU or
-under ``accelerate launch`` / ``torchrun`` (DDP, FSDP, DeepSpeed through accelerate configs), and the
+under ``accelerate launch`` / ``torchrun`` (DDP; FSDP2 through ``flearning.sharding``), and the
 loop stays short enough to hold what F-Learning needs that Trainer makes awkward: the ft-c projection
 after every optimizer step, stopping as soon as the old facts are held (prime), and a step-and-batch
 precise error when the loss stops being finite.
@@ -22,10 +22,13 @@ import torch
 from flearning.distributed import check_launch, on_main_process, same_on_every_process, use_cpu
 from flearning.errors import FlearnError
 from flearning.logits import logits_at
+from flearning.sharding import average_replicated_grads, fsdp2_requested, is_sharded, local, shard_model
 from flearning.training import checkpoint as ckpt
 from flearning.training.checkpoint import Checkpointing
 from flearning.training.config import ALL_LINEAR, LoraSettings, TrainConfig
 from flearning.training.dataset import IGNORE_INDEX, LengthGroupedBatches, build_examples, collate
+from flearning.training.failures import translate_error
+from flearning.training.sharded_state import full_state, restore_sharded
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -95,6 +98,11 @@ class TrainResult:
     tokens: int  # non-padding tokens processed (forward + backward)
     losses: list[float] = field(default_factory=list)  # one per optimizer step
     epoch_log: list[dict[str, Any]] = field(default_factory=list)  # the epoch-end checks' records
+    # keep_start: every parameter of the model as the stage found it (local shards under FSDP2)
+    start: dict[str, torch.Tensor] | None = None
+    # bytes this process held at the end of the stage: "parameters" (all), "trainable", "optimizer"
+    # (AdamW's moments); under FSDP2 its own shards only (docs/DISTRIBUTED.md, the memory test)
+    state_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def tokens_per_second(self) -> float:
@@ -140,35 +148,6 @@ def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
     return compile_regions(model, dynamic=True)
 
 
-def _compile_error(ex: BaseException) -> FlearnError:
-    return FlearnError(
-        f"compile: torch.compile could not compile the model ({type(ex).__name__}: {str(ex)[:500]}). On CPU "
-        "inductor needs a C++ compiler (g++); set compile=false (the stage's compile setting) to train "
-        "without compiling."
-    )
-
-
-def _oom_error(ex: BaseException, cfg: TrainConfig) -> FlearnError:
-    """What to change, by the names each command takes: a stage's ``batch_size``/``grad_accum`` keys
-    (``flearn update``: ``learn.*``/``forget.*``), ``flearn prime``'s ``--batch-size``."""
-    b, g = cfg.batch_size, cfg.grad_accum
-    if b > 1:
-        # halve the micro-batch (or go to 1 when it is odd), keeping batch_size × grad_accum exact
-        half, more = (b // 2, g * 2) if b % 2 == 0 else (1, g * b)
-        batch = (
-            f"a smaller batch_size with a larger grad_accum to keep the effective batch of {b * g} "
-            f"(flearn update: learn.batch_size={half} learn.grad_accum={more}, forget.* likewise; "
-            f"flearn prime: --batch-size {half}), "
-        )
-    else:
-        batch = ""
-    return FlearnError(
-        f"out of memory while training (batch size {b}, grad_accum {g}): {ex}. Try {batch}LoRA stages "
-        "(method flearning-lora or flearning-lora-ft), or an accelerate config that shards the model "
-        "(configs/accelerate/)."
-    )
-
-
 def train(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -181,6 +160,7 @@ def train(
     on_step: StepCallback | None = None,
     on_stats: StatsCallback | None = None,
     checkpoint: Checkpointing | None = None,
+    keep_start: bool = False,
 ) -> TrainResult:
     """Fine-tune ``model`` on (prompt, answer) pairs with loss on the answer tokens only.
 
@@ -200,8 +180,11 @@ def train(
         checkpoint: save the stage's state there (periodically, at the end, and when interrupted) and
             resume from the latest compatible checkpoint: the result is bit-identical to an
             uninterrupted run.
+        keep_start: keep a copy of every parameter as the stage found it (``TrainResult.start``; under
+            FSDP2 each process keeps its own shards): the forget stage's Δ = θ_T − θ without a second model.
     Returns:
-        ``TrainResult`` with the trained model (peft-wrapped for LoRA) and the loss trace.
+        ``TrainResult`` with the trained model (peft-wrapped for LoRA; under FSDP2, sharded in place)
+        and the loss trace.
     Raises:
         TrainingDivergedError: the loss became NaN/inf (the step and batch are named).
         FlearnError: out of memory, with what to change; a checkpoint made by another configuration,
@@ -211,7 +194,7 @@ def train(
 
     if not pairs:
         raise FlearnError(f"{description}: no training pairs")
-    run = _start_or_resume(model, tokenizer, pairs, cfg, checkpoint, description)
+    run = _start_or_resume(model, tokenizer, pairs, cfg, checkpoint, description, keep_start)
     pos = run.pos
     run.model.train()
     # Inductor's CPU reductions split across threads add in a run-dependent order unless deterministic
@@ -244,7 +227,7 @@ def train(
             run.save(complete=True)
     except BaseException as ex:
         _save_on_interrupt(run, ex)
-        translated = _translate_error(ex, cfg)
+        translated = translate_error(ex, cfg)
         if translated is not None:
             raise translated from ex
         raise
@@ -263,8 +246,31 @@ def train(
         pos.losses[-1] if pos.losses else float("nan"),
     )
     return TrainResult(
-        run.trained, pos.step, epochs_done, pos.seconds, pos.tokens, list(pos.losses), list(pos.epoch_log)
+        run.trained,
+        pos.step,
+        epochs_done,
+        pos.seconds,
+        pos.tokens,
+        list(pos.losses),
+        list(pos.epoch_log),
+        start=run.start,
+        state_bytes=_state_bytes(run),
     )
+
+
+def _state_bytes(run: _Run) -> dict[str, int]:
+    """What this process holds of the stage's model and optimizer, in bytes (local shards under FSDP2)."""
+
+    def size(t: torch.Tensor) -> int:
+        part = local(t)
+        return part.numel() * part.element_size()
+
+    moments = [v for s in run.optimizer.state_dict()["state"].values() for v in s.values()]
+    return {
+        "parameters": sum(size(p) for p in run.trained.parameters()),
+        "trainable": sum(size(p) for _, p in run.named),
+        "optimizer": sum(size(v) for v in moments if isinstance(v, torch.Tensor) and v.dim() > 0),
+    }
 
 
 def _check_epoch(run: _Run, on_epoch_end: EpochCallback) -> bool:
@@ -292,6 +298,8 @@ class _Run:
     sampler: LengthGroupedBatches
     loader: Any
     anchors: list[torch.Tensor] | None  # ft-c: θ₀ of every trainable parameter
+    start: dict[str, torch.Tensor] | None  # keep_start: every parameter before the first step
+    sharded: bool  # FSDP2: parameters are DTensors; gathers are collectives of every process
     steps_per_epoch: int
     total_steps: int
     checkpoint: Checkpointing | None
@@ -319,14 +327,19 @@ class _Run:
     def save(self, complete: bool = False, barrier: bool = True) -> None:
         """Every process holds the same state: the main one writes it. With ``barrier`` the others wait
         for it (and stop with its error if it fails); without, nobody waits (after an interruption the
-        other processes may not be here)."""
+        other processes may not be here). Under FSDP2 the whole state is first gathered onto the main
+        process, one tensor at a time (a collective: never without ``barrier``)."""
+        params: dict[str, torch.Tensor] = dict(self.named)
+        optimizer = None if complete else self.optimizer.state_dict()
+        if self.sharded:
+            params, optimizer = full_state(self.named, optimizer)
         write = partial(
             ckpt.save_checkpoint,
             self.checkpoint.directory,
             identity=self.identity,
             position=self.pos,
-            params=dict(self.named),
-            optimizer=None if complete else self.optimizer.state_dict(),
+            params=params,
+            optimizer=optimizer,
             scheduler=self.scheduler.state_dict(),
             rng=self.rng_at_step,
             complete=complete,
@@ -345,6 +358,7 @@ def _start_or_resume(
     cfg: TrainConfig,
     checkpoint: Checkpointing | None,
     description: str,
+    keep_start: bool = False,
 ) -> _Run:
     """Seed, build the examples, adapter, optimizer, batches and schedule, prepare them with accelerate,
     and load the latest compatible checkpoint. The order of these steps fixes the random draws (the
@@ -377,6 +391,14 @@ def _start_or_resume(
             saved = ckpt.load_checkpoint(latest)
             ckpt.check_identity(saved, identity)
 
+    # FSDP2 (an fsdp_version 2 accelerate config): every stage trains the model sharded in place (a model
+    # sharded by an earlier stage stays as it is); a LoRA adapter goes on the sharded model, its small
+    # factors replicated on every process (their gradients averaged at each step, as DDP would)
+    sharded = fsdp2_requested()
+    if sharded and cfg.compile:
+        raise FlearnError(f"{description}: compile: true is not supported under FSDP2; set compile: false")
+    if sharded and not is_sharded(model):
+        shard_model(model, accelerator.device.type)
     if cfg.lora is not None:
         model = attach_lora(model, cfg.lora)
     elif cfg.freeze_embeddings:
@@ -407,13 +429,18 @@ def _start_or_resume(
     trained = model
     if cfg.compile:
         model = compile_blocks(model)
-    model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    if sharded:  # sharded above; accelerate's MULTI_CPU preparation would wrap it in DDP
+        optimizer, loader, scheduler = accelerator.prepare(optimizer, loader, scheduler)
+    else:
+        model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     # ft-c: the starting point every weight must stay within ε of (taken before a checkpoint is loaded).
     anchors = [p.detach().clone() for p in params] if cfg.linf_bound is not None else None
+    # keep_start: the same, for every parameter (local shards under FSDP2: no whole copy of the model)
+    start = {n: p.detach().clone() for n, p in trained.named_parameters()} if keep_start else None
 
     pos = ckpt.Position()
     if saved is not None:
-        _restore(saved, named, optimizer, scheduler, accelerator)
+        _restore(saved, named, optimizer, scheduler, accelerator, sharded)
         pos = saved.position
         log.info(
             "%s: resuming from %s (optimizer step %d of %d)", description, saved.path, pos.step, total_steps
@@ -430,6 +457,8 @@ def _start_or_resume(
         sampler=sampler,
         loader=loader,
         anchors=anchors,
+        start=start,
+        sharded=sharded,
         steps_per_epoch=steps_per_epoch,
         total_steps=total_steps,
         checkpoint=checkpoint,
@@ -512,10 +541,14 @@ def _optimizer_step(run: _Run, batch: dict[str, torch.Tensor], batch_index: int)
                 "learning rate or check the data."
             )
         accelerator.backward(loss)
+        if run.sharded and accelerator.sync_gradients:
+            average_replicated_grads([p for _, p in run.named])
         run.updating = accelerator.sync_gradients
         if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-            # the prepared model's parameters: under FSDP they are the sharded ones
-            accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+            if run.sharded:  # torch's clip takes the norm over every process's shards
+                torch.nn.utils.clip_grad_norm_([p for _, p in run.named], cfg.max_grad_norm)
+            else:  # the prepared model's parameters
+                accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
         run.optimizer.step()
         if accelerator.sync_gradients:
             run.scheduler.step()
@@ -542,6 +575,11 @@ def _save_on_interrupt(run: _Run, ex: BaseException) -> None:
         or isinstance(ex, FlearnError)  # a diverged loss or a failed checkpoint: saving cannot help
     ):
         return
+    if run.sharded:  # gathering the shards needs every process, which may not be here: periodic only
+        log.warning(
+            "%s: interrupted under FSDP2; resuming starts from the last periodic checkpoint", run.description
+        )
+        return
     try:
         run.save(barrier=False)  # the other processes may not be here: do not wait for them
         log.warning(
@@ -554,30 +592,7 @@ def _save_on_interrupt(run: _Run, ex: BaseException) -> None:
         log.warning("%s: could not save a checkpoint after the interruption: %s", run.description, save_error)
 
 
-def _translate_error(ex: BaseException, cfg: TrainConfig) -> FlearnError | None:
-    """A compiler failure or an out-of-memory error as a ``FlearnError`` saying what to change; None
-    for any other error (raised unchanged)."""
-    if cfg.compile and _is_compile_failure(ex):
-        return _compile_error(ex)
-    if isinstance(ex, torch.OutOfMemoryError):
-        return _oom_error(ex, cfg)
-    if isinstance(ex, RuntimeError) and (
-        "out of memory" in str(ex).lower() or "can't allocate memory" in str(ex).lower()
-    ):
-        return _oom_error(ex, cfg)
-    return None
-
-
-def _is_compile_failure(ex: BaseException) -> bool:
-    """The backend (inductor) failed; an error of the traced code itself is not the compiler's."""
-    try:
-        from torch._dynamo.exc import BackendCompilerFailed
-    except ImportError:  # pragma: no cover - every supported torch has it
-        return False
-    return isinstance(ex, BackendCompilerFailed)
-
-
-def _restore(saved: ckpt.Checkpoint, named, optimizer, scheduler, accelerator) -> None:
+def _restore(saved: ckpt.Checkpoint, named, optimizer, scheduler, accelerator, sharded: bool = False) -> None:
     """Load a checkpoint's parameters, optimizer, scheduler, accelerate counter and RNG states."""
     names = [n for n, _ in named]
     if names != saved.param_names or any(saved.params[n].shape != p.shape for n, p in named):
@@ -587,11 +602,14 @@ def _restore(saved: ckpt.Checkpoint, named, optimizer, scheduler, accelerator) -
             f"cannot resume from the checkpoint {saved.path}: its parameters do not match the model's "
             f"trainable parameters (missing {missing[:5]}, unexpected {unexpected[:5]}, or other shapes)"
         )
-    with torch.no_grad():
-        for name, p in named:
-            p.copy_(saved.params[name])
-    if saved.optimizer is not None:
-        optimizer.load_state_dict(saved.optimizer)
+    if sharded:  # each process keeps its rows of the saved whole tensors
+        restore_sharded(saved.params, saved.optimizer, named, optimizer)
+    else:
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(saved.params[name])
+        if saved.optimizer is not None:
+            optimizer.load_state_dict(saved.optimizer)
     if saved.scheduler is not None:
         scheduler.load_state_dict(saved.scheduler)
     accelerator.step = saved.position.accelerator_step
