@@ -13,6 +13,7 @@ from flearning.recipes.memory import (
     RUNTIME_OVERHEAD,
     available_memory,
     dry_run_plan,
+    fmt_bytes,
     model_shape,
     plan_memory,
 )
@@ -88,7 +89,7 @@ def test_lora_pays_16_bytes_only_per_adapter_parameter(llama7b):
 def test_forget_stage_holds_theta_twice_and_delta_lives_through_learning(llama7b):
     plan = plan_memory(llama7b, "flearning-ft", batch_size=1, available=BIG)
     forget, learn = plan.stages
-    assert dict(forget.other) == {"θ (untouched)": 4 * llama7b.params}
+    assert dict(forget.other) == {"θ (kept)": 4 * llama7b.params}
     assert dict(learn.other) == {"Δ_old": 4 * llama7b.params}
     assert forget.total == pytest.approx(20 * llama7b.params, rel=0.01)
     lora_forget = plan_memory(llama7b, "flearning-lora-ft", batch_size=1, available=BIG)
@@ -145,7 +146,14 @@ def test_a_small_budget_gets_lora_accumulation_and_sharding_suggestions(llama7b)
     assert "flearning-lora-ft" in text  # LoRA forgetting: no copy of θ, a small dense Δ_old
     assert "method flearning-lora" in text
     assert "grad_accum=4" in text and "batch_size=16" in text
-    assert "configs/accelerate/fsdp.yaml" in text and "deepspeed-zero3.yaml" in text
+    # the fewest FSDP2 GPUs whose per-process plan fits 80 GiB, with that plan's number
+    gpus = next(n for n in (2, 4, 8) if f"over {n} GPUs" in text)
+    sharded = plan_memory(
+        llama7b, "flearning-ft", batch_size=64, lora=q_v, processes=gpus, sharding="fsdp2", available=0
+    )
+    assert max(s.total for s in sharded.stages) <= 80 * GiB
+    assert f"configs/accelerate/fsdp2.yaml` (num_processes: {gpus})" in text
+    assert f"≈ {fmt_bytes(max(s.total for s in sharded.stages))} per GPU" in text
     report = render(plan_table(plan))
     assert "does NOT fit" in report and "forget (full)" in report and "learn (full)" in report
     for line in plan.suggestions:
@@ -223,3 +231,33 @@ def test_update_dry_run_prints_the_plan_and_writes_nothing(tiny_model_dir, tmp_p
     text = capsys.readouterr().out
     assert "forget" in text and "learn" in text
     assert not out.exists()
+
+
+def test_an_fsdp2_plan_splits_weights_gradients_adam_and_the_forget_tensors_over_the_processes(llama7b):
+    one = plan_memory(llama7b, "flearning-ft", seq_len=64, keep_theta=True, available=0)
+    for n in (4, 8):
+        plan = plan_memory(
+            llama7b, "flearning-ft", seq_len=64, keep_theta=True, processes=n, sharding="fsdp2", available=0
+        )
+        for whole, part in zip(one.stages, plan.stages, strict=True):
+            assert part.weights == -(-whole.weights // n)
+            assert part.gradients == -(-whole.gradients // n) and part.optimizer == -(-whole.optimizer // n)
+            assert part.activations == whole.activations  # each process runs its own micro-batch
+            other = dict(part.other)
+            assert "θ snapshot" not in other  # kept by the main process only, counted in main_save
+            block = (llama7b.params - llama7b.embedding_params) // llama7b.layers
+            assert other["FSDP2 gathered blocks"] == 2 * block * 4
+        forget = dict(plan.stages[0].other)
+        assert forget["θ (kept) (shards)"] == -(-4 * llama7b.params // n)
+        assert plan.main_save == 3 * 4 * llama7b.params  # θ*, Δ_old and θ, whole, while writing
+
+
+def test_a_lora_stage_under_fsdp2_keeps_its_adapter_whole_on_every_process(llama7b):
+    one = plan_memory(llama7b, "lora", seq_len=64, available=0)
+    plan = plan_memory(llama7b, "lora", seq_len=64, processes=4, sharding="fsdp2", available=0)
+    whole, part = one.stages[0], plan.stages[0]
+    adapter = whole.trainable * 4
+    assert part.weights == -(-(whole.weights - adapter) // 4) + adapter
+    assert part.optimizer == whole.optimizer and part.gradients == whole.gradients
+    with pytest.raises(FlearnError, match="sharding"):
+        plan_memory(llama7b, "lora", sharding="zero3", available=0)

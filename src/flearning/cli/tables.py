@@ -205,6 +205,12 @@ def plan_table(plan: MemoryPlan):
     table.caption = (
         f"totals include {fmt_bytes(RUNTIME_OVERHEAD)} runtime per process; activations are an estimate"
     )
+    if plan.sharding == "fsdp2":  # each row is one process's part (one device each on GPUs)
+        table.title += f"; FSDP2 over {plan.processes} processes, per process"
+        table.caption += (
+            f"; the main process also holds {fmt_bytes(plan.main_save)} of CPU memory while it writes the "
+            "output (θ* and Δ_old gathered whole, and θ for update_vector/ unless --no-vectors)"
+        )
     if plan.available is None:
         verdict = Text(f"peak {fmt_bytes(plan.peak)}{per}; available memory unknown")
     elif plan.peak <= TIGHT * plan.available:

@@ -93,6 +93,15 @@ def update_command(
     dry_run: bool = typer.Option(
         False, "--dry-run", help="Print the memory each stage needs for this model and method, then stop."
     ),
+    processes: int = typer.Option(
+        1, "--processes", min=1, help="With --dry-run: plan for N training processes (devices)."
+    ),
+    sharding: str = typer.Option(
+        "none",
+        "--sharding",
+        help="With --dry-run: 'none' (DDP: every process holds everything) or 'fsdp2' (weights, gradients "
+        "and AdamW state split over --processes; configs/accelerate/fsdp2.yaml).",
+    ),
     restart: bool = typer.Option(
         False,
         "--restart",
@@ -151,7 +160,9 @@ def update_command(
         from flearning.cli.tables import plan_table, render
         from flearning.recipes.update import dry_run as plan_dry_run
 
-        typer.echo(render(plan_table(plan_dry_run(cfg))))
+        if sharding not in ("none", "fsdp2"):
+            raise typer.BadParameter(f"--sharding must be none or fsdp2, not {sharding!r}")
+        typer.echo(render(plan_table(plan_dry_run(cfg, processes=processes, sharding=sharding))))
         return
     if cfg.out is None:
         raise typer.BadParameter("an output directory is required (--out DIR or out=DIR)")

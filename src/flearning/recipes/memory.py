@@ -98,11 +98,14 @@ class MemoryPlan:
     method: str
     seq_len: int
     processes: int  # processes sharing this machine's memory (DDP on one host: each holds everything)
-    stages: tuple[StageMemory, ...]
+    stages: tuple[StageMemory, ...]  # per process (under FSDP2: its shards)
     available: int | None  # bytes, None when unknown
     available_source: str
     suggestions: tuple[str, ...] = field(default=())
     seq_len_source: str = ASSUMED  # where seq_len comes from (the data's longest text, or an assumption)
+    sharding: str = "none"  # "fsdp2": weights, gradients and AdamW state split over ``processes``
+    # FSDP2: what the main process holds on top while it writes the output (whole θ*, Δ_old, θ)
+    main_save: int = 0
 
     @property
     def peak(self) -> int:
@@ -246,6 +249,7 @@ def plan_memory(
     processes: int = 1,
     available: int | None = None,
     trust_remote_code: bool = False,
+    sharding: str = "none",
 ) -> MemoryPlan:
     """Estimate the peak memory of each training stage of ``method`` and compare it with the machine's.
 
@@ -264,6 +268,10 @@ def plan_memory(
             once per process).
         available: the budget in bytes; default: what ``available_memory`` finds.
         trust_remote_code: passed to transformers when reading the config.
+        sharding: "fsdp2" plans each of ``processes`` processes (one per device) of an FSDP2 run: its
+            shards of the weights, gradients, AdamW state, θ and Δ_old (the forget arithmetic is local),
+            one decoder block gathered whole (twice, with prefetching), a LoRA adapter whole; plus what
+            the main process gathers to write the output.
     Returns:
         A ``MemoryPlan``; its ``suggestions`` say what to change when the plan does not fit.
     """
@@ -287,9 +295,7 @@ def plan_memory(
     if "forget" in configs:
         cfg = configs["forget"]
         if cfg.lora is None:
-            stage = _full_stage(
-                "forget", shape, cfg, seq_len, extra=(("θ (untouched)", shape.params * FP32),)
-            )
+            stage = _full_stage("forget", shape, cfg, seq_len, extra=(("θ (kept)", shape.params * FP32),))
             vector_after_forget = (("Δ_old", shape.params * FP32),)
         else:
             stage = _lora_stage("forget", shape, cfg, seq_len, extra=())
@@ -304,6 +310,13 @@ def plan_memory(
         stage = _lora_stage("learn", shape, cfg, seq_len, extra=vector_after_forget)
     plan_stages.append(_with_other(stage, snapshot))
 
+    main_save = 0
+    if sharding == "fsdp2":
+        plan_stages = [_sharded(stage, shape, processes) for stage in plan_stages]
+        # θ* and Δ_old gathered whole, and the θ kept for θ* − θ
+        main_save = shape.params * FP32 * (1 + ("forget" in configs) + keep_theta)
+    elif sharding != "none":
+        raise FlearnError(f"sharding must be 'none' or 'fsdp2', not {sharding!r}")
     if available is None:
         available, source = available_memory()
     else:
@@ -317,6 +330,8 @@ def plan_memory(
         stages=tuple(plan_stages),
         available=available,
         available_source=source,
+        sharding=sharding,
+        main_save=main_save,
     )
     return MemoryPlan(**{**plan.__dict__, "suggestions": tuple(suggestions(plan, lora, keep_theta))})
 
@@ -367,6 +382,33 @@ def _is_target(name: str, lora: LoraSettings) -> bool:
     return leaf in targets
 
 
+def _sharded(stage: StageMemory, shape: ModelShape, n: int) -> StageMemory:
+    """One FSDP2 process's part of a stage: the model's weights and, for full FT, its gradients, AdamW
+    state, kept θ and Δ_old split n ways (``torch.chunk`` rows: at most one row more than 1/n); a LoRA
+    adapter and its state whole (replicated); one decoder block gathered whole, two with prefetching."""
+    block = (shape.params - shape.embedding_params) // max(shape.layers, 1)
+    full = stage.kind == "full"
+    adapter = 0 if full else stage.trainable * FP32
+
+    def split(b: int) -> int:
+        return math.ceil(b / n)
+
+    # the θ kept for θ* − θ: on the main process only, in CPU memory (``main_save``)
+    other = tuple((f"{label} (shards)", split(b)) for label, b in stage.other if label != "θ snapshot")
+    return StageMemory(
+        name=stage.name,
+        kind=stage.kind,
+        batch_size=stage.batch_size,
+        trainable=stage.trainable,
+        weights=split(stage.weights - adapter) + adapter,
+        gradients=split(stage.gradients) if full else stage.gradients,
+        optimizer=split(stage.optimizer) if full else stage.optimizer,
+        activations=stage.activations,
+        other=(*other, ("FSDP2 gathered blocks", 2 * block * FP32)),
+        overhead=stage.overhead,
+    )
+
+
 def _with_other(stage: StageMemory, extra) -> StageMemory:
     return StageMemory(**{**stage.__dict__, "other": stage.other + tuple(extra)})
 
@@ -414,26 +456,34 @@ def suggestions(plan: MemoryPlan, lora: LoraSettings, keep_theta: bool) -> list[
             f"Without the vectors (--no-vectors, save_vectors=false) the run does not keep θ for θ* − θ "
             f"({fmt_bytes(plan.model.params * FP32)})."
         )
-    states = worst.weights + worst.gradients + worst.optimizer
-    rest = worst.total - states
-    budget = plan.available / plan.processes
-    if states > 0 and budget > rest:
-        gpus = max(2, math.ceil(states / (budget - rest)))
-        if gpus <= 1024:
-            out.append(
-                f"Shard weights, gradients and Adam state over {gpus}+ GPUs with accelerate: "
-                f"`accelerate launch --config_file {ACCELERATE_CONFIGS}/fsdp.yaml` or deepspeed-zero3.yaml "
-                f"(≈ {fmt_bytes(states // gpus + rest)} per GPU); deepspeed-zero2.yaml shards only gradients "
-                "and Adam state. See docs/DISTRIBUTED.md."
-            )
-    else:
-        held = ", ".join(label for label, _ in worst.other) or "none"
-        out.append(
-            f"Even with weights, gradients and Adam state sharded, activations, runtime and the tensors the recipe "
-            f"holds beside the model ({held}) take {fmt_bytes(rest)} per process, more than the budget: use "
-            "smaller batches or LoRA stages first."
-        )
+    if plan.sharding == "none":
+        out.append(_sharding_suggestion(plan, lora, keep_theta, worst))
     return out
+
+
+def _sharding_suggestion(plan: MemoryPlan, lora: LoraSettings, keep_theta: bool, worst: StageMemory) -> str:
+    """The fewest FSDP2 processes (one GPU each, with this plan's memory per GPU) whose per-process plan
+    fits, or why none does."""
+    budget = plan.available / plan.processes  # one device's memory
+    for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024):
+        sharded = plan_memory(
+            plan.model, plan.method, seq_len=plan.seq_len, seq_len_source=plan.seq_len_source, lora=lora,
+            keep_theta=keep_theta, processes=n, sharding="fsdp2", available=int(budget * n),
+            batch_size=worst.batch_size,
+        )  # fmt: skip
+        per = max(s.total for s in sharded.stages)
+        if per <= budget:
+            return (
+                f"Shard weights, gradients and Adam state over {n} GPUs with FSDP2: `accelerate launch "
+                f"--config_file {ACCELERATE_CONFIGS}/fsdp2.yaml` (num_processes: {n}) needs ≈ {fmt_bytes(per)} "
+                f"per GPU (plan it: --dry-run --processes {n} --sharding fsdp2); the main process also holds "
+                f"{fmt_bytes(sharded.main_save)} of CPU memory while writing the output. See docs/DISTRIBUTED.md."
+            )
+    held = ", ".join(label for label, _ in worst.other) or "none"
+    return (
+        "Even sharded over 1024 GPUs, activations, runtime and the tensors the recipe holds beside the model "
+        f"({held}) take more than one device's memory: use smaller batches or LoRA stages first."
+    )
 
 
 # --- sizes as text ------------------------------------------------------------------------------
@@ -457,6 +507,7 @@ def dry_run_plan(
     seq_len_source: str | None = None,
     processes: int = 1,
     available: int | None = None,
+    sharding: str = "none",
 ) -> MemoryPlan:
     """The memory plan of an update config: its model (config only; the embedded default is converted
     once if it was not yet), method, stage settings and LoRA shape. ``seq_len``: the longest training
@@ -476,4 +527,5 @@ def dry_run_plan(
         processes=processes,
         available=available,
         trust_remote_code=cfg.trust_remote_code,
+        sharding=sharding,
     )
