@@ -75,4 +75,5 @@ def assert_same_records(batched: list[dict], single: list[dict], tol: float = 1e
                 assert abs(value - b[key][name]) <= tol, (a["id"], key, name)
         assert a.get("generated") == b.get("generated"), a["id"]
         assert a.get("fluency_text") == b.get("fluency_text"), a["id"]
+        assert a.get("fluency_sampled_text") == b.get("fluency_sampled_text"), a["id"]
     return worst

@@ -67,7 +67,7 @@ def test_report_files_and_values(tmp_path, results):
 
     with open(out / "summary.csv", newline="") as fh:
         table = list(csv.reader(fh))
-    assert table[0] == ["method", "Reliability", "Generality", "Efficacy", "Fluency"]
+    assert table[0] == ["method", "Reliability", "Generality", "Efficacy", "Fluency (greedy)"]
     # Generality: ft has one value per seed -> std over its two seeds (0.0); flearning-ft has a single
     # value -> no std at all.
     assert table[1] == ["ft", "75.0 ± 35.4", "50.0 ± 0.0", "25.0 ± 35.4", "–"]

@@ -15,8 +15,11 @@ from typing import TYPE_CHECKING, Any
 from flearning.errors import FlearnError
 from flearning.evaluation.definitions import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_FLUENCY_SEED,
     DEFAULT_FLUENCY_TOKENS,
     EXACT_MATCH_EXTRA_TOKENS,
+    FLUENCY_SAMPLED_LENGTH,
+    FLUENCY_SAMPLED_TOP_K,
 )
 from flearning.evaluation.metrics import argmax_agreement, category_means, mean_or_none, nll_prefers_new
 from flearning.evaluation.probes import (
@@ -30,6 +33,7 @@ from flearning.evaluation.probes import (
 )
 from flearning.evaluation.reference import ReferencePredictions, reference_predictions, require_prediction
 from flearning.evaluation.results import EvalResult
+from flearning.evaluation.sampling import rome_text, sample_generate
 from flearning.evaluation.scoring import Probe, ProbeScore, greedy_generate, score_probes
 from flearning.evaluation.text import compute_n_gram_entropy, exact_match
 
@@ -46,6 +50,7 @@ def record_metrics(
     reference: ReferencePredictions | None,
     generated: str | None,
     fluency_text: str | None,
+    sampled_text: str | None = None,
 ) -> dict[str, Any]:
     """Every metric of one record from its probe scores (pure: no model involved).
 
@@ -56,6 +61,7 @@ def record_metrics(
         reference: reference argmaxes for Locality (None: Locality is None).
         generated: decoded greedy continuation for exact match (None: not computed).
         fluency_text: prompt + long greedy continuation for Fluency (None: not computed).
+        sampled_text: prompt + top-k sampled continuation for the sampled Fluency (None: not computed).
     Returns:
         ``{"id", metrics..., "generated"?}``; missing metrics are None. Locality and Portability are the
         mean over the record's categories of the mean within each (``metrics.category_means``); when its
@@ -88,6 +94,7 @@ def record_metrics(
         ),
         "gen_exact_match": exact_match(generated, record.target_new) if generated is not None else None,
         "fluency": compute_n_gram_entropy(fluency_text) if fluency_text is not None else None,
+        "fluency_sampled": compute_n_gram_entropy(sampled_text) if sampled_text is not None else None,
     }
     if locality_by:
         row["locality_by_category"] = locality_by
@@ -97,6 +104,8 @@ def record_metrics(
         row["generated"] = generated
     if fluency_text is not None:
         row["fluency_text"] = fluency_text
+    if sampled_text is not None:
+        row["fluency_sampled_text"] = sampled_text
     return row
 
 
@@ -111,6 +120,8 @@ def evaluate(
     generation: bool = True,
     fluency: bool = False,
     fluency_tokens: int = DEFAULT_FLUENCY_TOKENS,
+    fluency_sampled: bool = False,
+    fluency_seed: int = DEFAULT_FLUENCY_SEED,
     pack: bool = True,
     cache_dir: Path | str | None = None,
     progress: bool = True,
@@ -136,6 +147,9 @@ def evaluate(
         generation: compute Generation exact match (greedy decoding).
         fluency: compute Fluency (greedy decoding of ``fluency_tokens`` tokens: slow).
         fluency_tokens: new tokens generated for Fluency.
+        fluency_sampled: compute the sampled Fluency (ROME/EasyEdit: top-5 sampling until prompt +
+            continuation are 100 tokens: slow).
+        fluency_seed: seeds the sampled Fluency (with each prompt's tokens: ``sampling.prompt_seed``).
         pack: share a row between targets after the same prompt.
         cache_dir: disk cache for reference predictions when ``reference`` is a model.
         progress: show progress bars.
@@ -207,13 +221,32 @@ def evaluate(
                 for prompt, ids in zip(prompts, long_ids, strict=True)
             ]
             timings["fluency"] = time.perf_counter() - start
+        sampled_texts: list[str | None] = [None] * len(records)
+        if fluency_sampled:
+            start = time.perf_counter()
+            sampled = sample_generate(
+                model,
+                prompts,
+                [max(0, FLUENCY_SAMPLED_LENGTH - len(p)) for p in prompts],
+                pad_id=pad_id,
+                seed=fluency_seed,
+                top_k=FLUENCY_SAMPLED_TOP_K,
+                batch_size=gen_batch,
+                progress=progress,
+                desc="fluency (sampled)",
+            )
+            sampled_texts = [
+                rome_text(tokenizer.decode([*prompt, *ids], skip_special_tokens=True))
+                for prompt, ids in zip(prompts, sampled, strict=True)
+            ]
+            timings["fluency_sampled"] = time.perf_counter() - start
     finally:
         model.train(was_training)
 
     score = dict(zip(probes, scores, strict=True))
     rows = [
-        record_metrics(r, p, score, ref, g, f)
-        for r, p, g, f in zip(records, plans, generated, fluency_texts, strict=True)
+        record_metrics(r, p, score, ref, g, f, t)
+        for r, p, g, f, t in zip(records, plans, generated, fluency_texts, sampled_texts, strict=True)
     ]
     meta = {
         "batch_size": batch_size,
@@ -222,6 +255,8 @@ def evaluate(
         "generation": generation,
         "fluency": fluency,
         "fluency_tokens": fluency_tokens if fluency else None,
+        "fluency_sampled": fluency_sampled,
+        "fluency_seed": fluency_seed if fluency_sampled else None,
         "records": len(records),
         "probes": len(probes),
         "reference_fingerprint": ref.model_fingerprint if ref is not None else None,

@@ -11,7 +11,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from flearning.evaluation.definitions import DEFAULT_FLUENCY_TOKENS, EXACT_MATCH_EXTRA_TOKENS
+from flearning.evaluation.definitions import (
+    DEFAULT_FLUENCY_SEED,
+    DEFAULT_FLUENCY_TOKENS,
+    EXACT_MATCH_EXTRA_TOKENS,
+    FLUENCY_SAMPLED_LENGTH,
+    FLUENCY_SAMPLED_TOP_K,
+)
 from flearning.evaluation.metrics import (
     argmax_agreement,
     category_means,
@@ -23,6 +29,7 @@ from flearning.evaluation.metrics import (
 )
 from flearning.evaluation.probes import eos_token_id, pad_token_id, probe_categories, record_probes
 from flearning.evaluation.results import EvalResult
+from flearning.evaluation.sampling import rome_text, sample_generate
 from flearning.evaluation.scoring import Probe, ProbeScore, greedy_generate
 from flearning.evaluation.text import compute_n_gram_entropy, exact_match
 
@@ -73,6 +80,8 @@ def evaluate_oracle(
     generation: bool = True,
     fluency: bool = False,
     fluency_tokens: int = DEFAULT_FLUENCY_TOKENS,
+    fluency_sampled: bool = False,
+    fluency_seed: int = DEFAULT_FLUENCY_SEED,
     paraphrase: bool = True,
     progress: bool = False,
 ) -> EvalResult:
@@ -91,6 +100,8 @@ def evaluate_oracle(
         generation: compute Generation exact match.
         fluency: compute Fluency.
         fluency_tokens: new tokens generated for Fluency.
+        fluency_sampled: compute the sampled Fluency (one prompt per sampling call).
+        fluency_seed: its seed.
         paraphrase: compute the Paraphrase score (EasyEdit has no such metric; the benchmark skips it).
         progress: show a progress bar.
     Returns:
@@ -148,6 +159,7 @@ def evaluate_oracle(
                 ),
                 "gen_exact_match": None,
                 "fluency": None,
+                "fluency_sampled": None,
             }
             if locality_by:
                 row["locality_by_category"] = locality_by
@@ -170,6 +182,22 @@ def evaluate_oracle(
                 counter.generations += 1
                 row["fluency_text"] = tokenizer.decode([*prompt, *ids], skip_special_tokens=True)
                 row["fluency"] = compute_n_gram_entropy(row["fluency_text"])
+            if fluency_sampled:
+                budget = max(0, FLUENCY_SAMPLED_LENGTH - len(prompt))
+                ids = sample_generate(
+                    model,
+                    [prompt],
+                    [budget],
+                    pad_id=pad_id,
+                    seed=fluency_seed,
+                    top_k=FLUENCY_SAMPLED_TOP_K,
+                    batch_size=1,
+                )[0]
+                counter.generations += 1
+                row["fluency_sampled_text"] = rome_text(
+                    tokenizer.decode([*prompt, *ids], skip_special_tokens=True)
+                )
+                row["fluency_sampled"] = compute_n_gram_entropy(row["fluency_sampled_text"])
             counter.generation_seconds += time.perf_counter() - gen_start
             rows.append(row)
     finally:

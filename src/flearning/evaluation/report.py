@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from flearning.evaluation.definitions import (
+    ENTROPY_METRICS,
     METRIC_DEFINITIONS,
     METRIC_LABELS,
     METRICS,
@@ -42,7 +43,8 @@ STD_NOTE = (
     "Values are means x100 ± standard deviation x100: the sample standard deviation over seeds when a "
     "method has several seeds, otherwise over records. n counts the per-record values (pooled over seeds); "
     "records without the probe a metric needs (no rephrase, no portability question, no locality pair or "
-    "no reference model) are excluded. Fluency is an n-gram entropy in bits x100, not a percentage."
+    "no reference model) are excluded. The two Fluency rows are n-gram entropies in bits x100, not percentages: "
+    "greedy (this project's) and top-5 sampled (ROME/EasyEdit's, the one to compare with published numbers)."
 )
 
 
@@ -159,7 +161,7 @@ def _seeds(results: EvalResult | Sequence[EvalResult]) -> list[EvalResult]:
 
 
 def plot_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title: str):
-    """Grouped bar chart: one group per metric, one bar per method (percent metrics; Fluency apart).
+    """Grouped bar chart: one group per metric, one bar per method (percent metrics; the Fluencies apart).
 
     Error bars show the std over seeds when a method has several seeds (the std over records of 0/1
     metrics is too wide to be informative).
@@ -171,10 +173,13 @@ def plot_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title
 
     metrics = present_metrics(summaries)
     percent = [m for m in metrics if m in PERCENT_METRICS]
-    with_fluency = "fluency" in metrics
+    entropy = [m for m in metrics if m in ENTROPY_METRICS]
+    with_fluency = bool(entropy)
     methods = list(summaries)
     n_methods = max(len(methods), 1)
-    width_ratios = [max(len(percent), 1) * n_methods + 1] + ([n_methods + 1] if with_fluency else [])
+    width_ratios = [max(len(percent), 1) * n_methods + 1] + (
+        [len(entropy) * n_methods + 1] if with_fluency else []
+    )
     fig = Figure(
         figsize=(min(16.0, max(6.5, 0.9 * len(percent) * max(1.0, n_methods / 3) + 3)), 5.0),
         layout="constrained",
@@ -207,9 +212,9 @@ def plot_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title
         ax.set_title("error bars: standard deviation over seeds", fontsize=8)
     if with_fluency:
         fax = axes[1]
-        draw(fax, ["fluency"])
+        draw(fax, entropy)
         fax.set_ylabel("n-gram entropy (bits x100)")
-        fax.set_title("Fluency", fontsize=9)
+        fax.set_title("Fluency (n-gram entropy)", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(
         handles, labels, loc="outside lower center", ncols=min(len(methods), 6), fontsize=8, title="method"
@@ -270,7 +275,7 @@ def plot_sweep(
                 )
         ax.set_title(METRIC_LABELS[metric], fontsize=10)
         ax.set_xlabel(parameter)
-        ax.set_ylabel("n-gram entropy (bits x100)" if metric == "fluency" else "score (%)")
+        ax.set_ylabel("n-gram entropy (bits x100)" if metric in ENTROPY_METRICS else "score (%)")
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
