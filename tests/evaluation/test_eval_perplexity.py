@@ -3,15 +3,25 @@ padding (how passages share a batch, the pad token) does not change it."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
-from eval_helpers import sharp_llama
+from eval_helpers import crafted_records, sharp_llama
 
 from flearning.errors import FlearnError
-from flearning.evaluation.corpus import DEFAULT_CORPUS, corpus_path, load_passages, split_passages
+from flearning.evaluation import EvalResult, write_report
+from flearning.evaluation.corpus import (
+    DEFAULT_CORPUS,
+    PerplexityCorpus,
+    corpus_path,
+    load_passages,
+    split_passages,
+)
+from flearning.evaluation.evaluate import evaluate
 from flearning.evaluation.perplexity import encode_passages, passage_nll, perplexity, token_batches
+from flearning.evaluation.results import aggregate_perplexity
 
 PASSAGES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -112,3 +122,64 @@ def test_the_shipped_corpus():
     assert all(200 <= len(p) <= 600 and "\n" not in p and not p.startswith("=") for p in passages)
     readme = (path.parent / "README.md").read_text()
     assert path.name in readme and "CC BY-SA" in readme
+
+
+def test_evaluate_measures_perplexity_when_asked(tokenizer):
+    model = sharp_llama(0)
+    corpus = PerplexityCorpus(tuple(PASSAGES), max_tokens=MAX_TOKENS, corpus="mine.txt")
+    records = crafted_records(3)
+    result = evaluate(model, tokenizer, records, generation=False, perplexity=corpus, progress=False)
+    alone = perplexity(model, tokenizer, PASSAGES, max_tokens=MAX_TOKENS, corpus="mine.txt")
+    assert result.perplexity == {**alone.to_json(), "seconds": result.perplexity["seconds"]}
+    assert result.perplexity["corpus"] == "mine.txt" and "perplexity" in result.meta["seconds"]
+    assert evaluate(model, tokenizer, records, generation=False, progress=False).perplexity is None
+
+
+def test_the_default_corpus_loads_as_an_input():
+    corpus = PerplexityCorpus.load()
+    assert corpus.corpus == DEFAULT_CORPUS == "sample:wikitext-2-valid-200.txt"
+    assert len(corpus.passages) == 200 and corpus.max_tokens == 256
+    assert len(PerplexityCorpus.load(passages=5).passages) == 5
+
+
+def _result(seed, value):
+    ppl = {
+        "perplexity": value,
+        "nll": math.log(value),
+        "tokens": 10,
+        "passages": 2,
+        "truncated": 0,
+        "max_tokens": 8,
+        "corpus": "c.txt",
+        "seconds": 0.1,
+    }
+    return EvalResult(records=[{"id": "a", "reliability": 1.0}], seed=seed, perplexity=ppl)
+
+
+def test_aggregate_perplexity_over_seeds():
+    agg = aggregate_perplexity([_result(0, 10.0), _result(1, 14.0)])
+    assert agg["mean"] == 12.0 and agg["std_seeds"] == pytest.approx(math.sqrt(8.0))
+    assert agg["seed_values"] == [10.0, 14.0] and agg["n_seeds"] == 2
+    assert (agg["corpus"], agg["passages"], agg["tokens"], agg["max_tokens"]) == ("c.txt", 2, 10, 8)
+    assert aggregate_perplexity([EvalResult(records=[])]) is None
+
+
+def test_report_shows_perplexity(tmp_path):
+    results = {
+        "before": [_result(0, 10.0)],
+        "after": [_result(0, 12.5)],
+        "other": [EvalResult(records=[{"id": "a", "reliability": 0.0}])],
+    }
+    sweep = {"m": {0.5: [_result(0, 11.0)], 1.0: [_result(0, 30.0)]}}
+    write_report(results, tmp_path, sweep=sweep, sweep_baselines=["before"])
+    doc = json.loads((tmp_path / "summary.json").read_text())
+    assert doc["methods"]["after"]["perplexity"]["mean"] == 12.5
+    assert (
+        "perplexity" not in doc["methods"]["other"] and "perplexity" not in doc["methods"]["after"]["metrics"]
+    )
+    md = (tmp_path / "summary.md").read_text()
+    assert "## General ability: perplexity on held-out text" in md
+    assert "| before | 10.00 |" in md and "| after | 12.50 |" in md and "| other | – |" in md
+    points = json.loads((tmp_path / "sweep.json").read_text())["methods"]["m"]
+    assert [p["perplexity"]["mean"] for p in points] == [11.0, 30.0]
+    assert (tmp_path / "metrics.png").stat().st_size > 0 and (tmp_path / "sweep.png").stat().st_size > 0

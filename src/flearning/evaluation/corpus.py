@@ -8,14 +8,38 @@ A passage is a block of text between blank lines (a paragraph); the default corp
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from flearning.errors import FlearnError
-from flearning.evaluation.definitions import PERPLEXITY_SAMPLE
+from flearning.evaluation.definitions import (
+    DEFAULT_PERPLEXITY_MAX_TOKENS,
+    DEFAULT_PERPLEXITY_PASSAGES,
+    PERPLEXITY_SAMPLE,
+)
 from flearning.resources import SAMPLE_PREFIX, resolve_sample
 
 DEFAULT_CORPUS = f"{SAMPLE_PREFIX}{PERPLEXITY_SAMPLE}"
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
+
+
+@dataclass(frozen=True)
+class PerplexityCorpus:
+    """What ``evaluate(perplexity=...)`` measures perplexity on: the passages and how they are cut."""
+
+    passages: tuple[str, ...]
+    max_tokens: int = DEFAULT_PERPLEXITY_MAX_TOKENS
+    corpus: str | None = None  # where they came from, recorded in the result
+
+    @classmethod
+    def load(
+        cls,
+        corpus: str | Path = DEFAULT_CORPUS,
+        passages: int | None = DEFAULT_PERPLEXITY_PASSAGES,
+        max_tokens: int = DEFAULT_PERPLEXITY_MAX_TOKENS,
+    ) -> PerplexityCorpus:
+        """The first ``passages`` passages of a corpus file (``load_passages``; FlearnError if unusable)."""
+        return cls(tuple(load_passages(corpus, passages)), max_tokens, str(corpus))
 
 
 def corpus_path(corpus: str | Path) -> Path:

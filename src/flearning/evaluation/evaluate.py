@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from flearning.data.records import KnowledgeRecord
+    from flearning.evaluation.corpus import PerplexityCorpus
 
 
 def record_metrics(
@@ -122,6 +123,7 @@ def evaluate(
     fluency_tokens: int = DEFAULT_FLUENCY_TOKENS,
     fluency_sampled: bool = False,
     fluency_seed: int = DEFAULT_FLUENCY_SEED,
+    perplexity: PerplexityCorpus | None = None,
     pack: bool = True,
     cache_dir: Path | str | None = None,
     progress: bool = True,
@@ -150,6 +152,8 @@ def evaluate(
         fluency_sampled: compute the sampled Fluency (ROME/EasyEdit: top-5 sampling until prompt +
             continuation are 100 tokens: slow).
         fluency_seed: seeds the sampled Fluency (with each prompt's tokens: ``sampling.prompt_seed``).
+        perplexity: also measure the model's perplexity on these held-out passages (general ability:
+            ``EvalResult.perplexity``); None skips it.
         pack: share a row between targets after the same prompt.
         cache_dir: disk cache for reference predictions when ``reference`` is a model.
         progress: show progress bars.
@@ -240,6 +244,20 @@ def evaluate(
                 for prompt, ids in zip(prompts, sampled, strict=True)
             ]
             timings["fluency_sampled"] = time.perf_counter() - start
+        measured = None
+        if perplexity is not None:
+            from flearning.evaluation.perplexity import perplexity as measure_perplexity
+
+            start = time.perf_counter()
+            measured = measure_perplexity(
+                model,
+                tokenizer,
+                perplexity.passages,
+                max_tokens=perplexity.max_tokens,
+                corpus=perplexity.corpus,
+                progress=progress,
+            ).to_json()
+            timings["perplexity"] = time.perf_counter() - start
     finally:
         model.train(was_training)
 
@@ -262,7 +280,7 @@ def evaluate(
         "reference_fingerprint": ref.model_fingerprint if ref is not None else None,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
-    return EvalResult(records=rows, seed=seed, meta=meta)
+    return EvalResult(records=rows, seed=seed, meta=meta, perplexity=measured)
 
 
 def teacher_forced_accuracy(

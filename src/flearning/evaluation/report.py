@@ -23,8 +23,9 @@ from flearning.evaluation.definitions import (
     METRIC_LABELS,
     METRICS,
     PERCENT_METRICS,
+    PERPLEXITY_DEFINITION,
 )
-from flearning.evaluation.results import EvalResult, aggregate, aggregate_categories
+from flearning.evaluation.results import EvalResult, aggregate, aggregate_categories, aggregate_perplexity
 from flearning.io.atomic import atomic_entries
 
 REPORT_FILES = (
@@ -38,6 +39,9 @@ REPORT_FILES = (
 )
 
 SweepData = Mapping[str, Mapping[float, "EvalResult | Sequence[EvalResult]"]]
+
+PERPLEXITY = "perplexity"  # the plots' key for a method's perplexity (not a per-record metric)
+PERPLEXITY_LABEL = "Perplexity (held-out text, lower is better)"
 
 STD_NOTE = (
     "Values are means x100 ± standard deviation x100: the sample standard deviation over seeds when a "
@@ -131,14 +135,38 @@ def markdown_categories(categories: Mapping[str, Mapping[str, Mapping[str, Mappi
     return "\n".join([header, rule, *rows]) + "\n\n" + note
 
 
+def format_perplexity(entry: Mapping[str, Any] | None) -> str:
+    """``"mean ± std over seeds"`` of an ``aggregate_perplexity`` entry (two decimals), ``"–"`` for None."""
+    if not entry:
+        return "–"
+    spread = entry.get("std_seeds")
+    return f"{entry['mean']:.2f}" + (f" ± {spread:.2f}" if spread is not None else "")
+
+
+def markdown_perplexity(perplexities: Mapping[str, Mapping[str, Any] | None]) -> str:
+    """Methods x (perplexity, what it was measured on) Markdown table, or "" when none was measured."""
+    measured = {name: entry for name, entry in perplexities.items() if entry}
+    if not measured:
+        return ""
+    first = next(iter(measured.values()))
+    rows = [f"| {name} | {format_perplexity(perplexities.get(name))} |" for name in perplexities]
+    where = (
+        f"Measured on {first.get('passages')} passages of `{first.get('corpus')}` ({first.get('tokens')} "
+        f"predicted tokens, passages cut to {first.get('max_tokens')} tokens); ± is the standard deviation "
+        "over seeds. " + PERPLEXITY_DEFINITION
+    )
+    return "\n".join(["| method | perplexity |", "|---|---:|", *rows]) + "\n\n" + where
+
+
 def markdown_report(
     title: str,
     summaries: Mapping[str, Mapping[str, Mapping[str, Any]]],
     *,
     has_sweep: bool = False,
     categories: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]] | None = None,
+    perplexities: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> str:
-    """The whole ``summary.md``: table, counts, (categories), definitions, figures."""
+    """The whole ``summary.md``: table, counts, (categories), (perplexity), definitions, figures."""
     metrics = present_metrics(summaries)
     definitions = "\n".join(f"- **{METRIC_LABELS[m]}**: {METRIC_DEFINITIONS[m]}" for m in metrics)
     figures = "![methods x metrics](metrics.png)"
@@ -146,9 +174,11 @@ def markdown_report(
         figures += "\n\n![metrics vs λ](sweep.png)"
     by_category = markdown_categories(categories or {})
     by_category = f"## Locality and Portability by category\n\n{by_category}\n\n" if by_category else ""
+    ppl = markdown_perplexity(perplexities or {})
+    ppl = f"## General ability: perplexity on held-out text\n\n{ppl}\n\n" if ppl else ""
     return (
         f"# {title}\n\n{markdown_table(summaries, metrics)}\n\n{STD_NOTE}\n\n"
-        f"## Counts (n)\n\n{markdown_counts(summaries, metrics)}\n\n{by_category}"
+        f"## Counts (n)\n\n{markdown_counts(summaries, metrics)}\n\n{by_category}{ppl}"
         f"## Metric definitions\n\n{definitions}\n\n## Figures\n\n{figures}\n"
     )
 
@@ -175,10 +205,13 @@ def plot_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title
     percent = [m for m in metrics if m in PERCENT_METRICS]
     entropy = [m for m in metrics if m in ENTROPY_METRICS]
     with_fluency = bool(entropy)
+    with_perplexity = any(s.get(PERPLEXITY) for s in summaries.values())
     methods = list(summaries)
     n_methods = max(len(methods), 1)
-    width_ratios = [max(len(percent), 1) * n_methods + 1] + (
-        [len(entropy) * n_methods + 1] if with_fluency else []
+    width_ratios = (
+        [max(len(percent), 1) * n_methods + 1]
+        + ([len(entropy) * n_methods + 1] if with_fluency else [])
+        + ([n_methods + 1] if with_perplexity else [])
     )
     fig = Figure(
         figsize=(min(16.0, max(6.5, 0.9 * len(percent) * max(1.0, n_methods / 3) + 3)), 5.0),
@@ -192,15 +225,17 @@ def plot_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title
         for j, method in enumerate(methods):
             s = summaries[method]
             xs = [i + (j - (n_methods - 1) / 2) * bar for i in range(len(names))]
-            means = [s[m]["mean"] if s[m]["mean"] is not None else math.nan for m in names]
-            errs = [s[m]["std_seeds"] if s[m].get("std_seeds") is not None else 0.0 for m in names]
+            entries = [s.get(m) or {} for m in names]
+            means = [e["mean"] if e.get("mean") is not None else math.nan for e in entries]
+            errs = [e["std_seeds"] if e.get("std_seeds") is not None else 0.0 for e in entries]
             bars = ax.bar(
                 xs, means, bar, label=method, color=colors[j], yerr=errs if any(errs) else None, capsize=3
             )
             if n_methods <= 4:
                 # Upright labels collide between neighbouring bars once there are three or more.
                 ax.bar_label(bars, fmt="%.1f", fontsize=7, padding=2, rotation=90 if n_methods >= 3 else 0)
-        ax.set_xticks(range(len(names)), [METRIC_LABELS[m] for m in names], rotation=20, ha="right")
+        ticks = [METRIC_LABELS.get(m, "Perplexity") for m in names]
+        ax.set_xticks(range(len(names)), ticks, rotation=20, ha="right")
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
 
@@ -215,6 +250,11 @@ def plot_metrics(summaries: Mapping[str, Mapping[str, Mapping[str, Any]]], title
         draw(fax, entropy)
         fax.set_ylabel("n-gram entropy (bits x100)")
         fax.set_title("Fluency (n-gram entropy)", fontsize=9)
+    if with_perplexity:
+        pax = axes[-1]
+        draw(pax, [PERPLEXITY])
+        pax.set_ylabel("perplexity (lower is better)")
+        pax.set_title("General ability", fontsize=9)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(
         handles, labels, loc="outside lower center", ncols=min(len(methods), 6), fontsize=8, title="method"
@@ -245,15 +285,18 @@ def plot_sweep(
     metrics = [
         m for m in METRICS if any(entry[m]["n"] for points in sweep_summary.values() for _, entry in points)
     ]
+    if any(entry.get(PERPLEXITY) for points in sweep_summary.values() for _, entry in points):
+        metrics.append(PERPLEXITY)
     cols = min(3, max(len(metrics), 1))
     rows = max(1, math.ceil(len(metrics) / cols))
     fig = Figure(figsize=(4.2 * cols, 3.3 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax, metric in zip(axes, metrics, strict=False):
         for j, (method, points) in enumerate(sweep_summary.items()):
-            xs = [v for v, e in points if e[metric]["mean"] is not None]
-            ys = [e[metric]["mean"] for _, e in points if e[metric]["mean"] is not None]
-            errs = [e[metric].get("std_seeds") or 0.0 for _, e in points if e[metric]["mean"] is not None]
+            present = [(v, e[metric]) for v, e in points if (e.get(metric) or {}).get("mean") is not None]
+            xs = [v for v, _ in present]
+            ys = [entry["mean"] for _, entry in present]
+            errs = [entry.get("std_seeds") or 0.0 for _, entry in present]
             if xs:
                 ax.errorbar(
                     xs,
@@ -265,7 +308,7 @@ def plot_sweep(
                     color=f"C{j % 10}",
                 )
         for k, (name, entry) in enumerate((baselines or {}).items()):
-            if entry.get(metric, {}).get("mean") is not None:
+            if (entry.get(metric) or {}).get("mean") is not None:
                 ax.axhline(
                     entry[metric]["mean"],
                     linestyle="--",
@@ -273,9 +316,10 @@ def plot_sweep(
                     color=f"C{(len(sweep_summary) + k) % 10}",
                     label=f"{name} (no {parameter})",
                 )
-        ax.set_title(METRIC_LABELS[metric], fontsize=10)
+        ax.set_title(METRIC_LABELS.get(metric, PERPLEXITY_LABEL), fontsize=10)
         ax.set_xlabel(parameter)
-        ax.set_ylabel("n-gram entropy (bits x100)" if metric in ENTROPY_METRICS else "score (%)")
+        ylabel = "n-gram entropy (bits x100)" if metric in ENTROPY_METRICS else "score (%)"
+        ax.set_ylabel("perplexity" if metric == PERPLEXITY else ylabel)
         ax.grid(alpha=0.3)
     for ax in axes[len(metrics) :]:
         ax.set_visible(False)
@@ -351,6 +395,9 @@ def write_report(
         raise NotADirectoryError(f"{out_dir} exists and is not a directory")
     summaries = {name: aggregate(list(runs)) for name, runs in results.items()}
     categories = {name: aggregate_categories(list(runs)) for name, runs in results.items()}
+    perplexities = {name: aggregate_perplexity(list(runs)) for name, runs in results.items()}
+    # the plots draw a method's perplexity beside its metrics (summary.json keeps it apart)
+    plotted = {name: {**summaries[name], PERPLEXITY: perplexities[name]} for name in results}
 
     files: dict[str, Callable[[Path], None]] = {}
 
@@ -375,6 +422,8 @@ def write_report(
                 "metrics": summaries[name],
                 # Locality and Portability by probe category, when the data has categories (KnowEdit)
                 **({"categories": categories[name]} if categories[name] else {}),
+                # perplexity on held-out text over seeds (general ability), when it was measured
+                **({"perplexity": perplexities[name]} if perplexities[name] else {}),
                 "meta": [r.meta for r in runs],
             }
             for name, runs in results.items()
@@ -382,27 +431,42 @@ def write_report(
     }
     summary_text = _dumps(summary_doc, indent=2) + "\n"
     files["summary.json"] = lambda p: p.write_text(summary_text, encoding="utf-8")
-    md = markdown_report(title, summaries, has_sweep=bool(sweep), categories=categories)
+    md = markdown_report(
+        title, summaries, has_sweep=bool(sweep), categories=categories, perplexities=perplexities
+    )
     files["summary.md"] = lambda p: p.write_text(md, encoding="utf-8")
     csv_text = csv_table(summaries, present_metrics(summaries))
     files["summary.csv"] = lambda p: p.write_text(csv_text, encoding="utf-8")
-    files["metrics.png"] = lambda p: plot_metrics(summaries, title).savefig(p, format="png", dpi=120)
+    files["metrics.png"] = lambda p: plot_metrics(plotted, title).savefig(p, format="png", dpi=120)
 
     if sweep:
         sweep_summary = {
-            method: sorted(((float(v), aggregate(_seeds(r))) for v, r in points.items()), key=lambda t: t[0])
+            method: sorted(
+                (
+                    (float(v), {**aggregate(_seeds(r)), PERPLEXITY: aggregate_perplexity(_seeds(r))})
+                    for v, r in points.items()
+                ),
+                key=lambda t: t[0],
+            )
             for method, points in sweep.items()
         }
         sweep_doc = {
             "parameter": sweep_parameter,
             "methods": {
-                method: [{"value": v, "metrics": entry} for v, entry in points]
+                method: [
+                    {
+                        "value": v,
+                        "metrics": {k: e for k, e in entry.items() if k != PERPLEXITY},
+                        **({"perplexity": entry[PERPLEXITY]} if entry.get(PERPLEXITY) else {}),
+                    }
+                    for v, entry in points
+                ]
                 for method, points in sweep_summary.items()
             },
         }
         sweep_text = _dumps(sweep_doc, indent=2) + "\n"
         files["sweep.json"] = lambda p: p.write_text(sweep_text, encoding="utf-8")
-        baselines = {name: summaries[name] for name in sweep_baselines if name in summaries}
+        baselines = {name: plotted[name] for name in sweep_baselines if name in plotted}
         files["sweep.png"] = lambda p: plot_sweep(
             sweep_summary, sweep_parameter, f"{title}: metrics vs {sweep_parameter}", baselines
         ).savefig(p, format="png", dpi=120)

@@ -47,12 +47,15 @@ class EvalResult:
 
     ``records`` holds one dict per record: ``id``, every metric of ``METRICS`` (a float in [0, 1], or
     None when the record has no such probe or the metric was not computed), and ``generated`` (the
-    greedy continuation used for exact match, when computed).
+    greedy continuation used for exact match, when computed). ``perplexity`` is the model's perplexity on
+    held-out text (``perplexity.PerplexityResult.to_json()``), a property of the model, not of a record;
+    None when it was not measured.
     """
 
     records: list[dict[str, Any]]
     seed: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    perplexity: dict[str, Any] | None = None
 
     def values(self, metric: str) -> list[float]:
         """The non-missing per-record values of ``metric``."""
@@ -125,6 +128,24 @@ def aggregate(results: Sequence[EvalResult]) -> dict[str, dict[str, Any]]:
         raise ValueError("aggregate() needs at least one result")
     summaries = [r.summary() for r in results]
     return {metric: _pooled([s[metric] for s in summaries]) for metric in METRICS}
+
+
+def aggregate_perplexity(results: Sequence[EvalResult]) -> dict[str, Any] | None:
+    """Perplexity over seeds: ``mean`` of the per-seed perplexities, ``std_seeds`` (None for one seed),
+    ``n_seeds``, ``seed_values``, and what it was measured on (corpus, passages, tokens, max_tokens of the
+    first seed); None when no result has one."""
+    measured = [r.perplexity for r in results if r.perplexity is not None]
+    if not measured:
+        return None
+    values = [m["perplexity"] for m in measured]
+    first = measured[0]
+    return {
+        "mean": math.fsum(values) / len(values),
+        "std_seeds": sample_std(values),
+        "n_seeds": len(values),
+        "seed_values": values,
+        **{k: first.get(k) for k in ("corpus", "passages", "tokens", "max_tokens")},
+    }
 
 
 def aggregate_categories(results: Sequence[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
