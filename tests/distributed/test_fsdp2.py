@@ -221,3 +221,25 @@ def test_the_dry_run_plan_of_each_process_matches_what_the_launched_processes_he
         assert (
             abs(dict(learn_plan.other)["Δ_old (shards)"] - info["vector_bytes"]) / info["vector_bytes"] < 0.01
         )
+
+
+def test_flearn_prime_under_fsdp2_writes_the_primed_model_of_one_process(model_dir, start):
+    from safetensors.torch import load_file
+
+    tmp = model_dir.parent / "prime"
+    tmp.mkdir()
+    facts = write_update_facts(tmp / "facts.jsonl")
+    args = ["--model", str(model_dir), "--data", str(facts), "--max-epochs", "2", "--lr", "0.01",
+            "--no-progress"]  # fmt: skip
+    launch(["-m", "flearning.cli", "prime", *args, "--out", str(tmp / "two"), "--batch-size", "4"], tmp)
+    from typer.testing import CliRunner
+
+    from flearning.cli import app
+
+    one = CliRunner().invoke(app, ["prime", *args, "--out", str(tmp / "one"), "--batch-size", "8"])
+    assert one.exit_code == 0, one.output
+    got, want = (
+        load_file(str(tmp / "two" / "model.safetensors")),
+        load_file(str(tmp / "one" / "model.safetensors")),
+    )
+    assert_same_weights(got, want, start, atol=ATOL)

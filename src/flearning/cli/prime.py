@@ -68,6 +68,7 @@ def _prime_into(
     from flearning.io.output import write_marker
     from flearning.models import load_model
     from flearning.recipes.prime import prime, save_primed
+    from flearning.sharding import is_sharded, whole_state
 
     theta, tokenizer = load_model(source)
     result = prime(theta, tokenizer, dataset.records, cfg, threshold=threshold, progress=progress)
@@ -88,7 +89,9 @@ def _prime_into(
     note = "Nothing was written; a previous output is untouched."
     with write_errors_as_flearn(target, what="the primed model", note=note):
         # launched as several processes, the main one writes, the others wait
-        on_main_process(save_primed, target, result.model, tokenizer, info)
+        # under FSDP2 every process takes part in gathering the weights onto the main one first
+        whole = whole_state(result.model) if is_sharded(result.model) else None
+        on_main_process(save_primed, target, result.model, tokenizer, info, whole)
         on_main_process(write_marker, target, "prime")  # recognisable: --overwrite may replace it
     reached = "reached" if result.accuracy >= threshold else "did NOT reach"
     typer.echo(

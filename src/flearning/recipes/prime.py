@@ -89,16 +89,21 @@ def prime(
 
 
 def save_primed(
-    directory: Path, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, info: dict[str, Any]
+    directory: Path,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    info: dict[str, Any],
+    state_dict: dict[str, Any] | None = None,
 ) -> None:
     """Write a primed model directory atomically: the model (safetensors), its tokenizer and
     ``prime.json`` (``info``: what was taught and the accuracy reached). ``flearn prime`` and the bench's
-    cache both write it; ``load_model`` reads it back."""
+    cache both write it; ``load_model`` reads it back. ``state_dict``: the model's whole weights when it
+    is sharded (FSDP2; ``sharding.whole_state``, gathered onto the main process)."""
     import json
 
     from flearning.io.atomic import atomic_directory
 
     with atomic_directory(directory) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         tokenizer.save_pretrained(tmp)
         (tmp / "prime.json").write_text(json.dumps(info, indent=2) + "\n")
