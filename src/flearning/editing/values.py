@@ -1,0 +1,152 @@
+"""The value optimisation shared by ROME (``compute_v``: v* at the MLP output) and MEMIT/AlphaEdit
+(``compute_z``: z at the residual stream of the last edited layer).
+
+For each request a vector δ is added to a module's output at the subject's last token of every rewrite
+prompt (the prompt alone and after each context prefix) and of the KL prompt "{subject} is a"; Adam
+minimises, per request (kmeng01/rome ``rome/compute_v.py``, kmeng01/memit ``memit/compute_z.py``)
+
+    loss = NLL(target_new | rewrite prompts)            mean over prompts of the per-token mean NLL
+         + kl_factor · KL(p_δ ‖ p_0)                    next-token distribution at the KL prompt's subject
+         + weight_decay · ‖δ‖ / ‖v_0‖²                   v_0: the output at the prompt alone, before δ
+
+stopping when the loss is below ``stop_loss`` (5e-2 in both repositories) and after ``steps``
+evaluations (the last one takes no step); after each step δ is projected into the ball of radius
+``clamp_norm_factor · ‖v_0‖``. The result is v* = v_0 + δ.
+
+Batched: all requests go through one forward per step. A request's loss depends on its own δ only, Adam
+is element-wise, and a request that reaches ``stop_loss`` has its δ put back after every later step,
+so each δ is what optimising that request alone gives (up to float rounding: tested).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from flearning.editing.requests import EditRequest, kl_sequence, pad_batch, rewrite_sequence
+from flearning.editing.tracing import adding, frozen, model_device
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class ValueSettings:
+    """The value optimisation's settings, named as in the reference hyper-parameters; defaults from
+    EasyEdit ``hparams/ROME/llama-7b.yaml`` and ``hparams/MEMIT/llama-7b.yaml``."""
+
+    steps: int = 25  # v_num_grad_steps
+    lr: float = 5e-1  # v_lr
+    weight_decay: float = 1e-3  # v_weight_decay
+    clamp_norm_factor: float = 4.0
+    kl_factor: float = 0.0625
+    stop_loss: float = 5e-2  # hard-coded in compute_v / compute_z
+
+
+@dataclass(frozen=True)
+class Values:
+    """Per request (row): ``target`` = ``init`` + ``delta``; ``losses``/``nll`` the loss and its NLL part
+    at every evaluation (the last at the final δ); ``steps`` the Adam steps taken."""
+
+    target: torch.Tensor
+    init: torch.Tensor
+    delta: torch.Tensor
+    losses: list[list[float]]
+    nll: list[list[float]]
+    steps: list[int]
+
+
+def optimise_values(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    requests: Sequence[EditRequest],
+    module: str,
+    *,
+    prefixes: Sequence[str],
+    settings: ValueSettings = ValueSettings(),
+) -> Values:
+    """Optimise one δ per request at the output of ``module`` (a module name); the model is unchanged."""
+    import torch
+
+    from flearning.logits import logits_at
+
+    device = model_device(model)
+    n = len(requests)
+    texts = ("", *prefixes)
+    rewrites = [rewrite_sequence(tokenizer, r, i, p) for i, r in enumerate(requests) for p in texts]
+    kls = [kl_sequence(tokenizer, r, i) for i, r in enumerate(requests)]
+    sequences = [*rewrites, *kls]
+    batch = pad_batch(tokenizer, sequences, device)
+    rows = torch.arange(len(sequences), device=device)
+    positions = torch.tensor([s.lookup for s in sequences], device=device)
+    owner = torch.tensor([s.request for s in sequences], device=device)
+
+    # The logits needed: each rewrite sequence's predicting positions, each KL sequence's lookup.
+    keep = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    for row, seq in enumerate(rewrites):
+        keep[row, seq.predict_from : seq.predict_from + len(seq.targets)] = True
+    for j, seq in enumerate(kls):
+        keep[len(rewrites) + j, seq.lookup] = True
+    kept_rows = keep.nonzero()[:, 0]  # logits_at's rows, row-major
+    is_rewrite = kept_rows < len(rewrites)
+    labels = torch.tensor([t for seq in rewrites for t in seq.targets], device=device)
+    # per kept rewrite position: its sequence; per sequence: its request and target length
+    nll_seq = kept_rows[is_rewrite]
+    target_len = torch.tensor([len(seq.targets) for seq in rewrites], device=device)
+    seq_owner = owner[: len(rewrites)]
+    first_rows = torch.arange(n, device=device) * len(texts)  # the prompt alone, per request
+
+    delta = torch.zeros((n, _output_width(model, module)), device=device, requires_grad=True)
+    opt = torch.optim.Adam([delta], lr=settings.lr)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    steps = [0] * n
+    losses: list[list[float]] = [[] for _ in range(n)]
+    nlls: list[list[float]] = [[] for _ in range(n)]
+    init = kl_init = None
+    with frozen(model), torch.enable_grad():
+        for it in range(settings.steps):
+            opt.zero_grad()
+            with adding(model, module, rows, positions, lambda: delta[owner]) as record:
+                logits = logits_at(model, keep, **batch).float()
+            log_probs = torch.log_softmax(logits, dim=-1)
+            if init is None:
+                init = record["before"][first_rows].float()
+                kl_init = log_probs[~is_rewrite].detach()
+            token_lp = log_probs[is_rewrite].gather(1, labels[:, None])[:, 0]
+            per_seq = torch.zeros(len(rewrites), device=device).index_add(0, nll_seq, -token_lp) / target_len
+            nll = torch.zeros(n, device=device).index_add(0, seq_owner, per_seq) / len(texts)
+            kl_lp = log_probs[~is_rewrite]
+            kl = (kl_lp.exp() * (kl_lp - kl_init)).sum(-1)  # KL(p_δ ‖ p_0), one KL prompt per request
+            decay = settings.weight_decay * delta.norm(dim=-1) / init.norm(dim=-1) ** 2
+            loss = nll + settings.kl_factor * kl + decay
+            seen, seen_nll = loss.detach().tolist(), nll.detach().tolist()
+            for r in active.nonzero()[:, 0].tolist():
+                losses[r].append(seen[r])
+                nlls[r].append(seen_nll[r])
+            active &= loss.detach() >= settings.stop_loss
+            if not bool(active.any()) or it == settings.steps - 1:
+                break
+            loss[active].sum().backward()
+            before = delta.detach().clone()
+            opt.step()
+            with torch.no_grad():
+                delta[~active] = before[~active]  # stopped requests keep their δ
+                max_norm = settings.clamp_norm_factor * init.norm(dim=-1)
+                norm = delta.norm(dim=-1)
+                scale = torch.where(norm > max_norm, max_norm / norm, torch.ones_like(norm))
+                delta.mul_(scale[:, None])
+            for r in active.nonzero()[:, 0].tolist():
+                steps[r] += 1
+    delta = delta.detach()
+    return Values(target=init + delta, init=init, delta=delta, losses=losses, nll=nlls, steps=steps)
+
+
+def _output_width(model: torch.nn.Module, module: str) -> int:
+    """The width of the residual stream: the models' ``hidden_size`` (GPT-2 calls it ``n_embd``)."""
+    config = model.config
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
+    if not width:
+        raise ValueError(f"cannot tell the output width of {module} from the model's config")
+    return int(width)
