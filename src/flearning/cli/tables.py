@@ -47,6 +47,16 @@ def update_table(summary: dict[str, Any]):
         a = (after.get(name) or {}).get("mean")
         change = f"{a - b:+.1f}" if a is not None and b is not None else ""
         table.add_row(name, "–" if b is None else f"{b:.1f}", "–" if a is None else f"{a:.1f}", change)
+    ppl = summary.get("perplexity")  # general ability, not ×100: lower is better
+    if ppl:
+        b, a = ppl.get("before"), ppl.get("after")
+        change = f"{a - b:+.2f}" if a is not None and b is not None else ""
+        table.add_row(
+            "perplexity (held-out text, not ×100, lower is better)",
+            "–" if b is None else f"{b:.2f}",
+            "–" if a is None else f"{a:.2f}",
+            change,
+        )
     table.caption = timings_line(summary)
     return table
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import typer
@@ -47,6 +48,18 @@ def update_command(
     seed: int | None = typer.Option(None, "--seed"),
     limit: int | None = typer.Option(None, "--limit", help="Use the first N facts only."),
     no_eval: bool = typer.Option(False, "--no-eval", help="Skip the before/after evaluation."),
+    no_perplexity: bool = typer.Option(
+        False,
+        "--no-perplexity",
+        help="Skip the perplexity on held-out text before and after (general ability; perplexity=null).",
+    ),
+    perplexity_corpus: Path | None = typer.Option(
+        None,
+        "--perplexity-corpus",
+        help="Text file (passages separated by blank lines) to measure perplexity on before and after "
+        "(default: sample:wikitext-2-valid-200.txt; perplexity.passages=N and perplexity.max_tokens=N set "
+        "how much of it).",
+    ),
     no_vectors: bool = typer.Option(
         False,
         "--no-vectors",
@@ -154,7 +167,13 @@ def update_command(
     if resume and restart:
         raise typer.BadParameter("--resume and --restart exclude each other")
     config = resolve_config(config) if config else None
-    cfg = load_config(UpdateConfig, config, overrides or [], cli)
+    if no_perplexity and perplexity_corpus is not None:
+        raise typer.BadParameter("--no-perplexity and --perplexity-corpus exclude each other")
+    # the perplexity options change one key of the config's perplexity section (key=value overrides win)
+    perplexity = ["perplexity=null"] if no_perplexity else []
+    if perplexity_corpus is not None:
+        perplexity.append(f"perplexity.corpus={json.dumps(str(perplexity_corpus))}")
+    cfg = load_config(UpdateConfig, config, [*perplexity, *(overrides or [])], cli)
     stage_plan(cfg, source=config_source(config))  # the stages' settings are valid (else exit 2)
     if dry_run:  # the data and its lengths are checked as the update would, no weights are loaded
         from flearning.cli.tables import plan_table, render

@@ -51,7 +51,12 @@ from flearning.config.loading import (
 )
 from flearning.data.fields import mapping_problems
 from flearning.errors import ConfigError, FlearnError, Problem
-from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
+from flearning.evaluation.corpus import DEFAULT_CORPUS, PerplexityCorpus
+from flearning.evaluation.definitions import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_PERPLEXITY_MAX_TOKENS,
+    DEFAULT_PERPLEXITY_PASSAGES,
+)
 from flearning.methods import METHODS, Method, get_method
 from flearning.models import DEFAULT_MODEL
 from flearning.resources import SAMPLE_PREFIX, resolve_sample, sample_path
@@ -144,6 +149,31 @@ def _shipped_sample(value: Any) -> Any:
         except FlearnError as ex:
             raise ValueError(str(ex)) from None
     return value
+
+
+class PerplexitySettings(BaseModel):
+    """General ability, measured (``evaluation.perplexity``): the model's perplexity on the first
+    ``passages`` passages of ``corpus`` (a UTF-8 text file, passages separated by blank lines;
+    ``sample:NAME`` a shipped one), each cut to ``max_tokens`` tokens. ``perplexity: null`` skips it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    corpus: str = Field(DEFAULT_CORPUS, min_length=1)
+    passages: ConfigInt = Field(DEFAULT_PERPLEXITY_PASSAGES, ge=1)
+    max_tokens: ConfigInt = Field(DEFAULT_PERPLEXITY_MAX_TOKENS, ge=2)
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _corpus(cls, value: Any) -> Any:
+        if isinstance(value, Path):
+            value = str(value)
+        if isinstance(value, str) and value.startswith(SAMPLE_PREFIX):
+            _shipped_sample(value)  # a missing shipped sample is a problem of this field
+        return value
+
+    def load(self) -> PerplexityCorpus:
+        """The passages (FlearnError when the file is missing, unreadable or empty)."""
+        return PerplexityCorpus.load(self.corpus, self.passages, self.max_tokens)
 
 
 class StageOverrides(BaseModel):
@@ -271,6 +301,8 @@ class UpdateConfig(BaseModel):
     evaluate: ConfigBool = True
     eval_batch_size: ConfigInt = Field(DEFAULT_BATCH_SIZE, ge=1)
     generation: ConfigBool = True
+    # perplexity on held-out text before and after the update (general ability); null skips it
+    perplexity: PerplexitySettings | None = Field(default_factory=PerplexitySettings)
     # a record longer than the model's context is refused; with truncate its prompts are cut from the left
     truncate: ConfigBool = False
     out: Path | None = None
@@ -296,6 +328,7 @@ class UpdateConfig(BaseModel):
         "out",
         "learn.locality_probes",
         "logging_dir",
+        "perplexity.corpus",
     )
 
     @field_validator("data", "old", "new", mode="before")
@@ -558,7 +591,10 @@ class BenchConfig(BaseModel):
     linf_bound: ConfigFloat = Field(LINF_BOUND, gt=0)
     eval_batch_size: ConfigInt = Field(DEFAULT_BATCH_SIZE, ge=1)
     generation: ConfigBool = True
+    # both Fluencies (greedy, and top-5 sampled as ROME/EasyEdit): long generations, slow
     fluency: ConfigBool = False
+    # perplexity on held-out text of θ and of every run (general ability); null skips it
+    perplexity: PerplexitySettings | None = Field(default_factory=PerplexitySettings)
     out: Path | None = None
     trust_remote_code: ConfigBool = False
 
@@ -569,7 +605,14 @@ class BenchConfig(BaseModel):
     logging_dir: Path | None = None
 
     # fields holding paths (``data`` maps names to paths), resolved against a YAML file's directory
-    path_fields: ClassVar[tuple[str, ...]] = ("model", "data_root", "data.*", "out", "logging_dir")
+    path_fields: ClassVar[tuple[str, ...]] = (
+        "model",
+        "data_root",
+        "data.*",
+        "out",
+        "logging_dir",
+        "perplexity.corpus",
+    )
 
     def stage_plan(self, method: Method, seed: int, lam: float | None = None) -> StagePlan:
         """The stages of ``method`` at ``seed``: the same learning settings for every method, the forget

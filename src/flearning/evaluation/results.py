@@ -148,6 +148,24 @@ def aggregate_perplexity(results: Sequence[EvalResult]) -> dict[str, Any] | None
     }
 
 
+def perplexity_change(before: EvalResult | None, after: EvalResult | None) -> dict[str, Any] | None:
+    """General ability before and after an update (``run.json``'s ``perplexity``): both perplexities, the
+    change, what they were measured on and how long each took; None when neither was measured."""
+    measured = [r.perplexity for r in (before, after) if r is not None and r.perplexity is not None]
+    if not measured:
+        return None
+    b = before.perplexity if before is not None else None
+    a = after.perplexity if after is not None else None
+    first = measured[0]
+    return {
+        **{k: first.get(k) for k in ("corpus", "passages", "tokens", "max_tokens", "truncated")},
+        "before": b["perplexity"] if b else None,
+        "after": a["perplexity"] if a else None,
+        "change": a["perplexity"] - b["perplexity"] if a and b else None,
+        "seconds": {"before": b["seconds"] if b else None, "after": a["seconds"] if a else None},
+    }
+
+
 def aggregate_categories(results: Sequence[EvalResult]) -> dict[str, dict[str, dict[str, Any]]]:
     """Locality and Portability by category over seeds, with ``aggregate``'s fields: ``{metric: {category:
     {...}}}``, only for metrics with categories (empty for data without them)."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flearning.config import StagePlan, UpdateConfig
+from flearning.evaluation.results import perplexity_change
 from flearning.methods import Method, get_method
 from flearning.models.embedded import DEFAULT_MODEL
 from flearning.models.loading import HUB_PREFIX
@@ -131,7 +132,21 @@ def run_summary(
         "losses": outcome.losses,
         "metrics_before": before.summary() if before else None,
         "metrics_after": after.summary() if after else None,
+        # Locality and Portability by probe category (KnowEdit data only)
+        **_by_category(before, after),
+        # general ability: perplexity on held-out text before and after (None: not measured)
+        "perplexity": perplexity_change(before, after),
     }
+
+
+def _by_category(before: EvalResult | None, after: EvalResult | None) -> dict[str, Any]:
+    """``metrics_by_category_before`` / ``_after`` when the facts' probes have categories, else nothing."""
+    out = {}
+    for key, result in (("metrics_by_category_before", before), ("metrics_by_category_after", after)):
+        categories = result.category_summary() if result is not None else {}
+        if categories:
+            out[key] = categories
+    return out
 
 
 def _fmt(metrics: dict[str, Any] | None, name: str) -> str:
@@ -277,7 +292,18 @@ def _metrics_section(summary: dict[str, Any]) -> str:
 {rows}
 
 Metrics are teacher-forced token accuracies unless named otherwise; Locality compares this model's argmax
-predictions with the base model's on unrelated prompts (definitions in `report/summary.md`)."""
+predictions with the base model's on unrelated prompts (definitions in `report/summary.md`).{_perplexity_line(summary)}"""
+
+
+def _perplexity_line(summary: dict[str, Any]) -> str:
+    """General ability before and after, in a sentence for the model card ("" when not measured)."""
+    ppl = summary.get("perplexity")
+    if not ppl or ppl.get("before") is None or ppl.get("after") is None:
+        return ""
+    return (
+        f"\n\nGeneral ability: perplexity on {ppl['passages']} passages of held-out text (`{ppl['corpus']}`; lower\n"
+        f"is better) {ppl['before']:.2f} before, {ppl['after']:.2f} after ({ppl['change']:+.2f})."
+    )
 
 
 def _facts(data: dict[str, Any]) -> int:

@@ -99,6 +99,8 @@ class UpdateRecipe:
         self.logs: Path | None = None  # the trackers' local files in the work directory, for <out>/logs
         self.reference = self.before = self.after = None
         self.outcome: MethodOutcome | None = None
+        # held-out passages θ and θ* are scored on (general ability: perplexity), read by setup()
+        self.perplexity_corpus = None
 
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -127,6 +129,8 @@ class UpdateRecipe:
             from flearning.data.probes import load_probe_pairs
 
             load_probe_pairs(stop.locality_probes)
+        if cfg.evaluate and cfg.perplexity is not None:  # a bad corpus fails here, not after training
+            self.perplexity_corpus = cfg.perplexity.load()
 
     def _setup_output(self) -> None:
         """Check the output (``io.output``'s rule) and, on the main process, take its lock for the whole
@@ -309,7 +313,8 @@ class UpdateRecipe:
         )
 
     def _evaluate(self, evaluated, when: str):
-        """Every metric on the new facts, Locality against θ (the model before the update)."""
+        """Every metric on the new facts, Locality against θ (the model before the update), and the
+        perplexity on held-out text (general ability) unless ``perplexity`` is null."""
         from flearning.evaluation.evaluate import evaluate
 
         start = time.perf_counter()
@@ -320,6 +325,7 @@ class UpdateRecipe:
             reference=self.reference,
             batch_size=self.cfg.eval_batch_size,
             generation=self.cfg.generation,
+            perplexity=self.perplexity_corpus,
             progress=self.progress,
         )
         self.timings[f"evaluate_{when}"] = time.perf_counter() - start

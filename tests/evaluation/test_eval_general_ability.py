@@ -1,0 +1,128 @@
+"""An update reports its cost in general ability (perplexity on held-out text, before and after) and, for
+KnowEdit-style facts, Locality and Portability by category: run.json, the terminal table, the report and
+the model card; ``flearn update --no-perplexity`` / ``--perplexity-corpus``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from flearning.cli import main
+from flearning.cli.tables import render, update_table
+from flearning.config import PerplexitySettings, UpdateConfig
+from flearning.errors import FlearnError
+from flearning.evaluation.corpus import load_passages
+from flearning.evaluation.perplexity import perplexity
+from flearning.models import load_model
+from flearning.recipes.update import update
+from tiny import toy_facts
+
+FAST = {"learn": {"lr": 1e-2, "epochs": 2}, "forget": {"lr": 1e-2, "epochs": 1}, "eval_batch_size": 8}
+TEXT = [
+    "Homarus gammarus , known as the European lobster , is a species of clawed lobster .",
+    "It may grow to a length of 60 cm and a mass of 6 kilograms .",
+    "Mating occurs in the summer , producing eggs which are carried by the females .",
+    "The lobsters are blue , only becoming lobster red on cooking .",
+]
+
+
+@pytest.fixture
+def facts_file(tmp_path):
+    facts = toy_facts(6)
+    for i, fact in enumerate(facts):  # KnowEdit-style categories on half of the probes
+        fact["locality"] = [
+            {"prompt": f"Colour {i} is", "answer": "blue", "category": "Relation_Specificity"},
+            {"prompt": f"Shape {i} is", "answer": "round", "category": "Forgetfulness"},
+        ]
+        fact["portability"] = [
+            {"prompt": f"Item {i} is coded as", "answer": f"new{i % 4}", "category": "Reasoning"}
+        ]
+    path = tmp_path / "facts.jsonl"
+    path.write_text("".join(json.dumps(f) + "\n" for f in facts))
+    return path
+
+
+@pytest.fixture
+def corpus_file(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(TEXT) + "\n", encoding="utf-8")
+    return path
+
+
+def test_update_reports_perplexity_before_and_after(tiny_model_dir, facts_file, corpus_file, tmp_path):
+    out = tmp_path / "out"
+    settings = {"corpus": str(corpus_file), "passages": 3, "max_tokens": 40}
+    cfg = UpdateConfig(
+        model=str(tiny_model_dir), data=facts_file, method="ft", out=out, perplexity=settings, **FAST
+    )
+    result = update(cfg, progress=False)
+    run = json.loads((out / "run.json").read_text())
+    ppl = run["perplexity"]
+    passages = load_passages(corpus_file, 3)
+    theta, tokenizer = load_model(tiny_model_dir)
+    updated, _ = load_model(out)
+    before = perplexity(theta, tokenizer, passages, max_tokens=40)
+    after = perplexity(updated, tokenizer, passages, max_tokens=40)
+    assert ppl["before"] == pytest.approx(before.perplexity, rel=1e-6)
+    assert ppl["after"] == pytest.approx(after.perplexity, rel=1e-6)
+    assert ppl["change"] == pytest.approx(ppl["after"] - ppl["before"])
+    assert ppl["before"] != ppl["after"]  # lr 1e-2 moved the model
+    assert (ppl["corpus"], ppl["passages"], ppl["tokens"], ppl["max_tokens"]) == (
+        str(corpus_file),
+        3,
+        before.tokens,
+        40,
+    )
+    assert run["config"]["perplexity"] == settings
+    # the terminal table, the report, the model card
+    table = render(update_table(result.summary))
+    assert "perplexity (held-out text, not ×100, lower is better)" in table
+    assert f"{ppl['before']:.2f}" in table and f"{ppl['after']:.2f}" in table
+    report = json.loads((out / "report" / "summary.json").read_text())
+    assert report["methods"]["after"]["perplexity"]["mean"] == pytest.approx(ppl["after"])
+    assert "General ability: perplexity on 3 passages" in (out / "README.md").read_text()
+    # KnowEdit categories: run.json and the report have them
+    cats = run["metrics_by_category_after"]
+    assert set(cats["locality"]) == {"Relation_Specificity", "Forgetfulness"}
+    assert set(cats["portability"]) == {"Reasoning"} and cats["portability"]["Reasoning"]["n"] == 6
+    assert set(report["methods"]["before"]["categories"]) == {"locality", "portability"}
+
+
+def test_perplexity_null_skips_it_and_a_bad_corpus_fails_before_training(
+    tiny_model_dir, facts_file, tmp_path
+):
+    out = tmp_path / "out"
+    cfg = UpdateConfig(
+        model=str(tiny_model_dir), data=facts_file, method="ft", out=out, perplexity=None, **FAST
+    )
+    result = update(cfg, progress=False)
+    assert json.loads((out / "run.json").read_text())["perplexity"] is None
+    assert "perplexity" not in render(update_table(result.summary))
+    missing = tmp_path / "missing.txt"
+    bad = cfg.model_copy(
+        update={"out": tmp_path / "out2", "perplexity": PerplexitySettings(corpus=str(missing))}
+    )
+    with pytest.raises(FlearnError, match="perplexity corpus not found"):
+        update(bad, progress=False)
+    assert not (tmp_path / "out2").exists()
+
+
+def test_cli_perplexity_options(tiny_model_dir, facts_file, corpus_file, tmp_path, capsys):
+    fast = ["learn.lr=1e-2", "learn.epochs=1", "eval_batch_size=8", "--no-progress", "--no-vectors"]
+    base = ["update", "--model", str(tiny_model_dir), "--data", str(facts_file), "--method", "ft", *fast]
+    out = tmp_path / "a"
+    assert (
+        main([*base, "--out", str(out), "--perplexity-corpus", str(corpus_file), "perplexity.passages=2"])
+        == 0
+    )
+    ppl = json.loads((out / "run.json").read_text())["perplexity"]
+    assert (ppl["corpus"], ppl["passages"]) == (str(corpus_file), 2)
+    assert "perplexity (held-out text" in capsys.readouterr().out
+    out = tmp_path / "b"
+    assert main([*base, "--out", str(out), "--no-perplexity"]) == 0
+    assert json.loads((out / "run.json").read_text())["perplexity"] is None
+    code = main(
+        [*base, "--out", str(tmp_path / "c"), "--no-perplexity", "--perplexity-corpus", str(corpus_file)]
+    )
+    assert code == 2
