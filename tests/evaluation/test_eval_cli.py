@@ -33,6 +33,8 @@ def test_eval_command_writes_a_report(tmp_path, tiny_model_dir, capsys):
             "--fluency",
             "--fluency-tokens",
             "5",
+            "--perplexity-passages",
+            "20",
             "--name",
             "tiny",
             "--no-progress",
@@ -43,11 +45,15 @@ def test_eval_command_writes_a_report(tmp_path, tiny_model_dir, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     assert "Reliability" in printed and "Generation exact match" in printed
+    assert "Fluency (greedy)" in printed and "Fluency (top-5 sampled, ROME/EasyEdit)" in printed
+    assert "Perplexity" in printed  # (held-out text): rich may wrap the label
     summary = json.loads((out / "summary.json").read_text())
     metrics = summary["methods"]["tiny"]["metrics"]
     assert metrics["reliability"]["n"] == 5
     assert metrics["locality"]["mean"] == 100.0  # the reference is the model itself
-    assert metrics["fluency"]["n"] == 5
+    assert metrics["fluency"]["n"] == 5 and metrics["fluency_sampled"]["n"] == 5  # --fluency: both
+    ppl = summary["methods"]["tiny"]["perplexity"]
+    assert ppl["corpus"] == "sample:wikitext-2-valid-200.txt" and ppl["passages"] == 20
     assert len((out / "records.jsonl").read_text().splitlines()) == 5
 
 
@@ -63,6 +69,7 @@ def test_eval_command_without_reference_or_generation(tmp_path, tiny_model_dir, 
                 "-d",
                 str(data),
                 "--no-generation",
+                "--no-perplexity",
                 "--no-progress",
                 "-o",
                 str(out),
@@ -70,9 +77,12 @@ def test_eval_command_without_reference_or_generation(tmp_path, tiny_model_dir, 
         )
         == 0
     )
-    assert "no --reference" in capsys.readouterr().out
-    metrics = json.loads((out / "summary.json").read_text())["methods"]["tiny-model"]["metrics"]
+    printed = capsys.readouterr().out
+    assert "no --reference" in printed and "Perplexity" not in printed
+    method = json.loads((out / "summary.json").read_text())["methods"]["tiny-model"]
+    metrics = method["metrics"]
     assert metrics["locality"]["n"] == 0 and metrics["gen_exact_match"]["n"] == 0
+    assert metrics["fluency_sampled"]["n"] == 0 and "perplexity" not in method
 
 
 def test_eval_command_user_errors(tmp_path, tiny_model_dir, capsys):
@@ -84,6 +94,14 @@ def test_eval_command_user_errors(tmp_path, tiny_model_dir, capsys):
     a_file = tmp_path / "taken"
     a_file.write_text("x")
     assert main(["eval", "-m", str(tiny_model_dir), "-d", str(data), "-o", str(a_file)]) == 2
+    # a perplexity corpus that is missing or empty: exit 2 before the output is touched
+    (tmp_path / "empty.txt").write_text("\n\n")
+    for corpus in (tmp_path / "missing.txt", tmp_path / "empty.txt"):
+        capsys.readouterr()
+        args = ["eval", "-m", str(tiny_model_dir), "-d", str(data), "--perplexity-corpus", str(corpus)]
+        assert main([*args, "-o", str(tmp_path / "o2")]) == 2
+        assert "perplexity corpus" in capsys.readouterr().err
+        assert not (tmp_path / "o2").exists()
 
 
 def test_eval_into_a_symlinked_directory_writes_through_the_symlink(tmp_path, tiny_model_dir, capsys):
@@ -93,6 +111,7 @@ def test_eval_into_a_symlinked_directory_writes_through_the_symlink(tmp_path, ti
     data = _write_jsonl(tmp_path / "facts.jsonl", crafted_records(3))
     real = tmp_path / "reports" / "real"
     args = ["eval", "-m", str(tiny_model_dir), "-d", str(data), "--no-generation", "--no-progress"]
+    args += ["--perplexity-passages", "3"]
     assert main([*args, "-o", str(real), "--limit", "1"]) == 0  # the earlier report
     notes = real / "notes.txt"
     notes.write_text("mine")

@@ -126,3 +126,18 @@ def test_cli_perplexity_options(tiny_model_dir, facts_file, corpus_file, tmp_pat
         [*base, "--out", str(tmp_path / "c"), "--no-perplexity", "--perplexity-corpus", str(corpus_file)]
     )
     assert code == 2
+
+
+def test_the_corpus_is_a_protected_input(tiny_model_dir, facts_file, tmp_path):
+    """The output rule (never an input, never a directory holding one) covers the perplexity corpus."""
+    held = tmp_path / "held"
+    held.mkdir()
+    corpus = held / "corpus.txt"
+    corpus.write_text("\n\n".join(TEXT))
+    settings = {"corpus": str(corpus), "passages": 2}
+    cfg = UpdateConfig(
+        model=str(tiny_model_dir), data=facts_file, out=held, overwrite=True, perplexity=settings, **FAST
+    )
+    with pytest.raises(FlearnError, match="perplexity corpus"):
+        update(cfg, progress=False)
+    assert corpus.read_text() == "\n\n".join(TEXT)

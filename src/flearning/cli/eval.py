@@ -14,7 +14,11 @@ from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP
 from flearning.cli.tables import summary_table
 from flearning.evaluation.definitions import (
     DEFAULT_BATCH_SIZE,
+    DEFAULT_FLUENCY_SEED,
     DEFAULT_FLUENCY_TOKENS,
+    DEFAULT_PERPLEXITY_MAX_TOKENS,
+    DEFAULT_PERPLEXITY_PASSAGES,
+    PERPLEXITY_SAMPLE,
 )
 
 log = logging.getLogger(__name__)
@@ -63,10 +67,33 @@ def eval_command(
     ),
     no_generation: bool = typer.Option(False, "--no-generation", help="Skip Generation exact match."),
     fluency: bool = typer.Option(
-        False, "--fluency", help="Also compute Fluency (slow: long greedy generations)."
+        False,
+        "--fluency",
+        help="Also compute both Fluencies: greedy (this project's) and top-5 sampled to 100 tokens "
+        "(ROME/EasyEdit's, comparable with published numbers). Slow: long generations.",
     ),
     fluency_tokens: int = typer.Option(
-        DEFAULT_FLUENCY_TOKENS, "--fluency-tokens", min=1, help="New tokens generated per prompt for Fluency."
+        DEFAULT_FLUENCY_TOKENS,
+        "--fluency-tokens",
+        min=1,
+        help="New tokens generated per prompt for the greedy Fluency.",
+    ),
+    fluency_seed: int = typer.Option(
+        DEFAULT_FLUENCY_SEED, "--fluency-seed", min=0, help="Seed of the sampled Fluency (with each prompt)."
+    ),
+    no_perplexity: bool = typer.Option(
+        False, "--no-perplexity", help="Skip the model's perplexity on held-out text (general ability)."
+    ),
+    perplexity_corpus: str = typer.Option(
+        f"sample:{PERPLEXITY_SAMPLE}",
+        "--perplexity-corpus",
+        help="Text file to measure perplexity on (passages separated by blank lines; sample:NAME: a shipped one).",
+    ),
+    perplexity_passages: int = typer.Option(
+        DEFAULT_PERPLEXITY_PASSAGES, "--perplexity-passages", min=1, help="Its first N passages."
+    ),
+    perplexity_max_tokens: int = typer.Option(
+        DEFAULT_PERPLEXITY_MAX_TOKENS, "--perplexity-max-tokens", min=2, help="Each passage cut to N tokens."
     ),
     name: str | None = typer.Option(
         None, "--name", help="Method name in the report (default: the model's name)."
@@ -82,13 +109,15 @@ def eval_command(
     ),
 ) -> None:
     """Score a model on a dataset: Reliability, Generality, Locality, Portability, Old retention, Efficacy,
-    Paraphrase score, Generation exact match and (optionally) Fluency."""
+    Paraphrase score, Generation exact match, (optionally) both Fluencies, and its perplexity on held-out
+    text."""
     from rich.console import Console
 
     from flearning.cli.data import model_tokenizer
     from flearning.data import load_dataset
     from flearning.data.context import check_context
     from flearning.data.fields import parse_fields
+    from flearning.evaluation.corpus import PerplexityCorpus, corpus_path
     from flearning.evaluation.evaluate import evaluate
     from flearning.evaluation.reference import reference_predictions
     from flearning.evaluation.report import REPORT_FILES, write_report
@@ -111,10 +140,16 @@ def eval_command(
             item.field,
             item.message(*context),
         )
+    # the perplexity corpus too (a missing or empty file is exit 2 before any weights are loaded)
+    held_out = None
+    if not no_perplexity:
+        held_out = PerplexityCorpus.load(perplexity_corpus, perplexity_passages, perplexity_max_tokens)
     # then the output's rule (io.output) and its lock, held to the end: never an input or a directory
     # holding one, never another's files. Only the report's files are replaced inside it: the directory
     # itself stays (its parent may be read-only, it may be the current directory, a symlink).
     inputs = {"model": model, "reference model": reference, "data": data}
+    if held_out is not None:
+        inputs["perplexity corpus"] = corpus_path(perplexity_corpus)
     claim = claim_output(
         out, kind="eval", inputs=inputs, overwrite=overwrite, whole=False, entries=REPORT_FILES
     )
@@ -143,6 +178,9 @@ def eval_command(
             generation=not no_generation,
             fluency=fluency,
             fluency_tokens=fluency_tokens,
+            fluency_sampled=fluency,
+            fluency_seed=fluency_seed,
+            perplexity=held_out,
             progress=progress,
         )
         result.meta.update(
@@ -165,7 +203,7 @@ def eval_command(
             write_report({method: [result]}, target, title=title)
             if output_kind(target) != "eval":
                 write_marker(target, "eval")  # recognisable: --overwrite may replace its report
-        console.print(summary_table(result.summary(), title))
+        console.print(summary_table(result.summary(), title, perplexity=result.perplexity))
         if ref is None:
             console.print("[yellow]note[/]: no --reference given, so Locality was not measured")
         console.print(f"report written to {out}")

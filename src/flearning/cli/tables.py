@@ -142,8 +142,9 @@ def continuations_table(rows: list[dict[str, str]], title: str | None, ends: lis
     return table
 
 
-def summary_table(summary: dict[str, dict[str, Any]], title: str):
-    """A rich table of one evaluation summary: metric, mean ± std (x100), n."""
+def summary_table(summary: dict[str, dict[str, Any]], title: str, perplexity: dict[str, Any] | None = None):
+    """A rich table of one evaluation summary: metric, mean ± std (x100), n; and the model's perplexity
+    on held-out text (``EvalResult.perplexity``) when it was measured."""
     from rich.table import Table
 
     from flearning.evaluation.definitions import METRIC_LABELS, METRICS
@@ -156,7 +157,16 @@ def summary_table(summary: dict[str, dict[str, Any]], title: str):
     for metric in METRICS:
         entry = summary[metric]
         table.add_row(METRIC_LABELS[metric], format_cell(entry), str(entry["n"]))
-    table.caption = "std over records; Fluency is n-gram entropy in bits x100; definitions in summary.md"
+    if perplexity is not None:  # a property of the model, not ×100: the n column counts its tokens
+        table.add_row(
+            "Perplexity (held-out text, lower is better)",
+            f"{perplexity['perplexity']:.2f}",
+            f"{perplexity['tokens']} tokens",
+        )
+    table.caption = (
+        "std over records; the Fluencies are n-gram entropies in bits x100 (greedy: this project's; "
+        "top-5 sampled: ROME/EasyEdit's); definitions in summary.md"
+    )
     return table
 
 

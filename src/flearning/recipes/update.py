@@ -145,6 +145,10 @@ class UpdateRecipe:
                 {"data": self.old_file} if same else {"old facts": self.old_file, "new facts": self.new_file}
             )
             inputs = {"model": self.model_source, **data, **self.inputs}
+            if self.perplexity_corpus is not None:  # held-out text, read before and after
+                from flearning.evaluation.corpus import corpus_path
+
+                inputs["perplexity corpus"] = corpus_path(self.perplexity_corpus.corpus)
 
             def claim() -> Path:
                 self._claim = claim_output(
