@@ -6,7 +6,7 @@ import torch
 from tiny import tiny_tokenizer
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """Tiny matrices: one thread is ~50x faster than two on a loaded 2-core machine."""
     threads = torch.get_num_threads()
