@@ -15,6 +15,7 @@ from flearning.editing.memit import mean_keys, memit_edit, memit_update
 from flearning.editing.requests import CONTEXT_PREFIXES, as_requests
 from flearning.editing.rome import rome_update
 from flearning.editing.values import ValueSettings, optimise_values
+from flearning.errors import FlearnError
 from flearning.models import model_fingerprint
 
 LAMBDAS = (1e2, 1.0, 1e-2, 1e-4, 1e-6)
@@ -124,3 +125,8 @@ def test_one_layer_writes_the_whole_residual(tok):
     delta = result.deltas[arch.weight_name(1)].double()
     k, r = result.keys[1][0].double(), result.residuals[1][0].double()
     assert _relative(delta @ k, r) < 1e-4
+
+
+def test_bad_value_settings_are_refused(tok):
+    with pytest.raises(FlearnError, match="steps >= 1"):
+        memit_edit(llama(), tok, REQUESTS[:1], [1], covariance=SMALL_C, values=ValueSettings(steps=0))

@@ -205,4 +205,3 @@ def pad_batch(tokenizer: PreTrainedTokenizerBase, sequences: Sequence[Encoded], 
         ids[row, : len(seq.ids)] = torch.tensor(seq.ids, dtype=torch.long)
         mask[row, : len(seq.ids)] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from flearning.editing.requests import EditRequest, kl_sequence, pad_batch, rewrite_sequence
 from flearning.editing.tracing import adding, frozen, model_device
+from flearning.errors import FlearnError
 
 if TYPE_CHECKING:
     import torch
@@ -69,6 +70,9 @@ def optimise_values(
 ) -> Values:
     """Optimise one δ per request at the output of ``module`` (a module name); the model is unchanged."""
     import torch
+
+    if settings.steps < 1 or settings.lr <= 0 or settings.clamp_norm_factor <= 0:
+        raise FlearnError("the value optimisation needs steps >= 1, lr > 0 and clamp_norm_factor > 0")
 
     from flearning.logits import logits_at
 
