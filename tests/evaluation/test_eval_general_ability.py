@@ -141,3 +141,84 @@ def test_the_corpus_is_a_protected_input(tiny_model_dir, facts_file, tmp_path):
     with pytest.raises(FlearnError, match="perplexity corpus"):
         update(cfg, progress=False)
     assert corpus.read_text() == "\n\n".join(TEXT)
+
+
+def test_bench_reports_perplexity_per_method(tiny_model_dir, tmp_path, corpus_file):
+    from flearning.config import BenchConfig
+    from flearning.recipes.bench import run_bench
+
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps(f) + "\n" for f in toy_facts(6)))
+    stage = {"lr": 1e-2, "epochs": 1}
+    cfg = BenchConfig.model_validate(
+        {
+            "model": str(tiny_model_dir),
+            "data": {"toy": str(data)},
+            "n": 4,
+            "seeds": [0],
+            "methods": ["ft", "flearning-ft"],
+            "lambdas": [0.5, 1.0],
+            "prime": {"lr": 1e-2, "max_epochs": 1},
+            "full": stage,
+            "forget_full": stage,
+            "generation": False,
+            "eval_batch_size": 4,
+            "perplexity": {"corpus": str(corpus_file), "passages": 3, "max_tokens": 40},
+            "out": tmp_path / "bench",
+        }
+    )
+    summary = run_bench(cfg, progress=False)
+    toy = summary["datasets"]["toy"]
+    labels = {"primed (θ)", "ft", "flearning-ft (λ=0.5)", "flearning-ft (λ=1)"}
+    assert set(toy["perplexity"]) == labels
+    assert toy["prime"][0]["perplexity"]["passages"] == 3
+    assert toy["perplexity"]["ft"]["mean"] != toy["perplexity"]["primed (θ)"]["mean"]  # training moved it
+    table = (tmp_path / "bench" / "table.md").read_text()
+    assert "Perplexity ↓" in table and f"{toy['perplexity']['ft']['mean']:.2f}" in table
+    report = json.loads((tmp_path / "bench" / "toy" / "summary.json").read_text())
+    assert report["methods"]["ft"]["perplexity"]["mean"] == toy["perplexity"]["ft"]["mean"]
+    sweep = json.loads((tmp_path / "bench" / "toy" / "sweep.json").read_text())
+    assert [p["perplexity"]["n_seeds"] for p in sweep["methods"]["flearning-ft"]] == [1, 1]
+    # a rerun takes every run from the cache, perplexity included
+    again = run_bench(cfg, progress=False)
+    assert again["counters"]["trained_learn"] == 0
+    assert again["datasets"]["toy"]["perplexity"] == toy["perplexity"]
+
+
+def test_run_keys_without_the_new_measures_are_unchanged():
+    """Caches made before issue #14 stay valid for runs without fluency and perplexity: the key is the
+    digest of the same parts as before; fluency (now both Fluencies) and perplexity change it."""
+    from flearning.data.records import KnowledgeRecord
+    from flearning.data.store import records_hash
+    from flearning.recipes.bench_cache import digest, run_key
+    from flearning.training.config import TrainConfig
+
+    records = [KnowledgeRecord(id="a", prompt="p", target_old="o", target_new="n")]
+    learn = TrainConfig(lr=1e-3, epochs=1.0, batch_size=2)
+    legacy = digest(
+        "run",
+        "theta",
+        records_hash(records),
+        "ft",
+        None,
+        learn.model_dump(mode="json"),
+        None,
+        True,
+        False,
+        "eval",
+    )
+    args = ("theta", records, "ft", None, learn, None)
+    assert run_key(*args, generation=True, fluency=False, split="eval") == legacy
+    assert run_key(*args, generation=True, fluency=True, split="eval") != digest(
+        "run",
+        "theta",
+        records_hash(records),
+        "ft",
+        None,
+        learn.model_dump(mode="json"),
+        None,
+        True,
+        True,
+        "eval",
+    )
+    assert run_key(*args, generation=True, fluency=False, split="eval", perplexity={"passages": 3}) != legacy

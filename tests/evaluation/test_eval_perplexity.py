@@ -183,3 +183,33 @@ def test_report_shows_perplexity(tmp_path):
     points = json.loads((tmp_path / "sweep.json").read_text())["methods"]["m"]
     assert [p["perplexity"]["mean"] for p in points] == [11.0, 30.0]
     assert (tmp_path / "metrics.png").stat().st_size > 0 and (tmp_path / "sweep.png").stat().st_size > 0
+
+
+def test_perplexity_is_cached_by_weights_and_passages(tokenizer, tmp_path, caplog):
+    model = sharp_llama(0)
+    first = perplexity(model, tokenizer, PASSAGES, max_tokens=MAX_TOKENS, cache_dir=tmp_path, corpus="a")
+    (path,) = tmp_path.glob("perplexity-*.json")
+    again = perplexity(model, tokenizer, PASSAGES, max_tokens=MAX_TOKENS, cache_dir=tmp_path, corpus="b")
+    assert again.cached and not first.cached
+    assert (again.perplexity, again.tokens, again.seconds, again.corpus) == (
+        first.perplexity,
+        first.tokens,
+        first.seconds,
+        "b",
+    )
+    # other passages, another cut, other weights: measured anew
+    assert not perplexity(model, tokenizer, PASSAGES[:3], max_tokens=MAX_TOKENS, cache_dir=tmp_path).cached
+    assert not perplexity(model, tokenizer, PASSAGES, max_tokens=MAX_TOKENS - 1, cache_dir=tmp_path).cached
+    weight = next(model.parameters())
+    saved = weight.detach().clone()
+    with torch.no_grad():
+        weight.add_(1e-3)
+    moved = perplexity(model, tokenizer, PASSAGES, max_tokens=MAX_TOKENS, cache_dir=tmp_path)
+    assert not moved.cached and moved.perplexity != first.perplexity
+    # an unreadable cache file is measured again, with a warning
+    path.write_text("{not json")
+    with torch.no_grad():
+        weight.copy_(saved)  # the first weights again: their cache file is the unreadable one
+    redone = perplexity(model, tokenizer, PASSAGES, max_tokens=MAX_TOKENS, cache_dir=tmp_path)
+    assert not redone.cached and redone.perplexity == pytest.approx(first.perplexity, rel=1e-9)
+    assert "unreadable perplexity cache" in caplog.text

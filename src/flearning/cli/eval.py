@@ -181,6 +181,7 @@ def eval_command(
             fluency_sampled=fluency,
             fluency_seed=fluency_seed,
             perplexity=held_out,
+            cache_dir=cache_root() / "evaluation",  # the perplexity of these weights, once
             progress=progress,
         )
         result.meta.update(

@@ -155,7 +155,8 @@ def evaluate(
         perplexity: also measure the model's perplexity on these held-out passages (general ability:
             ``EvalResult.perplexity``); None skips it.
         pack: share a row between targets after the same prompt.
-        cache_dir: disk cache for reference predictions when ``reference`` is a model.
+        cache_dir: disk cache for reference predictions when ``reference`` is a model, and for the
+            perplexity (by weights and passages).
         progress: show progress bars.
         seed: recorded in the result (which training seed produced ``model``).
     Returns:
@@ -255,6 +256,7 @@ def evaluate(
                 perplexity.passages,
                 max_tokens=perplexity.max_tokens,
                 corpus=perplexity.corpus,
+                cache_dir=cache_dir,
                 progress=progress,
             ).to_json()
             timings["perplexity"] = time.perf_counter() - start

@@ -4,15 +4,20 @@ perplexity = exp(Σ NLL / N) over the N predicted tokens of all passages (each p
 ``max_tokens`` tokens; its first token has no prediction). Passages are sorted by length and batched up to
 a token budget, right-padded with an attention mask; only predicting positions are projected onto the
 vocabulary (``flearning.logits``), so padding never changes a value (tested against one unpadded passage
-at a time).
+at a time). With a ``cache_dir`` a result is kept as JSON by (weights fingerprint, encoded passages):
+the model before an update is measured once, however many updates, evaluations and benches start from it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import math
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,10 +28,14 @@ from flearning.evaluation.definitions import (
     PERPLEXITY_BATCH_TOKENS,
 )
 from flearning.evaluation.probes import pad_token_id
+from flearning.io.atomic import atomic_write_text
 from flearning.logits import logits_at
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+CACHE_FORMAT = "flearning.perplexity/v1"
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,7 @@ class PerplexityResult:
     max_tokens: int
     corpus: str | None = None
     seconds: float = 0.0
+    cached: bool = False  # read from the cache (``seconds``: the original measurement's)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,6 +148,7 @@ def perplexity(
     max_tokens: int = DEFAULT_PERPLEXITY_MAX_TOKENS,
     batch_tokens: int = PERPLEXITY_BATCH_TOKENS,
     corpus: str | None = None,
+    cache_dir: Path | str | None = None,
     progress: bool = False,
 ) -> PerplexityResult:
     """Token-level perplexity of ``model`` on ``passages`` (``definitions.PERPLEXITY_DEFINITION``).
@@ -149,6 +160,8 @@ def perplexity(
         max_tokens: each passage is cut to its first ``max_tokens`` tokens.
         batch_tokens: rows x longest row per forward pass (memory; does not change the value).
         corpus: recorded in the result (where the passages came from).
+        cache_dir: keep (and reuse) the result here, keyed by the model's weights and the encoded
+            passages (None: always measure).
         progress: show a progress bar.
     Returns:
         ``PerplexityResult``.
@@ -159,6 +172,11 @@ def perplexity(
     encoded, truncated = encode_passages(tokenizer, passages, max_tokens)
     if not encoded:
         raise ValueError("no passage has two tokens: there is nothing to predict")
+    path = _cache_file(Path(cache_dir), model, encoded, max_tokens) if cache_dir is not None else None
+    if path is not None:
+        found = _read_cache(path)
+        if found is not None:
+            return PerplexityResult(**{**found, "corpus": corpus, "cached": True})
     was_training = model.training
     model.eval()
     try:
@@ -169,7 +187,7 @@ def perplexity(
         model.train(was_training)
     tokens = sum(n for _, n in scores)
     nll = math.fsum(s for s, _ in scores) / tokens
-    return PerplexityResult(
+    result = PerplexityResult(
         perplexity=math.exp(nll),
         nll=nll,
         tokens=tokens,
@@ -179,3 +197,32 @@ def perplexity(
         corpus=corpus,
         seconds=round(time.perf_counter() - start, 3),
     )
+    if path is not None:
+        try:
+            atomic_write_text(path, json.dumps({"format": CACHE_FORMAT, **result.to_json()}))
+        except OSError as ex:  # a cache that cannot be written costs time, not the result
+            log.warning("cannot cache the perplexity in %s: %s", path, ex)
+    return result
+
+
+def _cache_file(cache_dir: Path, model: PreTrainedModel, encoded: list[list[int]], max_tokens: int) -> Path:
+    from flearning.models import model_fingerprint
+
+    text = json.dumps([max_tokens, encoded], separators=(",", ":"))
+    passages = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+    return cache_dir / f"perplexity-{model_fingerprint(model)}-{passages}.json"
+
+
+def _read_cache(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        if data.pop("format") != CACHE_FORMAT:
+            return None
+        data.pop("cached", None)
+        PerplexityResult(**data)  # every field there, no other
+        return data
+    except (OSError, ValueError, KeyError, TypeError) as ex:
+        log.warning("ignoring unreadable perplexity cache %s: %s", path, ex)
+        return None

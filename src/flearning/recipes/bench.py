@@ -68,6 +68,7 @@ class Bench:
         # dataset -> (evaluated records, validation records); filled by setup()
         self.datasets: dict[str, tuple[list[KnowledgeRecord], list[KnowledgeRecord]]] = {}
         self.base = self.tokenizer = None  # θ₀, filled by setup()
+        self.held_out = None  # PerplexityCorpus, filled by setup() (None: perplexity: null)
         self.base_fp = ""
         self.runs: list[RunRecord] = []
         self.primes: dict[str, list[dict[str, Any]]] = {}
@@ -88,6 +89,8 @@ class Bench:
                     f"{path}: {len(ds.records)} usable records, the bench needs n + n_val = {need}"
                 )
             self.datasets[name] = (ds.records[: self.cfg.n], ds.records[self.cfg.n : need])
+        # the held-out text θ and every run are scored on (general ability); a bad corpus fails here
+        self.held_out = self.cfg.perplexity.load() if self.cfg.perplexity is not None else None
         start = time.perf_counter()
         self.base, self.tokenizer = load_model(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
         self.base_fp = model_fingerprint(self.base)
@@ -173,6 +176,7 @@ class Bench:
             generation=self.cfg.generation,
             fluency=self.cfg.fluency,
             split=split.name,
+            perplexity=self._perplexity_key(split),
         )
         scope = self.tracker.scoped(_run_scope(split, method_name, lam))
         cached = self.cache.load_run(key)
@@ -209,6 +213,8 @@ class Bench:
             batch_size=self.cfg.eval_batch_size,
             generation=self.cfg.generation,
             fluency=self.cfg.fluency,
+            fluency_sampled=self.cfg.fluency,  # both Fluencies: greedy and ROME/EasyEdit's sampled
+            perplexity=self.held_out if split.name == "eval" else None,  # λ is chosen on the metrics
             progress=False,
             seed=theta.seed,
         )
@@ -221,10 +227,17 @@ class Bench:
             split.name,
             result.records,
             {k: round(v, 3) for k, v in seconds.items()},
+            perplexity=result.perplexity,
         )
         self.cache.save_run(key, run)
         scope.log(scalars("eval", result.summary()))
         return run
+
+    def _perplexity_key(self, split: Split) -> dict[str, Any] | None:
+        """What a run's perplexity depends on, for its cache key (None: not measured on this split)."""
+        if self.held_out is None or split.name != "eval":
+            return None
+        return self.cfg.perplexity.model_dump(mode="json")
 
     # ---- the protocol ----------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -267,14 +280,21 @@ class Bench:
                     reference=split.reference,
                     batch_size=self.cfg.eval_batch_size,
                     generation=self.cfg.generation,
+                    perplexity=self.held_out,
+                    cache_dir=self.cache.root / "evaluation",  # θ's perplexity, once
                     progress=False,
                     seed=seed,
                 )
-                info = dict(theta.info, metrics=primed_eval.summary())
+                measured = primed_eval.perplexity  # θ's general ability, without how it was obtained
+                how = ("seconds", "cached")
+                perplexity = {k: v for k, v in measured.items() if k not in how} if measured else None
+                info = dict(theta.info, metrics=primed_eval.summary(), perplexity=perplexity)
                 primed_scope = self.tracker.scoped(f"{dataset}/seed{seed}/primed")
                 primed_scope.log(scalars("eval", primed_eval.summary()))
                 self.primes.setdefault(dataset, []).append(info)
-                self.runs.append(RunRecord(dataset, seed, PRIMED, None, "eval", primed_eval.records))
+                primed_run = RunRecord(dataset, seed, PRIMED, None, "eval", primed_eval.records)
+                primed_run.perplexity = primed_eval.perplexity
+                self.runs.append(primed_run)
                 chosen = (
                     self._choose_lambdas(self.split(theta, "val", validation), bar)
                     if self.cfg.lambdas == "auto"
@@ -357,7 +377,7 @@ class Bench:
                 "chosen_lambda": self.chosen_lambda.get(dataset),
                 **report,
             }
-            tables.append(paper_table(dataset, report["methods"]))
+            tables.append(paper_table(dataset, report["methods"], report.get("perplexity")))
         summary["table_markdown"] = "\n\n".join(tables)
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (staging / "table.md").write_text(summary["table_markdown"] + "\n")

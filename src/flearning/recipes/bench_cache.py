@@ -53,9 +53,17 @@ def run_key(
     generation: bool,
     fluency: bool,
     split: str,
+    perplexity: dict[str, Any] | None = None,
 ) -> str:
+    """A run's key. What was added to the evaluation later joins the key only when it is on (fluency:
+    both Fluencies; ``perplexity``: its settings), so keys of runs without it stay as they were."""
     from flearning.data import records_hash
 
+    extra: list[Any] = []
+    if fluency:
+        extra.append("fluency_sampled")  # fluency has meant greedy and top-5 sampled since issue #14
+    if perplexity is not None:
+        extra.append({"perplexity": perplexity})
     return digest(
         "run",
         theta_key,
@@ -67,6 +75,7 @@ def run_key(
         generation,
         fluency,
         split,
+        *extra,
     )
 
 
@@ -81,6 +90,7 @@ class RunRecord:
     split: str  # "eval" or "val"
     records: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
+    perplexity: dict[str, Any] | None = None  # the model's perplexity on held-out text, when measured
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__
@@ -89,7 +99,10 @@ class RunRecord:
         from flearning.evaluation import EvalResult
 
         return EvalResult(
-            records=self.records, seed=self.seed, meta={"method": self.method, "lambda": self.lam}
+            records=self.records,
+            seed=self.seed,
+            meta={"method": self.method, "lambda": self.lam},
+            perplexity=self.perplexity,
         )
 
 

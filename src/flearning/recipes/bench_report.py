@@ -21,8 +21,10 @@ COMPARISONS = {"flearning-ft": "ft", "flearning-lora": "lora", "flearning-lora-f
 
 def dataset_report(directory: Path, dataset: str, runs: Sequence[RunRecord]) -> dict[str, Any]:
     """Write one dataset's evaluation report (tables, plots, a λ sweep when a method ran at several λ)
-    into ``directory``; returns its ``methods`` (aggregated metrics by label) and ``paired`` comparisons."""
+    into ``directory``; returns its ``methods`` (aggregated metrics by label), ``perplexity`` (by label,
+    when measured: general ability on held-out text) and ``paired`` comparisons."""
     from flearning.evaluation import aggregate, write_report
+    from flearning.evaluation.results import aggregate_perplexity
 
     by_label: dict[str, list] = {}
     sweep: dict[str, dict[float, list]] = {}
@@ -40,7 +42,13 @@ def dataset_report(directory: Path, dataset: str, runs: Sequence[RunRecord]) -> 
         sweep_baselines=sorted({label(r) for r in runs if r.lam is None and r.method != PRIMED}),
     )
     methods = {name: aggregate(results) for name, results in by_label.items()}
-    return {"methods": methods, "paired": paired_comparisons(runs)}
+    perplexity = {name: aggregate_perplexity(results) for name, results in by_label.items()}
+    perplexity = {name: entry for name, entry in perplexity.items() if entry is not None}
+    return {
+        "methods": methods,
+        **({"perplexity": perplexity} if perplexity else {}),
+        "paired": paired_comparisons(runs),
+    }
 
 
 def label(run: RunRecord) -> str:
@@ -87,7 +95,9 @@ def paired_comparisons(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
     return out
 
 
-def paper_table(dataset: str, methods: dict[str, dict[str, Any]]) -> str:
+def paper_table(
+    dataset: str, methods: dict[str, dict[str, Any]], perplexity: dict[str, dict[str, Any]] | None = None
+) -> str:
     """Methods × (Reliability, Generality, Locality) and the extra metrics, mean ± std over seeds."""
     cols = [
         "reliability",
@@ -99,7 +109,9 @@ def paper_table(dataset: str, methods: dict[str, dict[str, Any]]) -> str:
         "gen_exact_match",
     ]
     names = ["Reliability", "Generality", "Locality", "Old retention", "Efficacy", "Paraphrase", "Gen. EM"]
-    lines = [f"**{dataset}**", "", "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(cols)]
+    if perplexity:  # general ability: perplexity on held-out text, lower is better (not ×100)
+        names.append("Perplexity ↓")
+    lines = [f"**{dataset}**", "", "| method | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     for method, metrics in methods.items():
         cells = []
         for c in cols:
@@ -109,5 +121,10 @@ def paper_table(dataset: str, methods: dict[str, dict[str, Any]]) -> str:
                 continue
             spread = m.get("std_seeds")
             cells.append(f"{m['mean']:.1f}" + (f" ± {spread:.1f}" if spread is not None else ""))
+        if perplexity:
+            p = perplexity.get(method)
+            spread = p.get("std_seeds") if p else None
+            cell = "–" if not p else f"{p['mean']:.2f}"
+            cells.append(cell + (f" ± {spread:.2f}" if spread is not None else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

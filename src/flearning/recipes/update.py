@@ -320,6 +320,7 @@ class UpdateRecipe:
         """Every metric on the new facts, Locality against θ (the model before the update), and the
         perplexity on held-out text (general ability) unless ``perplexity`` is null."""
         from flearning.evaluation.evaluate import evaluate
+        from flearning.models import cache_root
 
         start = time.perf_counter()
         result = evaluate(
@@ -330,6 +331,8 @@ class UpdateRecipe:
             batch_size=self.cfg.eval_batch_size,
             generation=self.cfg.generation,
             perplexity=self.perplexity_corpus,
+            # θ's perplexity is measured once per base model and corpus (evaluation's disk cache)
+            cache_dir=cache_root() / "evaluation" if when == "before" else None,
             progress=self.progress,
         )
         self.timings[f"evaluate_{when}"] = time.perf_counter() - start
