@@ -222,3 +222,24 @@ def test_run_keys_without_the_new_measures_are_unchanged():
         "eval",
     )
     assert run_key(*args, generation=True, fluency=False, split="eval", perplexity={"passages": 3}) != legacy
+
+
+def test_perplexity_settings_of_the_configs(tmp_path):
+    from flearning.config import BenchConfig, PerplexitySettings, load_config
+
+    assert UpdateConfig().perplexity == PerplexitySettings() == BenchConfig().perplexity
+    assert PerplexitySettings().model_dump() == {
+        "corpus": "sample:wikitext-2-valid-200.txt",
+        "passages": 200,
+        "max_tokens": 256,
+    }
+    assert load_config(BenchConfig, None, [], profile="quick").perplexity.passages == 20  # a smoke run
+    assert load_config(BenchConfig, None, ["perplexity=null"], profile="quick").perplexity is None
+    # a YAML file's relative corpus is relative to the file; a shipped sample stays a name
+    (tmp_path / "texts").mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text("perplexity:\n  corpus: texts/held.txt\n  passages: 7\n")
+    cfg = load_config(UpdateConfig, config, [])
+    assert (cfg.perplexity.corpus, cfg.perplexity.passages) == (str(tmp_path / "texts" / "held.txt"), 7)
+    config.write_text("perplexity:\n  corpus: sample:wikitext-2-valid-200.txt\n")
+    assert load_config(UpdateConfig, config, []).perplexity.corpus == "sample:wikitext-2-valid-200.txt"
