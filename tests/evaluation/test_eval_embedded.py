@@ -55,3 +55,18 @@ def test_embedded_batched_equals_one_at_a_time(smollm):
         assert score.argmax == alone.argmax
         assert abs(score.accuracy - alone.accuracy) <= 1e-6
         assert abs(score.nll - alone.nll) <= 1e-4
+
+
+@pytest.mark.slow
+def test_embedded_perplexity_is_plausible_and_batched_equals_one_at_a_time(smollm):
+    """SmolLM2-135M on 8 of the shipped WikiText-2 passages: a language model's perplexity (not a random
+    model's ~49 152), the same batched as one passage at a time."""
+    from flearning.evaluation.corpus import PerplexityCorpus
+    from flearning.evaluation.perplexity import perplexity
+
+    model, tokenizer = smollm
+    corpus = PerplexityCorpus.load(passages=8)
+    batched = perplexity(model, tokenizer, corpus.passages, batch_tokens=2048)
+    alone = perplexity(model, tokenizer, corpus.passages, batch_tokens=1)
+    assert 5.0 < batched.perplexity < 200.0 and batched.tokens > 600
+    assert abs(batched.nll - alone.nll) < 1e-5
