@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from flearning.data.encoding import encode_pair
-from flearning.errors import FlearnError
+from flearning.errors import FlearnError, Problem
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -111,6 +111,38 @@ def as_requests(items: Iterable[EditRequest | KnowledgeRecord | Mapping[str, Any
     if not requests:
         raise FlearnError("no edit request given")
     return requests
+
+
+def request_problems(
+    records: Sequence[KnowledgeRecord], locations: Sequence[Any] | None = None
+) -> list[Problem]:
+    """Every record that cannot be an edit request (no subject, the subject not in the prompt, an empty
+    target), as ``errors.Problem``s naming the file, the record and the field (``locations``: where each
+    record is, ``data.loading.Location``; without it, the record's id). Checked before any work."""
+    problems = []
+    for i, record in enumerate(records):
+        where = locations[i] if locations else None
+        source = where.source if where is not None else f"record {record.id}"
+        index, kind = (where.index, where.kind) if where is not None else (None, "record")
+        subject = (record.subject or "").strip()
+        if not subject:
+            problems.append(
+                Problem(
+                    source,
+                    index,
+                    "subject",
+                    "missing: ROME, MEMIT and AlphaEdit edit the fact at the subject's last token; give "
+                    "each record a 'subject' (the words of the prompt the fact is about), or use a method "
+                    "that fine-tunes",
+                    kind,
+                )
+            )
+            continue
+        try:
+            edit_request(record.prompt, subject, record.target_new)
+        except FlearnError as ex:
+            problems.append(Problem(source, index, "subject", str(ex), kind))
+    return problems
 
 
 @dataclass(frozen=True)
