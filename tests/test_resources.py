@@ -20,7 +20,19 @@ from flearning.resources import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-METHOD_CONFIGS = ["flearning-ft", "flearning-lora", "flearning-lora-ft", "ft", "ft-c", "lora"]
+METHOD_CONFIGS = [
+    "alphaedit",
+    "flearning-alphaedit",
+    "flearning-ft",
+    "flearning-lora",
+    "flearning-lora-ft",
+    "flearning-memit",
+    "ft",
+    "ft-c",
+    "lora",
+    "memit",
+    "rome",
+]
 
 
 def test_shipped_files_are_inside_the_package():
@@ -62,7 +74,9 @@ def test_names_resolve_and_unknown_names_are_named():
     for bad in ("../configs/demo.yaml", "README.md", ""):
         with pytest.raises(FlearnError, match="no shipped sample"):
             sample_path(bad)
-    with pytest.raises(FlearnError, match=r"no shipped config 'nope'; shipped configs: demo, flearning-ft"):
+    with pytest.raises(
+        FlearnError, match=r"no shipped config 'nope'; shipped configs: alphaedit, demo, flearning-alphaedit"
+    ):
         config_path("nope")
 
 

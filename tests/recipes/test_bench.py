@@ -75,6 +75,7 @@ def test_summary_has_every_method_and_metric(bench_cfg):
         "trained_prime": 1,
         "trained_forget": 2,
         "trained_learn": 4,
+        "edits": 0,
         "cached_runs": 0,
     }
     paired = {(p["method"], p["metric"]) for p in summary["datasets"]["toy"]["paired"]}
@@ -94,7 +95,13 @@ def test_second_run_of_a_sweep_reuses_prime_and_forget(bench_cfg):
     bench = Bench(bench_cfg(lambdas=[0.5, 1.0]), progress=False)
     bench.run()
     # λ=0.5 runs come from the cache, λ=1.0 reuses the cached θ and forgetting vectors
-    assert bench.counters == {"trained_prime": 0, "trained_forget": 0, "trained_learn": 3, "cached_runs": 4}
+    assert bench.counters == {
+        "trained_prime": 0,
+        "trained_forget": 0,
+        "trained_learn": 3,
+        "edits": 0,
+        "cached_runs": 4,
+    }
 
 
 def test_killed_bench_rerun_gives_the_same_summary(bench_cfg, tmp_path, monkeypatch):
@@ -139,4 +146,4 @@ def test_config_errors():
     with pytest.raises(ValueError, match="auto needs a validation split"):
         BenchConfig(lambdas="auto", n_val=0)
     with pytest.raises(ValueError, match="unknown methods"):
-        BenchConfig(methods=["ft", "rome"])
+        BenchConfig(methods=["ft", "no-such-method"])

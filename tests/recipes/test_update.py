@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from flearning.cli import main
 from flearning.config import UpdateConfig
 from flearning.errors import FlearnError
-from flearning.methods import METHODS
+from flearning.methods import FINE_TUNING, METHODS
 from flearning.recipes.update import update
 from tiny import toy_facts
 
@@ -32,7 +32,8 @@ def facts_file(tmp_path):
     return path
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# the editors (ROME, MEMIT, AlphaEdit and their F-Learning variants): tests/recipes/test_edit_methods.py
+@pytest.mark.parametrize("method", list(FINE_TUNING))
 def test_every_method_writes_a_loadable_model_and_report(method, tiny_model_dir, facts_file, tmp_path):
     out = tmp_path / f"out-{method}"
     cfg = UpdateConfig(model=str(tiny_model_dir), data=facts_file, method=method, out=out, **FAST)

@@ -432,6 +432,7 @@ def test_bench_cache_entry_cut_half_way_is_absent_and_the_rerun_reuses_the_rest(
         "trained_prime": 0,
         "trained_forget": 1,
         "trained_learn": 1,
+        "edits": 0,
         "cached_runs": 0,
     }
 

@@ -28,6 +28,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError, core_schema
 
+from flearning.config.edit import EditPlan, EditSettings, edit_plan, layer_problem
 from flearning.config.loading import (
     build_config as build_config,
 )
@@ -57,7 +58,7 @@ from flearning.evaluation.definitions import (
     DEFAULT_PERPLEXITY_MAX_TOKENS,
     DEFAULT_PERPLEXITY_PASSAGES,
 )
-from flearning.methods import METHODS, Method, get_method
+from flearning.methods import FINE_TUNING, METHODS, Method, get_method
 from flearning.models import DEFAULT_MODEL
 from flearning.resources import SAMPLE_PREFIX, resolve_sample, sample_path
 from flearning.training.config import (
@@ -252,16 +253,23 @@ class StopRule:
 @dataclass
 class StagePlan:
     """Hyper-parameters of both stages; ``forget`` is ignored by methods without forgetting. ``stop``
-    ends the learning stage early (None: it runs ``learn.epochs``)."""
+    ends the learning stage early (None: it runs ``learn.epochs``). A method with an editor has ``edit``
+    (its edit step, ``config.edit``) and no learning stage (``learn`` None)."""
 
-    learn: TrainConfig
+    learn: TrainConfig | None
     forget: TrainConfig | None = None
     lam: float = 0.7
     stop: StopRule | None = None
+    edit: EditPlan | None = None
 
 
-def learn_config(method: Method, full: TrainConfig, lora: TrainConfig, linf_bound: float) -> TrainConfig:
-    """The learning stage of ``method``: the shared full or LoRA settings, plus ε for ft-c."""
+def learn_config(
+    method: Method, full: TrainConfig, lora: TrainConfig, linf_bound: float
+) -> TrainConfig | None:
+    """The learning stage of ``method``: the shared full or LoRA settings, plus ε for ft-c (None for a
+    method with an editor instead)."""
+    if method.learn is None:
+        return None
     if method.learn == "lora":
         return lora
     if method.constrained:
@@ -291,6 +299,9 @@ class UpdateConfig(BaseModel):
     lam: ConfigFloat = Field(0.7, alias="lambda")
     forget: StageOverrides = Field(default_factory=StageOverrides)
     learn: LearnOverrides = Field(default_factory=LearnOverrides)
+    # ROME, MEMIT, AlphaEdit: how the editors write the new facts (config.edit; declared after ``method``,
+    # which its validator reads)
+    edit: EditSettings = Field(default_factory=EditSettings)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     linf_bound: ConfigFloat = Field(LINF_BOUND, gt=0)
     # NumPy (seeded with the others) takes 0 <= seed < 2**32.
@@ -310,7 +321,6 @@ class UpdateConfig(BaseModel):
     # knowledge_vector/ and update_vector/ (each the size of the model's weights) beside the model
     save_vectors: ConfigBool = True
     trust_remote_code: ConfigBool = False
-
     # experiment tracking (recipes/tracking.py), none by default: accelerate's trackers log one run named
     # run_name (default: the output directory's name); TensorBoard and wandb write in logging_dir (default:
     # the output's logs/, written in <out>.partial/logs/ while the update runs). Not part of what a
@@ -329,6 +339,7 @@ class UpdateConfig(BaseModel):
         "learn.locality_probes",
         "logging_dir",
         "perplexity.corpus",
+        "edit.corpus",
     )
 
     @field_validator("data", "old", "new", mode="before")
@@ -355,6 +366,14 @@ class UpdateConfig(BaseModel):
             return get_method(value).name
         except FlearnError as ex:
             raise ValueError(str(ex)) from None
+
+    @field_validator("edit")
+    @classmethod
+    def _edit_layers(cls, value: EditSettings, info: ValidationInfo) -> EditSettings:
+        problem = layer_problem([info.data.get("method", "")], value)
+        if problem:
+            raise PydanticCustomError("edit_layers", problem)
+        return value
 
     def data_files(self) -> tuple[Path, Path]:
         """(file of old facts, file of new facts)."""
@@ -398,7 +417,8 @@ def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
     """
     method = get_method(cfg.method)
     learn = cfg.learn.given()
-    stop = learn_stop_rule(cfg.learn, source)
+    # a method with an editor has no learning stage, so nothing to stop
+    stop = learn_stop_rule(cfg.learn, source) if method.editor is None else None
     if stop is not None and stop.until_accuracy is not None:
         learn["epochs"] = cfg.learn.max_epochs or MAX_EPOCHS  # the cap; the rule stops earlier
     full = default_stage("full", cfg.lora, cfg.seed, learn, section="learn", source=source)
@@ -409,7 +429,11 @@ def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
             method.forget, cfg.lora, cfg.seed, cfg.forget.given(), section="forget", source=source
         )
     return StagePlan(
-        learn=learn_config(method, full, lora, cfg.linf_bound), forget=forget, lam=cfg.lam, stop=stop
+        learn=learn_config(method, full, lora, cfg.linf_bound),
+        forget=forget,
+        lam=cfg.lam,
+        stop=stop,
+        edit=edit_plan(method, cfg.edit),
     )
 
 
@@ -542,8 +566,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "perplexity": {"passages": 20},
     },
     # The paper's protocol at the scale this project reports: 200 edits per dataset of the full
-    # datasets, 3 seeds.
-    "paper": {"n": 200, "n_val": 0, "seeds": [0, 1, 2], "data": "full"},
+    # datasets, 3 seeds; every method, the editors (ROME, MEMIT, AlphaEdit) included.
+    "paper": {"n": 200, "n_val": 0, "seeds": [0, 1, 2], "data": "full", "methods": list(METHODS)},
 }
 
 
@@ -572,7 +596,8 @@ class BenchConfig(BaseModel):
     # the field mapping and the split every dataset of ``data`` is read with (as in UpdateConfig)
     fields: dict[str, str] | None = None
     split: str | None = None
-    methods: list[str] = Field(default_factory=lambda: list(METHODS))
+    # default: the six that fine-tune (the editors on request, or with the paper profile)
+    methods: list[str] = Field(default_factory=lambda: list(FINE_TUNING))
     n: ConfigInt = Field(200, ge=1)
     n_val: ConfigInt = Field(0, ge=0)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
@@ -591,6 +616,8 @@ class BenchConfig(BaseModel):
     forget_lora: StageOverrides = Field(default_factory=StageOverrides)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     linf_bound: ConfigFloat = Field(LINF_BOUND, gt=0)
+    # the editors' settings (config.edit), shared by every method that edits; declared after ``methods``
+    edit: EditSettings = Field(default_factory=EditSettings)
     eval_batch_size: ConfigInt = Field(DEFAULT_BATCH_SIZE, ge=1)
     generation: ConfigBool = True
     # both Fluencies (greedy, and top-5 sampled as ROME/EasyEdit): long generations, slow
@@ -599,7 +626,6 @@ class BenchConfig(BaseModel):
     perplexity: PerplexitySettings | None = Field(default_factory=PerplexitySettings)
     out: Path | None = None
     trust_remote_code: ConfigBool = False
-
     # experiment tracking (recipes/tracking.py), none by default: one run named run_name (default: the
     # bench directory's name) for every stage and run of the bench; logging_dir default: its logs/
     report_to: ReportTo = Field(default_factory=list)
@@ -614,6 +640,7 @@ class BenchConfig(BaseModel):
         "out",
         "logging_dir",
         "perplexity.corpus",
+        "edit.corpus",
     )
 
     def stage_plan(self, method: Method, seed: int, lam: float | None = None) -> StagePlan:
@@ -626,7 +653,9 @@ class BenchConfig(BaseModel):
             overrides = self.forget_full if method.forget == "full" else self.forget_lora
             forget = default_stage(method.forget, self.lora, seed, overrides.given())
         learn = learn_config(method, full, lora, self.linf_bound)
-        return StagePlan(learn=learn, forget=forget, lam=lam if lam is not None else 0.0)
+        return StagePlan(
+            learn=learn, forget=forget, lam=lam if lam is not None else 0.0, edit=edit_plan(method, self.edit)
+        )
 
     @field_validator("fields")
     @classmethod
@@ -642,6 +671,14 @@ class BenchConfig(BaseModel):
         if not methods:
             raise ValueError("no methods")
         return methods
+
+    @field_validator("edit")
+    @classmethod
+    def _edit_layers(cls, value: EditSettings, info: ValidationInfo) -> EditSettings:
+        problem = layer_problem(info.data.get("methods") or [], value)
+        if problem:
+            raise PydanticCustomError("edit_layers", problem)
+        return value
 
     @field_validator("data", mode="before")
     @classmethod

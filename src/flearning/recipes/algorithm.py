@@ -4,6 +4,10 @@
     θ'    = θ − λ · Δ_old              # vectors.forget
     θ*    = FT(θ', K_new)              # the learning stage (fixed epochs, or until K_new is held)
 
+or, for a method with an editor (ROME, MEMIT, AlphaEdit), in place of the learning stage
+
+    θ*    = θ' + editor(θ', K_new)     # edit_stage (recipes/edit.py): ΔW of the edited layers
+
 ``run_method`` runs any method of the registry from θ (the baselines skip the first two lines);
 ``flearn update``, ``flearn bench`` and the DDP tests all do, differing only in ``forget_cache``.
 """
@@ -22,6 +26,7 @@ from flearning.config import StagePlan
 from flearning.distributed import on_main_process
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.methods import Method
+from flearning.recipes.edit import EditOutcome, apply_edit, edit_stage
 from flearning.recipes.stopping import StoppedStage, locality_budget, train_until
 from flearning.recipes.tracking import NO_TRACKING, Tracking
 from flearning.training import TrainConfig, train
@@ -63,6 +68,7 @@ class MethodOutcome:
     forget: ForgetResult | None  # Δ_old, for F-Learning methods
     adapter_dir: Path | None  # where the LoRA learning stage's adapter was saved (peft format)
     learn: StoppedStage | None = None  # how the learning stage ended (epochs, accuracy per epoch)
+    edit: EditOutcome | None = None  # the edit step's ΔW, for a method with an editor
     timings: dict[str, float] = field(default_factory=dict)
     losses: dict[str, list[float]] = field(default_factory=dict)
     tokens: dict[str, int] = field(default_factory=dict)
@@ -194,6 +200,7 @@ def run_method(
     learn_checkpoint: Checkpointing | None = None,
     eval_batch_size: int = DEFAULT_BATCH_SIZE,
     tracker: Tracking | None = None,
+    records: Sequence[Any] | None = None,
 ) -> MethodOutcome:
     """Update ``model`` (θ, holding the old facts) in place with ``method``; returns θ*.
 
@@ -213,8 +220,10 @@ def run_method(
         eval_batch_size: rows per forward pass of the learning stage's stop-rule checks.
         tracker: the run's experiment tracking (``recipes.tracking``): each stage's steps as
             ``forget/...`` and ``learn/...``, and λ.
+        records: the new facts as ``KnowledgeRecord``s with their subjects (``new_pairs`` in the same
+            order): what an editor writes.
     Returns:
-        ``MethodOutcome`` with θ*, Δ_old and, for a LoRA learning stage, the adapter.
+        ``MethodOutcome`` with θ*, Δ_old and, for a LoRA learning stage, the adapter; for an editor, ΔW.
     """
     outcome = MethodOutcome(model=model, forget=None, adapter_dir=None)
     track = tracker if tracker is not None else NO_TRACKING
@@ -247,6 +256,16 @@ def run_method(
         forget(model, stage.vector, plan.lam)  # θ' = θ − λ·Δ_old
         track.log({"lambda": plan.lam})
         outcome.timings["forget_apply"] = time.perf_counter() - start
+
+    if method.editor is not None:
+        if plan.edit is None or records is None:
+            raise ValueError(f"{method.name} needs edit settings and the records of the new facts")
+        edit = edit_stage(model, tokenizer, records, plan.edit, progress=progress)  # ΔW, model unchanged
+        apply_edit(model, edit)  # θ* = θ' + ΔW
+        track.log(edit.scalars())
+        outcome.edit = edit
+        outcome.timings["edit"] = edit.seconds
+        return outcome
 
     learn_cfg = plan.learn
     start = time.perf_counter()

@@ -73,7 +73,13 @@ class Bench:
         self.runs: list[RunRecord] = []
         self.primes: dict[str, list[dict[str, Any]]] = {}
         self.chosen_lambda: dict[str, dict[str, dict[int, float]]] = {}
-        self.counters = {"trained_prime": 0, "trained_forget": 0, "trained_learn": 0, "cached_runs": 0}
+        self.counters = {
+            "trained_prime": 0,
+            "trained_forget": 0,
+            "trained_learn": 0,
+            "edits": 0,  # edit steps of ROME, MEMIT, AlphaEdit (in place of a learning stage)
+            "cached_runs": 0,
+        }
 
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
@@ -89,14 +95,28 @@ class Bench:
                     f"{path}: {len(ds.records)} usable records, the bench needs n + n_val = {need}"
                 )
             self.datasets[name] = (ds.records[: self.cfg.n], ds.records[self.cfg.n : need])
+            if self._edit_plans():  # an editor writes these facts: each needs its subject (before any work)
+                from flearning.recipes.edit import check_requests
+
+                check_requests(ds.records[:need], ds.locations[:need])
         # the held-out text θ and every run are scored on (general ability); a bad corpus fails here
         self.held_out = self.cfg.perplexity.load() if self.cfg.perplexity is not None else None
         start = time.perf_counter()
         self.base, self.tokenizer = load_model(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
         self.base_fp = model_fingerprint(self.base)
+        for plan in self._edit_plans():  # the editors' layers exist in this model, C's corpus is readable
+            from flearning.recipes.edit import check_corpus, check_edit_target
+
+            check_edit_target(self.base.config, plan)
+            check_corpus(plan)
         log.info(
             "bench: base model loaded in %.1f s (fingerprint %s)", time.perf_counter() - start, self.base_fp
         )
+
+    def _edit_plans(self) -> list[Any]:
+        """The edit step of each method of the bench that has an editor (``config.EditPlan``)."""
+        methods = [METHODS[m] for m in self.cfg.methods if METHODS[m].editor is not None]
+        return [self.cfg.stage_plan(m, 0).edit for m in methods]
 
     def planned_runs(self) -> int:
         per_method = {
@@ -177,6 +197,7 @@ class Bench:
             fluency=self.cfg.fluency,
             split=split.name,
             perplexity=self._perplexity_key(split),
+            edit=plan.edit.to_json() if plan.edit is not None else None,
         )
         scope = self.tracker.scoped(_run_scope(split, method_name, lam))
         cached = self.cache.load_run(key)
@@ -199,10 +220,11 @@ class Bench:
                 self.cache.vector_dir(forget_key(theta.key, split.name, plan.forget)) if plan.forget else None
             ),
             tracker=scope,
+            records=split.records,  # what an editor writes (their subjects)
         )
         if outcome.forget is not None and outcome.forget.trained:
             self.counters["trained_forget"] += 1
-        self.counters["trained_learn"] += 1
+        self.counters["edits" if outcome.edit is not None else "trained_learn"] += 1
         seconds = dict(outcome.timings)
         start = time.perf_counter()
         result = evaluate(

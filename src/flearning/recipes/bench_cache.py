@@ -47,16 +47,18 @@ def run_key(
     records: Sequence[KnowledgeRecord],
     method: str,
     lam: float | None,
-    learn: TrainConfig,
+    learn: TrainConfig | None,
     forget: TrainConfig | None,
     *,
     generation: bool,
     fluency: bool,
     split: str,
     perplexity: dict[str, Any] | None = None,
+    edit: dict[str, Any] | None = None,
 ) -> str:
     """A run's key. What was added to the evaluation later joins the key only when it is on (fluency:
-    both Fluencies; ``perplexity``: its settings), so keys of runs without it stay as they were."""
+    both Fluencies; ``perplexity``: its settings), so keys of runs without it stay as they were; so do
+    ``edit``, the edit step's settings of a method with an editor (``EditPlan.to_json``; ``learn`` None)."""
     from flearning.data import records_hash
 
     extra: list[Any] = []
@@ -64,13 +66,15 @@ def run_key(
         extra.append("fluency_sampled")  # fluency has meant greedy and top-5 sampled since issue #14
     if perplexity is not None:
         extra.append({"perplexity": perplexity})
+    if edit is not None:
+        extra.append({"edit": edit})
     return digest(
         "run",
         theta_key,
         records_hash(records),
         method,
         lam,
-        learn.model_dump(mode="json"),
+        learn.model_dump(mode="json") if learn is not None else None,
         forget.model_dump(mode="json") if forget else None,
         generation,
         fluency,

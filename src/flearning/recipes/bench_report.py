@@ -16,7 +16,13 @@ from flearning.recipes.bench_cache import RunRecord
 PRIMED = "primed (θ)"  # the label of the primed model's own evaluation
 PAPER_METRICS = ("reliability", "generality", "locality")
 # F-Learning method -> the baseline it is compared with (paired, same records and seeds).
-COMPARISONS = {"flearning-ft": "ft", "flearning-lora": "lora", "flearning-lora-ft": "flearning-ft"}
+COMPARISONS = {
+    "flearning-ft": "ft",
+    "flearning-lora": "lora",
+    "flearning-lora-ft": "flearning-ft",
+    "flearning-memit": "memit",
+    "flearning-alphaedit": "alphaedit",
+}
 
 
 def dataset_report(directory: Path, dataset: str, runs: Sequence[RunRecord]) -> dict[str, Any]:

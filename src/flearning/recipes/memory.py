@@ -1,5 +1,8 @@
 """How much memory an update needs, per training stage, before anything is loaded (``--dry-run``).
 
+The edit step of ROME, MEMIT and AlphaEdit is planned too (``_edit_stage``): the model, the key
+statistics C of the edited layers, the updates and the value optimisation's activations.
+
 ``plan_memory`` takes the ``StagePlan`` config builds and counts fp32 weights, gradients and AdamW state
 (exact), the tensors the recipe keeps beside the model (the copy of θ a full-FT forget stage trains,
 Δ_old, ft-c's anchor, the θ kept to write θ* − θ), activations (an estimate from the architecture, the
@@ -34,6 +37,11 @@ TIGHT = 0.9  # a plan using more than this share of the available memory gets a 
 # the sequence length assumed when no data is read (facts are short: ~10-40 tokens)
 ASSUMED_SEQ_LEN = 32
 ASSUMED = "assumed: no data read; facts are short, ~10-40 tokens"
+# the edit step: facts per batch assumed when no data is read, and the tokens a context prefix adds
+# (editing.requests.CONTEXT_PREFIXES: five short sentences before the prompt, ~8 tokens each)
+ASSUMED_REQUESTS = 100
+PREFIX_TOKENS = 12
+COVARIANCE_BATCH = 8  # texts per forward of the covariance pass (editing.CovarianceSettings)
 ACCELERATE_CONFIGS = "configs/accelerate"
 
 
@@ -71,8 +79,8 @@ class ModelShape:
 class StageMemory:
     """Peak bytes of one training stage, by what holds them."""
 
-    name: str  # "forget" or "learn"
-    kind: str  # "full" or "lora"
+    name: str  # "forget", "learn" or "edit"
+    kind: str  # "full" or "lora"; the editor (rome, memit, alphaedit) of an edit step
     batch_size: int
     trainable: int  # parameters the optimizer updates
     weights: int  # the model being trained (all its weights, trainable or frozen)
@@ -250,6 +258,7 @@ def plan_memory(
     available: int | None = None,
     trust_remote_code: bool = False,
     sharding: str = "none",
+    requests: int | None = None,
 ) -> MemoryPlan:
     """Estimate the peak memory of each training stage of ``method`` and compare it with the machine's.
 
@@ -272,6 +281,8 @@ def plan_memory(
             shards of the weights, gradients, AdamW state, θ and Δ_old (the forget arithmetic is local),
             one decoder block gathered whole (twice, with prefetching), a LoRA adapter whole; plus what
             the main process gathers to write the output.
+        requests: the facts an editor writes (``ASSUMED_REQUESTS`` when None); MEMIT and AlphaEdit take
+            at most ``edit.batch_size`` of them at a time, ROME one.
     Returns:
         A ``MemoryPlan``; its ``suggestions`` say what to change when the plan does not fit.
     """
@@ -283,7 +294,7 @@ def plan_memory(
     method = get_method(method) if isinstance(method, str) else method
     lora = lora or LoraSettings()
     stages = stages or stage_plan(UpdateConfig(method=method.name, lora=lora))
-    configs: dict[str, TrainConfig] = {"learn": stages.learn}
+    configs: dict[str, TrainConfig] = {"learn": stages.learn} if stages.learn is not None else {}
     if method.forget is not None:  # a plan made by hand may leave the forget stage at its default
         configs["forget"] = stages.forget or stage_plan(UpdateConfig(method=method.name, lora=lora)).forget
     if batch_size is not None:
@@ -302,15 +313,24 @@ def plan_memory(
             dense = shape.lora_shape(cfg.lora)[1]
             vector_after_forget = (("Δ_old (LoRA)", dense * FP32),)
         plan_stages.append(_with_other(stage, snapshot))
-    cfg = configs["learn"]
-    if cfg.lora is None:
-        anchors = (("ft-c anchor", _trainable_full(shape, cfg) * FP32),) if method.constrained else ()
-        stage = _full_stage("learn", shape, cfg, seq_len, extra=vector_after_forget + anchors)
+    if method.editor is not None:
+        edit = stages.edit or stage_plan(UpdateConfig(method=method.name)).edit
+        stage = _edit_stage(shape, edit, requests or ASSUMED_REQUESTS, seq_len, extra=vector_after_forget)
+        plan_stages.append(_with_other(stage, snapshot))
     else:
-        stage = _lora_stage("learn", shape, cfg, seq_len, extra=vector_after_forget)
-    plan_stages.append(_with_other(stage, snapshot))
+        cfg = configs["learn"]
+        if cfg.lora is None:
+            anchors = (("ft-c anchor", _trainable_full(shape, cfg) * FP32),) if method.constrained else ()
+            stage = _full_stage("learn", shape, cfg, seq_len, extra=vector_after_forget + anchors)
+        else:
+            stage = _lora_stage("learn", shape, cfg, seq_len, extra=vector_after_forget)
+        plan_stages.append(_with_other(stage, snapshot))
 
     main_save = 0
+    if sharding == "fsdp2" and method.editor is not None:
+        raise FlearnError(
+            f"{method.name} does not run under FSDP2 (the editors need whole layers): plan it unsharded"
+        )
     if sharding == "fsdp2":
         plan_stages = [_sharded(stage, shape, processes) for stage in plan_stages]
         # θ* and Δ_old gathered whole, and the θ kept for θ* − θ
@@ -368,6 +388,51 @@ def _lora_stage(name: str, shape: ModelShape, cfg: TrainConfig, seq_len: int, ex
         optimizer=adapter * ADAM,
         activations=activation_bytes(shape, cfg.batch_size, seq_len, lora_rank_width=targets * cfg.lora.r),
         other=tuple(extra),
+    )
+
+
+def _edit_stage(shape: ModelShape, edit, requests: int, seq_len: int, extra) -> StageMemory:
+    """The edit step: the model (frozen), one δ per fact with its Adam state, the activations of the value
+    optimisation (for ``requests_per_pass`` facts at a time: each one's prompt alone and after each
+    context prefix, and its KL prompt, backpropagated to δ; logits at a few positions only, so the
+    training count without its vocabulary term: measured 1.47 MB a token on SmolLM2-135M, the count
+    1.63) and, beside them, C of each edited layer (float32, accumulated in float64 over batches of the
+    corpus), AlphaEdit's projection P (float64), the updates ΔW and the saved weights of the edited layers."""
+    from flearning.editing import CONTEXT_PREFIXES, ValueSettings
+
+    layers = len(edit.layers)
+    batch = 1 if edit.editor == "rome" else min(requests, edit.batch_size or requests)
+    together = min(batch, ValueSettings.requests_per_pass)
+    sequences = together * (2 + len(CONTEXT_PREFIXES))
+    tokens = seq_len + PREFIX_TOKENS
+    per_layer = 7 * shape.hidden + 3 * shape.kv_hidden + 4 * shape.intermediate + shape.heads * tokens
+    activations = int(sequences * tokens * ACTIVATION_FACTOR * shape.layers * per_layer * FP32)
+    key = shape.intermediate  # the edited module's input: the MLP's hidden activation
+    square = key * key
+    weight = key * shape.hidden
+    other = [
+        ("C per edited layer (fp32)", layers * square * FP32),
+        ("C accumulation (fp64)", layers * square * 2 * FP32),
+        ("ΔW and the saved weights", 2 * layers * weight * FP32),
+    ]
+    if edit.editor == "alphaedit":
+        other.append(("null-space projections P (fp64)", layers * square * 2 * FP32))
+    other.append(
+        (
+            "covariance pass (no gradients)",
+            COVARIANCE_BATCH * 512 * (4 * shape.intermediate + 7 * shape.hidden) * 2 * FP32,
+        )
+    )
+    return StageMemory(
+        name="edit",
+        kind=edit.editor,
+        batch_size=batch,
+        trainable=batch * shape.hidden,
+        weights=shape.params * FP32,
+        gradients=batch * shape.hidden * FP32,
+        optimizer=batch * shape.hidden * ADAM,
+        activations=activations,
+        other=(*extra, *other),
     )
 
 
@@ -430,6 +495,7 @@ def suggestions(plan: MemoryPlan, lora: LoraSettings, keep_theta: bool) -> list[
         )  # fmt: skip
 
     worst = max(plan.stages, key=lambda s: s.total)
+    editor = get_method(plan.method).editor is not None  # no learning stage to make LoRA or to shard
     if plan.method == "flearning-ft":
         alt = alternative("flearning-lora-ft", batch_size=worst.batch_size)
         if alt.peak < 0.9 * plan.peak:
@@ -437,7 +503,7 @@ def suggestions(plan: MemoryPlan, lora: LoraSettings, keep_theta: bool) -> list[
                 "Forget with LoRA instead of a full-FT copy of θ: method flearning-lora-ft "
                 f"(the paper's best CounterFact variant) needs {fmt_bytes(alt.peak)}."
             )
-    if any(s.kind == "full" for s in plan.stages):
+    if any(s.kind == "full" for s in plan.stages) and not editor:
         lora_method = "flearning-lora" if plan.method.startswith("flearning") else "lora"
         alt = alternative(lora_method, batch_size=worst.batch_size)
         if alt.peak < 0.9 * plan.peak:
@@ -456,7 +522,7 @@ def suggestions(plan: MemoryPlan, lora: LoraSettings, keep_theta: bool) -> list[
             f"Without the vectors (--no-vectors, save_vectors=false) the run does not keep θ for θ* − θ "
             f"({fmt_bytes(plan.model.params * FP32)})."
         )
-    if plan.sharding == "none":
+    if plan.sharding == "none" and not editor:
         out.append(_sharding_suggestion(plan, lora, keep_theta, worst))
     return out
 
@@ -508,6 +574,7 @@ def dry_run_plan(
     processes: int = 1,
     available: int | None = None,
     sharding: str = "none",
+    requests: int | None = None,
 ) -> MemoryPlan:
     """The memory plan of an update config: its model (config only; the embedded default is converted
     once if it was not yet), method, stage settings and LoRA shape. ``seq_len``: the longest training
@@ -528,4 +595,5 @@ def dry_run_plan(
         available=available,
         trust_remote_code=cfg.trust_remote_code,
         sharding=sharding,
+        requests=requests,
     )

@@ -126,6 +126,8 @@ def run_summary(
         "resumed": resumed,
         # how the learning stage ended: epochs trained and kept, accuracy (and Locality) per epoch
         "learn_schedule": outcome.learn.to_json(plan.stop) if outcome.learn is not None else None,
+        # an editor's step instead (ROME, MEMIT, AlphaEdit): facts, batches, the value optimisation's loss
+        **({"edit": outcome.edit.to_json()} if outcome.edit is not None else {}),
         "tokens": outcome.tokens,
         "final_loss": {k: (v[-1] if v else None) for k, v in outcome.losses.items()},
         # each stage's loss at every optimizer step: a resumed run's trace equals an uninterrupted one's
@@ -334,7 +336,7 @@ def model_card(summary: dict[str, Any]) -> str:
     lam_text = f", λ = {lam}" if lam is not None else ""
     lam_line = (
         f"- **λ**: {lam} (the forget stage's knowledge vector Δ_old of the old facts is subtracted, "
-        f"θ' = θ − {lam}·Δ_old, before the new facts are learned)\n"
+        f"θ' = θ − {lam}·Δ_old, before the new facts are {'learned' if not summary.get('edit') else 'written'})\n"
         if lam is not None
         else ""
     )
@@ -357,18 +359,28 @@ def model_card(summary: dict[str, Any]) -> str:
             f"{schedule['why']}. Accuracy on the new facts after each epoch (×100): {accuracy}.\n"
         )
     vectors = ""
+    edit = summary.get("edit")
     if config.get("save_vectors", True):
         vectors = (
             "\n`update_vector/` replays the update on the base model (`flearn vector apply --add 1`)"
-            + ("; `knowledge_vector/` is Δ_old of the old facts.\n" if lam is not None else ".\n")
+            + ("; `knowledge_vector/` is Δ_old of the old facts" if lam is not None else "")
+            + ("; `edit_vector/` is the edit ΔW alone" if edit else "")
+            + ".\n"
         )
+    how = (
+        "the old facts are forgotten before the new ones are learned (F-Learning)"
+        if edit is None
+        else (
+            f"the new facts were written by {edit['editor']} into layers {edit['layers']}"
+            + (", after the old facts were forgotten (F-Learning)" if lam is not None else "")
+        )
+    )
     out = config.get("out") or "."
     reference = summary["model"].get("source") or DEFAULT_MODEL
     body = f"""# {summary["model"].get("source")} updated with `{method}`{lam_text}
 
 This model is a copy of a causal language model whose facts were updated with
-[f-learning](https://pypi.org/project/f-learning/) {summary["versions"].get("f-learning")}: the old facts
-are forgotten before the new ones are learned (F-Learning).
+[f-learning](https://pypi.org/project/f-learning/) {summary["versions"].get("f-learning")}: {how}.
 
 - **Base model**: {described}
 - **Method**: `{method}`: {summary["method_summary"]}

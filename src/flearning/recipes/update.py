@@ -124,6 +124,16 @@ class UpdateRecipe:
         self._use_records(self.data.records)
         for note in conflicting_edits(self.data.records, self.data.locations):
             log.warning(note)
+        if self.plan.edit is not None:  # an editor: every fact has its subject, and C's corpus is readable
+            from flearning.recipes.edit import check_corpus, check_requests
+
+            if fsdp2_requested():
+                raise FlearnError(
+                    f"{self.method.name} cannot run under FSDP2: the editors need the whole weights of the "
+                    "edited layers; run it in one process (or with DDP)"
+                )
+            check_requests(self.records, self.data.locations)
+            check_corpus(self.plan.edit)
         stop = self.plan.stop
         if stop is not None and stop.max_locality_drop is not None:  # a bad probe file fails here, not later
             from flearning.data.probes import load_probe_pairs
@@ -188,6 +198,12 @@ class UpdateRecipe:
                 )
         self.truncated = cut
         self._use_records(records)
+        if self.plan.edit is not None:  # the editors' layers exist in this model (from its config)
+            from flearning.recipes.edit import check_edit_target, check_requests
+
+            check_edit_target(model_config, self.plan.edit)
+            if cut:  # a prompt cut from the left may have lost its subject
+                check_requests(self.records, self.data.locations)
 
     def _setup_model(self) -> None:
         from flearning.models import load_model, model_fingerprint
@@ -217,7 +233,10 @@ class UpdateRecipe:
 
         if self.out is None:
             return
-        identity = run_identity(self.method, self.plan, self.base_fp, self.old_pairs, self.new_pairs)
+        subjects = [r.subject for r in self.records]
+        identity = run_identity(
+            self.method, self.plan, self.base_fp, self.old_pairs, self.new_pairs, subjects
+        )
         with write_errors_as_flearn(work_dir_for(self.out), what=f"the work directory of {self.out}"):
             self.work = on_main_process(open_work_dir, self.out, identity, self.resume)
         self.resumed = on_main_process(resumed_stages, self.work)
@@ -289,6 +308,7 @@ class UpdateRecipe:
             learn_checkpoint=Checkpointing(work / "learn", every=every) if work else None,
             eval_batch_size=self.cfg.eval_batch_size,
             tracker=self.tracker,
+            records=self.records,  # what an editor writes (their subjects)
         )
         self.timings.update(self.outcome.timings)
         if not all(all_finite(p) for p in self.outcome.model.parameters()):  # every shard, under FSDP2
@@ -345,6 +365,8 @@ class UpdateRecipe:
         config.json, model.safetensors, tokenizer files   θ* (Hugging Face format)
         knowledge_vector/    Δ_old of F-Learning methods (safetensors + JSON; not with save_vectors=false)
         update_vector/       θ* − θ: apply it to θ to replay the whole update (not with save_vectors=false)
+        edit_vector/         ΔW of an editor (ROME, MEMIT, AlphaEdit) alone, on θ or θ' (not with
+                             save_vectors=false); for the baselines it equals update_vector/
         adapter/             the LoRA adapter of a LoRA learning stage
         report/              evaluation of θ (before) and θ* (after), when evaluated
         logs/                the experiment trackers' local files (report_to; not with logging_dir)
@@ -415,6 +437,14 @@ class UpdateRecipe:
             shutil.copytree(outcome.adapter_dir, stage_dir / "adapter")
         if outcome.forget is not None and self.cfg.save_vectors:
             outcome.forget.whole.save(stage_dir / "knowledge_vector")
+        if outcome.edit is not None and self.cfg.save_vectors:  # ΔW, on the model it was computed on
+            base = (
+                self.cfg.model
+                if outcome.forget is None
+                else f"θ' = θ − {self.cfg.lam}·Δ_old of {self.cfg.model}"
+            )
+            provenance = Provenance(base_model=base, data_hash=self.new_ds.sha256)
+            outcome.edit.vector(provenance).save(stage_dir / "edit_vector")
         if self.theta is not None:  # kept only with save_vectors
             now = {k: whole[k] if whole is not None else p for k, p in model.named_parameters()}
             delta = {k: p.detach().float() - self.theta[k].float() for k, p in now.items()}
@@ -511,9 +541,7 @@ def tokenizer_and_config(cfg: UpdateConfig):
     return tokenizer, model_config
 
 
-def dry_run(
-    cfg: UpdateConfig, *, processes: int = 1, available: int | None = None, sharding: str = "none"
-):
+def dry_run(cfg: UpdateConfig, *, processes: int = 1, available: int | None = None, sharding: str = "none"):
     """``flearn update --dry-run``: everything an update checks before training, without loading weights.
 
     Reads and checks the facts as the update does (one file or a split pair, conflicting edits warned
@@ -559,12 +587,13 @@ def dry_run(
             available=available,
         )
     recipe._fit_context(tokenizer, model_config)
-    stages = [(recipe.plan.learn, recipe.new_pairs)]
+    # (with EOS?, texts): the learning stage's, or an editor's prompt + target; the forget stage's
+    stages = [(recipe.plan.learn.add_eos if recipe.plan.learn else False, recipe.new_pairs)]
     if recipe.method.forget is not None:
-        stages.append((recipe.plan.forget, recipe.old_pairs))
+        stages.append((recipe.plan.forget.add_eos, recipe.old_pairs))
     longest = max(
-        len(encode_pair(tokenizer, prompt, target, add_eos=stage.add_eos).input_ids)
-        for stage, pairs in stages
+        len(encode_pair(tokenizer, prompt, target, add_eos=add_eos).input_ids)
+        for add_eos, pairs in stages
         for prompt, target in pairs
     )
     return dry_run_plan(
@@ -574,4 +603,5 @@ def dry_run(
         processes=processes,
         sharding=sharding,
         available=available,
+        requests=len(recipe.records),
     )

@@ -58,12 +58,16 @@ def pairs_hash(pairs: Sequence[tuple[str, str]]) -> str:
 
 def stages_json(method: Method, plan: StagePlan) -> dict[str, Any]:
     """Both stages' settings as JSON (the forget stage's only for a method that forgets), and when the
-    learning stage stops (``learn_stop``: None for a fixed schedule)."""
-    return {
+    learning stage stops (``learn_stop``: None for a fixed schedule). A method with an editor has no
+    learning stage (``learn`` None) and its edit step's settings as ``edit``."""
+    stages = {
         "forget": plan.forget.model_dump(mode="json") if method.forget and plan.forget else None,
-        "learn": plan.learn.model_dump(mode="json"),
+        "learn": plan.learn.model_dump(mode="json") if plan.learn is not None else None,
         "learn_stop": plan.stop.to_json() if plan.stop is not None else None,
     }
+    if method.editor is not None and plan.edit is not None:
+        stages["edit"] = plan.edit.to_json()
+    return stages
 
 
 def run_identity(
@@ -72,17 +76,22 @@ def run_identity(
     base_fingerprint: str,
     old_pairs: Sequence[tuple[str, str]],
     new_pairs: Sequence[tuple[str, str]],
+    subjects: Sequence[str | None] | None = None,
 ) -> dict[str, Any]:
-    """Everything the trained model depends on (not where it is written, nor how it is evaluated)."""
+    """Everything the trained model depends on (not where it is written, nor how it is evaluated);
+    ``subjects``: the new facts' subjects, which an editor's result depends on too."""
     from flearning.training.checkpoint import code_versions
 
+    data = {"old": pairs_hash(old_pairs), "new": pairs_hash(new_pairs)}
+    if method.editor is not None and subjects is not None:
+        data["subjects"] = hashlib.sha256(json.dumps(list(subjects), ensure_ascii=False).encode()).hexdigest()
     return {
         "format": WORK_FORMAT,
         "method": method.name,
         "lambda": plan.lam if method.forget else None,
         "stages": stages_json(method, plan),
         "model_fingerprint": base_fingerprint,
-        "data": {"old": pairs_hash(old_pairs), "new": pairs_hash(new_pairs)},
+        "data": data,
         "processes": launched_processes(),  # a step's batches depend on it
         "versions": code_versions(),
     }
