@@ -175,6 +175,40 @@ def test_flearn_update_under_fsdp2_writes_one_output_with_the_numbers_of_one_pro
     )
 
 
+def test_flearn_update_under_fsdp2_writes_sharded_vector_files_equal_to_the_consolidated_ones(
+    update_out, model_dir
+):
+    """``--vector-files sharded``: Δ_old gathered and written a decoder block at a time (the main process
+    never holds it whole), θ* − θ written a block at a time; the same vectors, bit for bit, as the
+    consolidated run (two FSDP2 runs of the same settings train identically: the resume test)."""
+    from flearning.vectors import KnowledgeVector
+
+    tmp = model_dir.parent / "sharded-files"
+    tmp.mkdir()
+    facts = write_update_facts(tmp / "facts.jsonl")
+    out = tmp / "out"
+    proc = launch(["-m", "flearning.cli", "update", "--model", str(model_dir), "--data", str(facts),
+                   "--out", str(out), "--vector-files", "sharded", *UPDATE], tmp)  # fmt: skip
+    assert proc.stderr.count(f"wrote {out}") == 1, proc.stderr[-3000:]  # exactly one output
+    assert sorted(p.name for p in tmp.iterdir() if p.name != "cache") == ["facts.jsonl", "out"]
+    for name in ("knowledge_vector", "update_vector"):
+        record = json.loads((out / name / "vector.json").read_text())
+        # the tiny Llama: embedding (tied head) + final norm, then its 2 decoder blocks
+        assert record["format_version"] == 2 and len(record["shards"]) == 3, name
+        got, want = KnowledgeVector.load(out / name), KnowledgeVector.load(update_out / name)
+        assert got.keys() == want.keys(), name
+        for key in want:
+            assert torch.equal(got[key], want[key]), (name, key)
+    got, want = _tensors(out), _tensors(update_out)
+    assert all(torch.equal(got[k], want[k]) for k in want)  # the same model
+
+
+def _tensors(out: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(out / "model.safetensors"))
+
+
 def test_flearn_update_under_fsdp2_resumes_after_the_main_process_is_killed(update_out, model_dir):
     from safetensors.torch import load_file
 

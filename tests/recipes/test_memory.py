@@ -249,7 +249,28 @@ def test_an_fsdp2_plan_splits_weights_gradients_adam_and_the_forget_tensors_over
             assert other["FSDP2 gathered blocks"] == 2 * block * 4
         forget = dict(plan.stages[0].other)
         assert forget["θ (kept) (shards)"] == -(-4 * llama7b.params // n)
-        assert plan.main_save == 3 * 4 * llama7b.params  # θ*, Δ_old and θ, whole, while writing
+        # θ*, Δ_old, θ and θ* − θ, whole, while writing
+        assert plan.main_save == 4 * 4 * llama7b.params
+
+
+def test_sharded_vector_files_keep_a_group_not_the_whole_vectors_on_the_main_process(llama7b):
+    def main_save(vector_files: str, keep_theta: bool) -> int:
+        return plan_memory(
+            llama7b, "flearning-ft", seq_len=64, keep_theta=keep_theta, processes=4, sharding="fsdp2",
+            available=0, vector_files=vector_files,
+        ).main_save  # fmt: skip
+
+    params = llama7b.params
+    block = (params - llama7b.embedding_params) // llama7b.layers
+    rest = params - 32 * block  # the untied embedding and head (the plan's blocks take the final norm)
+    assert rest == 2 * 32000 * 4096 > block
+    # θ* and θ whole; one group of Δ_old or θ* − θ at a time, and the buffer it is gathered through
+    assert main_save("sharded", True) == (2 * params + 2 * rest) * 4
+    assert main_save("sharded", False) == (params + 2 * rest) * 4
+    assert main_save("consolidated", False) == 2 * params * 4  # θ* and Δ_old
+    assert main_save("sharded", True) < 0.55 * main_save("consolidated", True)
+    with pytest.raises(FlearnError, match="vector_files"):
+        main_save("split", True)
 
 
 def test_a_lora_stage_under_fsdp2_keeps_its_adapter_whole_on_every_process(llama7b):

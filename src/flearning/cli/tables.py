@@ -227,9 +227,14 @@ def plan_table(plan: MemoryPlan):
     )
     if plan.sharding == "fsdp2":  # each row is one process's part (one device each on GPUs)
         table.title += f"; FSDP2 over {plan.processes} processes, per process"
+        held = (
+            "θ* gathered whole, a decoder block of a vector at a time (--vector-files sharded)"
+            if plan.vector_files == "sharded"
+            else "θ*, Δ_old and θ* − θ gathered whole"
+        )
         table.caption += (
             f"; the main process also holds {fmt_bytes(plan.main_save)} of CPU memory while it writes the "
-            "output (θ* and Δ_old gathered whole, and θ for update_vector/ unless --no-vectors)"
+            f"output ({held}, and θ for update_vector/ unless --no-vectors)"
         )
     if plan.available is None:
         verdict = Text(f"peak {fmt_bytes(plan.peak)}{per}; available memory unknown")

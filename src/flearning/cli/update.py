@@ -66,6 +66,14 @@ def update_command(
         help="Write the model only, without knowledge_vector/ and update_vector/ (each as large as the "
         "model's weights); the run then also keeps no copy of θ in memory.",
     ),
+    vector_files: str | None = typer.Option(
+        None,
+        "--vector-files",
+        help="How knowledge_vector/ and update_vector/ are written: 'consolidated' (one vector.safetensors; "
+        "under FSDP2 gathered whole on the main process) or 'sharded' (one file per decoder block, the "
+        "streaming vector format; under FSDP2 gathered a block at a time). Config key: vector_files.",
+        show_default="consolidated",
+    ),
     truncate: bool = typer.Option(
         False,
         "--truncate",
@@ -158,6 +166,7 @@ def update_command(
         "evaluate": False if no_eval else None,
         "allow_negative_lambda": True if allow_negative_lambda else None,
         "save_vectors": False if no_vectors else None,
+        "vector_files": vector_files,
         "truncate": True if truncate else None,
         "trust_remote_code": True if trust_remote_code else None,
         "report_to": ",".join(report_to) if report_to else None,

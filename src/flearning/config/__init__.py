@@ -320,6 +320,10 @@ class UpdateConfig(BaseModel):
     overwrite: ConfigBool = False
     # knowledge_vector/ and update_vector/ (each the size of the model's weights) beside the model
     save_vectors: ConfigBool = True
+    # how knowledge_vector/ and update_vector/ are written: "consolidated", one vector.safetensors (under
+    # FSDP2 gathered whole onto the main process), or "sharded", one file per decoder block in the
+    # streaming vector format (under FSDP2 gathered a block at a time: never whole on the main process)
+    vector_files: Literal["consolidated", "sharded"] = "consolidated"
     trust_remote_code: ConfigBool = False
     # experiment tracking (recipes/tracking.py), none by default: accelerate's trackers log one run named
     # run_name (default: the output directory's name); TensorBoard and wandb write in logging_dir (default:

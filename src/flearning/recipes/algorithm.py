@@ -54,7 +54,8 @@ class ForgetResult:
     tokens: int | None = None
     steps: int | None = None
     # what is written to disk: ``vector`` itself, or under FSDP2 its whole tensors on the main process
-    # (``KnowledgeVector.consolidated``; None on the other processes)
+    # (``KnowledgeVector.consolidated``; None on the other processes, and on every process when Δ_old was
+    # written sharded a block at a time: vector_files "sharded")
     whole: KnowledgeVector | None = None
 
     def __post_init__(self) -> None:
@@ -86,6 +87,7 @@ def forget_stage(
     progress: bool = True,
     metadata: dict[str, Any] | None = None,
     on_stats: StatsCallback | None = None,
+    vector_files: str = "consolidated",
 ) -> ForgetResult:
     """Δ_old = FT(θ, K_old) − θ, with full fine-tuning or LoRA as ``cfg.lora`` says; θ ends unchanged.
 
@@ -104,6 +106,9 @@ def forget_stage(
             in ``cache``.
         metadata: provenance stored with Δ_old (base model, method, data hash, ...).
         on_stats: ``train``'s per-step callback (experiment tracking).
+        vector_files: how ``cache`` is written: "consolidated" (``KnowledgeVector.save``; under FSDP2
+            Δ_old is gathered whole onto the main process, as ``ForgetResult.whole``) or "sharded"
+            (``KnowledgeVector.save_sharded``; under FSDP2 a block at a time, and no ``whole``).
     """
     start = time.perf_counter()
     # the main process decides whether the stage is done (the others then read what it wrote)
@@ -135,9 +140,15 @@ def forget_stage(
         for name, p in model.named_parameters():
             p.requires_grad_(trainable[name])
     info = {"losses": result.losses, "tokens": result.tokens, "steps": result.steps}
+    if vector_files == "sharded" and vector.sharded:  # written a block at a time, by every process
+        if cache is not None:
+            on_main_process(_keep_trace, info, trace)
+            vector.save_sharded(cache, overwrite=True)  # atomic: its presence marks the stage done
+            on_main_process(_discard, checkpoint)
+        return ForgetResult(vector, time.perf_counter() - start, True, **info)
     whole = vector.consolidated()  # under FSDP2: gathered onto the main process, one tensor at a time
     if cache is not None:
-        on_main_process(_keep, whole, info, cache, trace, checkpoint)
+        on_main_process(_keep, whole, info, cache, trace, checkpoint, sharded=vector_files == "sharded")
     return ForgetResult(vector, time.perf_counter() - start, True, whole=whole, **info)
 
 
@@ -172,13 +183,29 @@ def _keep(
     cache: Path,
     trace: Path | None,
     checkpoint: Checkpointing | None,
+    *,
+    sharded: bool = False,
 ) -> None:
+    _keep_trace(info, trace)
+    if sharded:  # whole tensors, written in the sharded format
+        vector.save_sharded(cache, overwrite=True)
+    else:
+        vector.save(cache, overwrite=True)  # atomic: its presence marks the stage done
+    _discard(checkpoint)
+
+
+def _keep_trace(info: dict[str, Any], trace: Path | None) -> None:
+    """The stage's trace, written before Δ_old (whose presence marks the stage done)."""
     from flearning.io.atomic import atomic_write_text
-    from flearning.training.checkpoint import discard_checkpoints
 
     if trace is not None:
         atomic_write_text(trace, json.dumps(info) + "\n")
-    vector.save(cache, overwrite=True)  # atomic: its presence marks the stage done
+
+
+def _discard(checkpoint: Checkpointing | None) -> None:
+    """The stage's checkpoints, once Δ_old is kept."""
+    from flearning.training.checkpoint import discard_checkpoints
+
     if checkpoint is not None:
         discard_checkpoints(checkpoint.directory)
 
@@ -201,6 +228,7 @@ def run_method(
     eval_batch_size: int = DEFAULT_BATCH_SIZE,
     tracker: Tracking | None = None,
     records: Sequence[Any] | None = None,
+    vector_files: str = "consolidated",
 ) -> MethodOutcome:
     """Update ``model`` (θ, holding the old facts) in place with ``method``; returns θ*.
 
@@ -222,6 +250,7 @@ def run_method(
             ``forget/...`` and ``learn/...``, and λ.
         records: the new facts as ``KnowledgeRecord``s with their subjects (``new_pairs`` in the same
             order): what an editor writes.
+        vector_files: how the forget stage keeps Δ_old in ``forget_cache`` (``forget_stage``).
     Returns:
         ``MethodOutcome`` with θ*, Δ_old and, for a LoRA learning stage, the adapter; for an editor, ΔW.
     """
@@ -244,6 +273,7 @@ def run_method(
             progress=progress,
             metadata=vector_metadata,
             on_stats=track.stage("forget"),
+            vector_files=vector_files,
         )
         track.stage_done(stage.steps)
         outcome.forget = stage

@@ -112,8 +112,10 @@ class MemoryPlan:
     suggestions: tuple[str, ...] = field(default=())
     seq_len_source: str = ASSUMED  # where seq_len comes from (the data's longest text, or an assumption)
     sharding: str = "none"  # "fsdp2": weights, gradients and AdamW state split over ``processes``
-    # FSDP2: what the main process holds on top while it writes the output (whole θ*, Δ_old, θ)
+    # FSDP2: what the main process holds on top while it writes the output (whole θ*, θ, and Δ_old and
+    # θ* − θ whole or a group of decoder-block tensors at a time, as ``vector_files`` says)
     main_save: int = 0
+    vector_files: str = "consolidated"
 
     @property
     def peak(self) -> int:
@@ -259,6 +261,7 @@ def plan_memory(
     trust_remote_code: bool = False,
     sharding: str = "none",
     requests: int | None = None,
+    vector_files: str = "consolidated",
 ) -> MemoryPlan:
     """Estimate the peak memory of each training stage of ``method`` and compare it with the machine's.
 
@@ -283,6 +286,8 @@ def plan_memory(
             the main process gathers to write the output.
         requests: the facts an editor writes (``ASSUMED_REQUESTS`` when None); MEMIT and AlphaEdit take
             at most ``edit.batch_size`` of them at a time, ROME one.
+        vector_files: how the run writes its vectors ("consolidated" or "sharded"), which decides what
+            the main process of an FSDP2 run holds while writing them (``main_save``).
     Returns:
         A ``MemoryPlan``; its ``suggestions`` say what to change when the plan does not fit.
     """
@@ -333,8 +338,8 @@ def plan_memory(
         )
     if sharding == "fsdp2":
         plan_stages = [_sharded(stage, shape, processes) for stage in plan_stages]
-        # θ* and Δ_old gathered whole, and the θ kept for θ* − θ
-        main_save = shape.params * FP32 * (1 + ("forget" in configs) + keep_theta)
+        full_forget = "forget" in configs and configs["forget"].lora is None
+        main_save = main_process_save(shape, full_forget, keep_theta, vector_files)
     elif sharding != "none":
         raise FlearnError(f"sharding must be 'none' or 'fsdp2', not {sharding!r}")
     if available is None:
@@ -352,8 +357,29 @@ def plan_memory(
         available_source=source,
         sharding=sharding,
         main_save=main_save,
+        vector_files=vector_files,
     )
     return MemoryPlan(**{**plan.__dict__, "suggestions": tuple(suggestions(plan, lora, keep_theta))})
+
+
+def main_process_save(shape: ModelShape, full_forget: bool, keep_theta: bool, vector_files: str) -> int:
+    """What the main process of an FSDP2 run holds in CPU memory while it writes the output: θ* gathered
+    whole (the model), the θ kept for ``update_vector/``, and the vectors: with ``vector_files``
+    "consolidated" Δ_old (a full-FT one, gathered whole by the forget stage and kept) and θ* − θ whole;
+    with "sharded" one group of a vector at a time (a decoder block, or the embeddings with the other
+    tensors outside the blocks, whichever is larger) and the buffer it is gathered through."""
+    if vector_files not in ("consolidated", "sharded"):
+        raise FlearnError(f"vector_files must be 'consolidated' or 'sharded', not {vector_files!r}")
+    vectors = full_forget + keep_theta
+    if vector_files == "sharded":
+        block = (shape.params - shape.embedding_params) // max(shape.layers, 1)
+        rest = shape.params - block * shape.layers  # embeddings, final norm (and an untied head)
+        # the group, and the buffer a tensor is gathered through (measured: 2 × the largest group,
+        # benchmarks/vector_files_memory.py)
+        held = 2 * max(block, rest) if vectors else 0
+    else:
+        held = shape.params * vectors
+    return (shape.params * (1 + keep_theta) + held) * FP32
 
 
 def _trainable_full(shape: ModelShape, cfg: TrainConfig) -> int:
@@ -596,4 +622,5 @@ def dry_run_plan(
         trust_remote_code=cfg.trust_remote_code,
         sharding=sharding,
         requests=requests,
+        vector_files=cfg.vector_files,
     )

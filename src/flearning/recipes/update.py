@@ -309,6 +309,7 @@ class UpdateRecipe:
             eval_batch_size=self.cfg.eval_batch_size,
             tracker=self.tracker,
             records=self.records,  # what an editor writes (their subjects)
+            vector_files=self.cfg.vector_files,  # Δ_old kept whole or a block at a time
         )
         self.timings.update(self.outcome.timings)
         if not all(all_finite(p) for p in self.outcome.model.parameters()):  # every shard, under FSDP2
@@ -363,8 +364,11 @@ class UpdateRecipe:
         """The run summary; with an output directory, written there atomically (``run.json`` last):
 
         config.json, model.safetensors, tokenizer files   θ* (Hugging Face format)
-        knowledge_vector/    Δ_old of F-Learning methods (safetensors + JSON; not with save_vectors=false)
-        update_vector/       θ* − θ: apply it to θ to replay the whole update (not with save_vectors=false)
+        knowledge_vector/    Δ_old of F-Learning methods (safetensors + JSON; not with save_vectors=false):
+                             vector.safetensors, or with vector_files=sharded one
+                             vector-0000i-of-0000n.safetensors per decoder block (+ one for the rest)
+        update_vector/       θ* − θ: apply it to θ to replay the whole update (not with save_vectors=false);
+                             files as knowledge_vector/
         edit_vector/         ΔW of an editor (ROME, MEMIT, AlphaEdit) alone, on θ or θ' (not with
                              save_vectors=false); for the baselines it equals update_vector/
         adapter/             the LoRA adapter of a LoRA learning stage
@@ -428,6 +432,7 @@ class UpdateRecipe:
     def _write_into(self, stage_dir: Path, summary: dict[str, Any]) -> None:
         from flearning.evaluation import write_report
         from flearning.vectors import KnowledgeVector, Provenance
+        from flearning.vectors.vector import save_difference_sharded
 
         outcome, model = self.outcome, self.outcome.model
         whole = getattr(self, "whole", None)  # θ*'s gathered weights under FSDP2
@@ -436,7 +441,7 @@ class UpdateRecipe:
         if outcome.adapter_dir is not None:  # saved in the work directory by the LoRA learning stage
             shutil.copytree(outcome.adapter_dir, stage_dir / "adapter")
         if outcome.forget is not None and self.cfg.save_vectors:
-            outcome.forget.whole.save(stage_dir / "knowledge_vector")
+            self._write_knowledge_vector(stage_dir / "knowledge_vector")
         if outcome.edit is not None and self.cfg.save_vectors:  # ΔW, on the model it was computed on
             base = (
                 self.cfg.model
@@ -447,13 +452,16 @@ class UpdateRecipe:
             outcome.edit.vector(provenance).save(stage_dir / "edit_vector")
         if self.theta is not None:  # kept only with save_vectors
             now = {k: whole[k] if whole is not None else p for k, p in model.named_parameters()}
-            delta = {k: p.detach().float() - self.theta[k].float() for k, p in now.items()}
             meta = dict(
                 self.vector_meta, method=f"update:{self.cfg.method}", hyperparameters=summary["stages"]
             )
-            KnowledgeVector.from_deltas(delta, Provenance(**meta), kind="full").save(
-                stage_dir / "update_vector"
-            )
+            if self.cfg.vector_files == "sharded":  # Δ computed and written a block at a time
+                save_difference_sharded(now, self.theta, Provenance(**meta), stage_dir / "update_vector")
+            else:
+                delta = {k: p.detach().float() - self.theta[k].float() for k, p in now.items()}
+                KnowledgeVector.from_deltas(delta, Provenance(**meta), kind="full").save(
+                    stage_dir / "update_vector"
+                )
         if self.before is not None and self.after is not None:
             write_report(
                 {"before": [self.before], "after": [self.after]},
@@ -463,6 +471,27 @@ class UpdateRecipe:
         if self.logs is not None and self.logs.is_dir():  # the trackers' files (report_to)
             shutil.copytree(self.logs, stage_dir / "logs")
         (stage_dir / "README.md").write_text(model_card(summary))
+
+    def _write_knowledge_vector(self, target: Path) -> None:
+        """Δ_old as ``vector_files`` says. Sharded: the forget stage's copy in the work directory when it
+        is sharded already (under FSDP2 it was written there a block at a time, by every process), else
+        written from the whole Δ_old (one process, or read back from a consolidated copy)."""
+        from flearning.vectors.files import SHARDED_FORMAT_VERSION, read_record
+
+        forget = self.outcome.forget
+        if self.cfg.vector_files == "consolidated":
+            forget.whole.save(target)
+            return
+        kept = self.work / "knowledge_vector" if self.work is not None else None
+        sharded = (
+            kept is not None
+            and (kept / "vector.json").is_file()
+            and read_record(kept)[1]["format_version"] == SHARDED_FORMAT_VERSION
+        )
+        if sharded:
+            shutil.copytree(kept, target)
+        else:
+            forget.whole.save_sharded(target)
 
 
 def update(

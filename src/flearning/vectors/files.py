@@ -8,6 +8,9 @@ Big vectors (written by ``vectors.streaming`` from a sharded checkpoint) are sha
 ``vector-00001-of-0000n.safetensors`` ... with ``format_version`` 2, whose ``vector.json`` has ``shards``
 (file name → sha256) and ``weight_map`` (tensor name → file name) instead of ``safetensors_sha256``.
 Shard i holds the deltas of the tensors in the model's shard i, so streaming reads and writes map 1:1.
+A vector written from a model (``KnowledgeVector.save_sharded``, ``flearn update`` with ``vector_files:
+sharded``) has the same format with one shard per decoder block and one for the other tensors
+(``save_sharded_vector``): under FSDP2 each is gathered onto the main process, written, and let go.
 
 Directories are written atomically: into a temporary directory beside the target, renamed into place, so
 a crash leaves either the old directory or the complete new one.
@@ -17,7 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,14 +104,127 @@ def save_vector(
             str(tmp / TENSORS_FILE),
             metadata={"format": FORMAT},
         )
-        record = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "metadata": metadata,
-            "tensors": {k: {"shape": list(t.shape), "dtype": "float32"} for k, t in tensors.items()},
-            "num_params": sum(t.numel() for t in tensors.values()),
-            "safetensors_sha256": sha256_file(tmp / TENSORS_FILE),
-        }
+        shapes = {k: tuple(t.shape) for k, t in tensors.items()}
+        record = vector_record(metadata, shapes, sha256=sha256_file(tmp / TENSORS_FILE))
+        (tmp / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return target
+
+
+def vector_record(
+    metadata: dict[str, Any],
+    shapes: Mapping[str, Sequence[int]],
+    *,
+    sha256: str | None = None,
+    shards: Mapping[str, str] | None = None,
+    weight_map: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
+    """The ``vector.json`` record of a vector directory: one file (``sha256`` of ``vector.safetensors``,
+    format 1) or sharded (``shards``: file → sha256 and ``weight_map``: tensor → file, format 2).
+
+    Args:
+        metadata: JSON-serialisable metadata.
+        shapes: tensor name → shape, in the order the record lists them (all fp32).
+        sha256: the one file's sha256 (format 1).
+        shards: the shard files' sha256, in shard order (format 2, with ``weight_map``).
+        weight_map: tensor name → its shard file (format 2).
+
+    Returns:
+        The record, ready for ``json.dumps``.
+    """
+    if (sha256 is None) == (shards is None) or (shards is None) != (weight_map is None):
+        raise ValueError("give sha256 (one file) or shards and weight_map (sharded)")
+    record: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION if sha256 is not None else SHARDED_FORMAT_VERSION,
+        "metadata": metadata,
+        "tensors": {k: {"shape": list(shape), "dtype": "float32"} for k, shape in shapes.items()},
+        "num_params": sum(math.prod(shape) for shape in shapes.values()),
+    }
+    if sha256 is not None:
+        record["safetensors_sha256"] = sha256
+    else:
+        record["shards"] = dict(shards or {})
+        record["weight_map"] = {k: (weight_map or {})[k] for k in shapes}
+    return record
+
+
+_BLOCK = re.compile(r"^(.*?\.\d+)\.")  # "model.layers.3." of "model.layers.3.mlp.up_proj.weight"
+
+
+def block_groups(names: Iterable[str]) -> list[list[str]]:
+    """The tensors of each shard of a vector written a group at a time (``save_sharded_vector``): one
+    group per decoder block (the names up to their first numeric part, ``model.layers.3``) and one for
+    the others (embeddings, final norm, head), in the order the names first appear.
+
+    Args:
+        names: tensor names, in parameter order.
+
+    Returns:
+        The groups, each a list of names in the given order.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        match = _BLOCK.match(name)
+        groups.setdefault(match.group(1) if match else "", []).append(name)
+    return list(groups.values())
+
+
+def save_sharded_vector(
+    groups: Iterable[Mapping[str, torch.Tensor]],
+    metadata: dict[str, Any] | Callable[[], dict[str, Any]],
+    path: str | os.PathLike,
+    *,
+    order: Sequence[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a vector directory in the sharded format (format 2), one shard per group, as the groups come.
+
+    Only one group is held at a time (the caller yields the next once the last is written), so a vector
+    gathered a block at a time from FSDP2 shards is never whole in memory. The layout is the one
+    ``vectors.streaming`` writes (``vector-0000i-of-0000n.safetensors``, each shard's sha256, a
+    ``weight_map``); an empty group writes no shard. Written atomically like ``save_vector``.
+
+    Args:
+        groups: name → fp32 CPU tensor, one mapping per shard.
+        metadata: JSON-serialisable metadata, or a function giving it once every group is written (when
+            it depends on them, e.g. the tensors dropped as zero).
+        path: the directory to create.
+        order: the order of the tensors in ``vector.json`` (default: as written); it is the order
+            ``load_vector`` returns them in.
+        overwrite: replace an earlier knowledge vector there (``io.output``'s rule).
+
+    Returns:
+        The directory path.
+    """
+    from safetensors.torch import save_file
+
+    target = Path(path).expanduser()
+    with atomic_directory(target, overwrite=overwrite, kind="vector", error=VectorError) as tmp:
+        parts: list[tuple[Path, list[str]]] = []
+        shapes: dict[str, tuple[int, ...]] = {}
+        for group in groups:
+            if group:
+                part = tmp / f"part-{len(parts)}.tmp"
+                save_file(
+                    {k: t.contiguous() for k, t in group.items()}, str(part), metadata={"format": FORMAT}
+                )
+                parts.append((part, list(group)))
+                shapes.update((k, tuple(t.shape)) for k, t in group.items())
+            del group  # before the next group is made
+        meta = metadata() if callable(metadata) else metadata
+        if not parts:
+            raise VectorError("a knowledge vector needs at least one tensor")
+        shards: dict[str, str] = {}
+        weight_map: dict[str, str] = {}
+        for i, (part, names) in enumerate(parts, start=1):
+            name = shard_file_name(i, len(parts))
+            part.rename(tmp / name)
+            shards[name] = sha256_file(tmp / name)
+            weight_map.update(dict.fromkeys(names, name))
+        ordered = [k for k in order if k in shapes] if order is not None else list(shapes)
+        if len(ordered) != len(shapes):
+            raise ValueError(f"order lists {len(ordered)} of the {len(shapes)} tensors written")
+        record = vector_record(meta, {k: shapes[k] for k in ordered}, shards=shards, weight_map=weight_map)
         (tmp / META_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return target
 

@@ -390,6 +390,50 @@ class KnowledgeVector:
 
         return save_vector(self.deltas, self.metadata.model_dump(mode="json"), path, overwrite=overwrite)
 
+    def save_sharded(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path | None:
+        """Write the vector in the sharded format: one safetensors file per decoder block and one for the
+        other tensors (``files.save_sharded_vector``; read by ``load``, ``flearn vector`` and streaming
+        apply like a vector ``vectors.streaming`` wrote).
+
+        Under FSDP2 (``sharded``) every process must call it: each group is gathered onto the main
+        process, written and let go before the next, so the main process never holds the whole vector;
+        a failure on the main process is raised on every process once all have taken part in every
+        gather. Otherwise it is written from the whole tensors, by whoever calls it.
+
+        Args:
+            path: the directory to create; must not exist or be empty unless ``overwrite``.
+            overwrite: replace an earlier knowledge vector there.
+
+        Returns:
+            The directory (None on the processes that are not the main one).
+        """
+        from flearning.distributed import MainProcessFailed, is_main_process, same_on_every_process
+        from flearning.vectors.files import block_groups, save_sharded_vector
+
+        groups = block_groups(self.deltas)
+        meta = self.metadata.model_dump(mode="json")
+        if not self.sharded:
+            parts = ({k: self.deltas[k] for k in names} for names in groups)
+            return save_sharded_vector(parts, meta, path, order=list(self.deltas), overwrite=overwrite)
+        # one group at a time: the main process gets each group whole, the others an empty dict
+        parts = (dict(gathered((k, self.deltas[k]) for k in names)) for names in groups)
+        written, error = None, None
+        if is_main_process():
+            try:
+                written = save_sharded_vector(parts, meta, path, order=list(self.deltas), overwrite=overwrite)
+            except Exception as ex:  # the others are still gathering: take part to the end, then tell them
+                error = ex
+        for _ in parts:  # the other processes (and the main one after a failure) finish every gather
+            pass
+        failed = same_on_every_process(None if error is None else f"{type(error).__name__}: {error}")
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise MainProcessFailed(
+                f"the main process failed to write the vector, so this one stops: {failed}"
+            )
+        return written
+
     @classmethod
     def load(cls, path: str | os.PathLike) -> KnowledgeVector:
         """Read a vector directory written by ``save`` (safetensors only), verifying keys, shapes and checksum.
@@ -421,6 +465,52 @@ def forget(
         The same model, updated.
     """
     return vector._apply(model, -ops.check_scalar(lam, "lambda"), check_base=check_base)
+
+
+def save_difference_sharded(
+    finetuned: Mapping[str, torch.Tensor],
+    base: Mapping[str, torch.Tensor],
+    provenance: Provenance | None,
+    path: str | os.PathLike,
+    *,
+    kind: Kind = "full",
+    overwrite: bool = False,
+) -> Path:
+    """Δ = finetuned − base in the sharded format, computed and written a block at a time: the files of
+    ``KnowledgeVector.from_deltas(Δ, provenance, kind=kind).save_sharded(path)`` (same values, zero
+    tensors dropped and named), without ever holding the whole Δ.
+
+    Args:
+        finetuned: name → whole tensor (θ*), in parameter order, tied weights once.
+        base: name → whole tensor (θ), with every name of ``finetuned``.
+        provenance: recorded as given.
+        path: the directory to create.
+        kind: "full", "lora" or "mixed".
+        overwrite: replace an earlier knowledge vector there.
+
+    Returns:
+        The directory.
+    """
+    from flearning.vectors.files import block_groups, save_sharded_vector
+
+    dropped: list[str] = []
+
+    def parts() -> Iterator[dict[str, torch.Tensor]]:
+        for names in block_groups(finetuned):
+            group = {k: finetuned[k].detach().float() - base[k].float() for k in names}  # as in update
+            kept, zero = ops.drop_zero(group)
+            dropped.extend(zero)
+            yield {k: t.to("cpu").contiguous() for k, t in kept.items()}
+
+    def metadata() -> dict[str, Any]:
+        if len(dropped) == len(finetuned):
+            raise VectorError(ALL_ZERO)
+        zero = set(dropped)  # named in parameter order, as from_deltas does
+        return build_metadata(
+            provenance, kind=kind, dropped_zero=[k for k in finetuned if k in zero]
+        ).model_dump(mode="json")
+
+    return save_sharded_vector(parts(), metadata, path, order=list(finetuned), overwrite=overwrite)
 
 
 def name_or_path(model: torch.nn.Module) -> str | None:

@@ -213,7 +213,7 @@ def _write_vector(
     import torch
 
     sum_sq, max_abs, dropped = 0.0, 0.0, []
-    tensors: dict[str, dict[str, Any]] = {}
+    tensors: dict[str, tuple[int, ...]] = {}  # kept: name → shape
     weight_map: dict[str, str] = {}
     shards: dict[str, Any] = {}
     with (
@@ -241,7 +241,7 @@ def _write_vector(
                     keep = nonzero or not drop_zero
                     writer.end(key, shape, keep)
                     if keep:
-                        tensors[key] = {"shape": list(shape), "dtype": "float32"}
+                        tensors[key] = shape
                         weight_map[key] = name
                     else:
                         dropped.append(key)
@@ -261,19 +261,14 @@ def _write_vector(
             dropped_zero=[k for k in order if k in dropped_set],
             hyperparameters=hyperparameters,
         )
-        ordered = [k for k in order if k in tensors]
-        record: dict[str, Any] = {
-            "format": vio.FORMAT,
-            "format_version": vio.SHARDED_FORMAT_VERSION if sharded else vio.FORMAT_VERSION,
-            "metadata": metadata.model_dump(mode="json"),
-            "tensors": {k: tensors[k] for k in ordered},
-            "num_params": sum(math.prod(tensors[k]["shape"]) for k in ordered),
-        }
-        if sharded:
-            record["shards"] = shards
-            record["weight_map"] = {k: weight_map[k] for k in ordered}
-        else:
-            record["safetensors_sha256"] = shards[vio.TENSORS_FILE]
+        shapes = {k: tensors[k] for k in order if k in tensors}
+        files = {"shards": shards, "weight_map": weight_map} if sharded else {}
+        record = vio.vector_record(
+            metadata.model_dump(mode="json"),
+            shapes,
+            sha256=None if sharded else shards[vio.TENSORS_FILE],
+            **files,
+        )
         (tmp / vio.META_FILE).write_text(json.dumps(record, indent=2) + "\n")
         written = sum((tmp / n).stat().st_size for n in shards)
     return StreamResult(
