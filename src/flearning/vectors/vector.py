@@ -497,10 +497,11 @@ def save_difference_sharded(
 
     def parts() -> Iterator[dict[str, torch.Tensor]]:
         for names in block_groups(finetuned):
-            group = {k: finetuned[k].detach().float() - base[k].float() for k in names}  # as in update
-            kept, zero = ops.drop_zero(group)
+            # the expression of update's consolidated θ* − θ
+            kept, zero = ops.drop_zero({k: finetuned[k].detach().float() - base[k].float() for k in names})
             dropped.extend(zero)
             yield {k: t.to("cpu").contiguous() for k, t in kept.items()}
+            del kept  # before the next group is computed: one group at a time
 
     def metadata() -> dict[str, Any]:
         if len(dropped) == len(finetuned):
