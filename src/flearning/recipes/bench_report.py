@@ -62,8 +62,17 @@ def label(run: RunRecord) -> str:
 
 
 def paired_comparisons(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
-    """F-Learning vs its baseline on the same records and seeds: mean per-record difference ×100 and a
-    normal-approximation 95 % confidence interval, for Reliability, Generality and Locality."""
+    """F-Learning vs its baseline on the same records and seeds, for Reliability, Generality and Locality
+    (×100), with two intervals:
+
+    - records as the unit: the mean per-record difference pooled over seeds (``diff``, ``n``) and its
+      normal-approximation 95 % interval (``ci95``);
+    - the seed as the unit (issue #11): the mean difference over each seed's records (``seed_diffs``),
+      their mean (``seed_diff``) and its Student-t 95 % interval over seeds with n_seeds − 1 degrees of
+      freedom (``seed_ci95``, ``seed_dof``). With one seed there is no such interval (None, and
+      ``seed_note`` says so): the records of one seed share one training run, so they are not
+      independent evidence about the method.
+    """
     index: dict[tuple[str, float | None], dict[tuple[int, str], dict]] = {}
     for r in runs:
         index.setdefault((r.method, r.lam), {}).update({(r.seed, str(row["id"])): row for row in r.records})
@@ -74,13 +83,14 @@ def paired_comparisons(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
         for base_key in base_keys:
             base_rows = index[base_key]
             for metric in PAPER_METRICS:
-                diffs = [
-                    rows[k][metric] - base_rows[k][metric]
+                paired = [
+                    (k[0], rows[k][metric] - base_rows[k][metric])
                     for k in rows
                     if k in base_rows
                     and rows[k].get(metric) is not None
                     and base_rows[k].get(metric) is not None
                 ]
+                diffs = [d for _, d in paired]
                 if len(diffs) < 2:
                     continue
                 mean = sum(diffs) / len(diffs)
@@ -96,9 +106,69 @@ def paired_comparisons(runs: Sequence[RunRecord]) -> list[dict[str, Any]]:
                         "n": len(diffs),
                         "diff": 100 * mean,
                         "ci95": [100 * (mean - half), 100 * (mean + half)],
+                        **seed_level(paired),
                     }
                 )
     return out
+
+
+def seed_level(paired: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    """The seed as the unit of a paired comparison: ``(seed, per-record difference)`` pairs → each seed's
+    mean difference (×100, by seed), their mean and the Student-t 95 % interval over seeds."""
+    from flearning.evaluation.statistics import t_interval
+
+    by_seed: dict[int, list[float]] = {}
+    for seed, diff in paired:
+        by_seed.setdefault(seed, []).append(diff)
+    seeds = sorted(by_seed)
+    means = [100 * math.fsum(by_seed[s]) / len(by_seed[s]) for s in seeds]
+    entry: dict[str, Any] = {
+        "n_seeds": len(seeds),
+        "seed_diffs": dict(zip((str(s) for s in seeds), means, strict=True)),
+        "seed_diff": math.fsum(means) / len(means),
+        "seed_ci95": None,
+        "seed_dof": len(seeds) - 1,
+    }
+    if len(seeds) < 2:
+        entry["seed_note"] = "one seed: no interval over seeds (the seed is the unit; run more seeds)"
+        return entry
+    _, low, high = t_interval(means)
+    entry["seed_ci95"] = [low, high]
+    return entry
+
+
+def settings_line(template: str, zsre_old: str | None) -> str:
+    """How a dataset's prompts and old answers were read, under its table (issue #11)."""
+    old = {"answers": "answers[0]", "pred": "pred"}.get(zsre_old or "")
+    return f"Prompt template: {template}" + (f"; ZsRE old answers from {old}" if old else "") + "."
+
+
+def paired_table(dataset: str, paired: Sequence[dict[str, Any]]) -> str:
+    """The paired comparisons as a markdown table: the difference with the records as the unit (normal
+    95 % interval) and with the seed as the unit (Student-t 95 % interval over seeds)."""
+
+    def lam(value: float | None) -> str:
+        return "" if value is None else f" (λ={value:g})"
+
+    def interval(ci: Sequence[float] | None) -> str:
+        return "–" if ci is None else f"[{ci[0]:+.1f}, {ci[1]:+.1f}]"
+
+    lines = [
+        f"**{dataset}: paired differences ×100** (F-Learning − baseline, same records and seeds)",
+        "",
+        "| comparison | metric | records | diff | 95 % CI (records) | seeds | diff (seed means) | 95 % t-CI (seeds) |",
+        "|---|---|---:|---:|---|---:|---:|---|",
+    ]
+    for p in paired:
+        seeds = p.get("n_seeds")
+        seed_ci = interval(p.get("seed_ci95")) if seeds is None or seeds > 1 else "one seed: none"
+        seed_diff = "–" if p.get("seed_diff") is None else f"{p['seed_diff']:+.1f}"
+        lines.append(
+            f"| {p['method']}{lam(p['lambda'])} vs {p['baseline']}{lam(p['baseline_lambda'])} | {p['metric']} "
+            f"| {p['n']} | {p['diff']:+.1f} | {interval(p['ci95'])} | {seeds if seeds is not None else '–'} "
+            f"| {seed_diff} | {seed_ci} |"
+        )
+    return "\n".join(lines)
 
 
 def paper_table(
