@@ -87,14 +87,17 @@ def test_unknown_format_exits_2(capsys):
 
 
 def test_strict_exits_2_on_droppable_records(capsys):
-    assert main(["-q", "data", "check", str(SAMPLES / "zsre-200.json"), "--strict", "--model", "none"]) == 2
+    zsre = str(SAMPLES / "zsre-200.json")
+    assert main(["-q", "data", "check", zsre, "--strict", "--zsre-old", "answers", "--model", "none"]) == 2
     assert "invalid dataset: 8 problems" in capsys.readouterr().err
 
 
 def test_json_summary_of_zsre_sample(capsys):
-    assert main(["-q", "data", "check", str(SAMPLES / "zsre-200.json"), "--model", "none", "--json"]) == 0
+    zsre = str(SAMPLES / "zsre-200.json")
+    assert main(["-q", "data", "check", zsre, "--zsre-old", "answers", "--model", "none", "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    records = load_records(SAMPLES / "zsre-200.json")
+    assert summary["zsre_old"] == "answers"
+    records = load_records(SAMPLES / "zsre-200.json", zsre_old="answers")
     new_lengths = [word_count(r.prompt, r.target_new) for r in records]
     assert summary["format"] == "zsre"
     assert (summary["n_raw"], summary["n_kept"]) == (200, 192)
@@ -120,9 +123,11 @@ def test_rich_summary_of_facts(tmp_path):
 
 
 def test_rich_summary_lists_drop_reasons():
-    result = CliRunner().invoke(data_app, ["check", str(SAMPLES / "zsre-200.json"), "-m", "none"])
+    zsre = str(SAMPLES / "zsre-200.json")
+    result = CliRunner().invoke(data_app, ["check", zsre, "--zsre-old", "answers", "-m", "none"])
     assert result.exit_code == 0, result.output
     assert "8 (target_new_equals_old" in result.output
+    assert "answers[0]" in result.output  # where the old answers came from
 
 
 def test_data_app_raises_input_error(tmp_path):

@@ -43,7 +43,7 @@ def test_counterfact_sample():
 
 
 def test_zsre_sample_drops_unchanged_targets():
-    ds = load_dataset(SAMPLES / "zsre-200.json")
+    ds = load_dataset(SAMPLES / "zsre-200.json", zsre_old="answers")  # answers[0]: 8 equal alt
     assert (ds.format, ds.n_raw, len(ds.records)) == ("zsre", 200, 192)
     assert ds.dropped == {"target_new_equals_old": 8}
     assert ds.n_dropped == 8
@@ -122,7 +122,7 @@ def test_shared_files(name, fmt, n_raw, n_kept, dropped):
     path = SHARED_DATA / name
     if not path.is_file():
         pytest.skip(f"{path} not present")
-    ds = load_dataset(path)
+    ds = load_dataset(path, zsre_old="answers")
     assert (ds.format, ds.n_raw, len(ds.records), ds.dropped) == (fmt, n_raw, n_kept, dropped)
     assert all(r.target_old and r.target_new and r.target_old != r.target_new for r in ds.records)
 
@@ -132,7 +132,7 @@ def test_shared_zsre_train_empty_alt_records():
     if not path.is_file():
         pytest.skip(f"{path} not present")
     with pytest.raises(InputError) as info:
-        load_dataset(path, strict=True)
+        load_dataset(path, strict=True, zsre_old="answers")
     lines = str(info.value).splitlines()
     assert lines[0] == "invalid dataset: 19 problems"
     assert f"  {path}:record 534:alt: the new target is empty (strict mode rejects it)" in lines
@@ -201,7 +201,7 @@ def test_utf8_bom_is_accepted(tmp_path):
 
 
 def test_limit_takes_first_kept_records_and_counts_whole_file():
-    ds = load_dataset(SAMPLES / "zsre-200.json", limit=3)
+    ds = load_dataset(SAMPLES / "zsre-200.json", limit=3, zsre_old="answers")
     assert [r.id for r in ds.records] == ["0", "1", "3"]
     assert ds.n_raw == 200
     assert ds.dropped == {"target_new_equals_old": 8}
@@ -229,7 +229,7 @@ def test_zsre_strips_targets_and_accepts_list_rephrase_and_ids(tmp_path):
         zsre_record(1, answers="Old River 1", case_id=99, rephrase=None, loc="", loc_ans=""),
         zsre_record(2, answers=["Old River 2", "alias"], subject=None),
     ]
-    a, b, c = load_records(write_json(tmp_path / "z.json", recs))
+    a, b, c = load_records(write_json(tmp_path / "z.json", recs), zsre_old="answers")
     assert (a.id, a.target_new, a.rephrase_prompts) == ("q-7", "New River 0", ["R one?", "R two?"])
     assert (b.id, b.target_old, b.rephrase_prompts, b.locality) == ("99", "Old River 1", [], [])
     assert (c.id, c.target_old, c.subject) == ("2", "Old River 2", None)

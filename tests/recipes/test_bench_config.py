@@ -156,8 +156,8 @@ def test_every_number_and_switch_refuses_what_lax_mode_would_coerce(model):
     expected_fields = {
         BenchConfig: {"n", "n_val", "seeds", "lambdas", "lambda_grid", "locality_tolerance", "linf_bound"}
         | {"eval_batch_size", "generation", "fluency", "trust_remote_code", "allow_negative_lambda"},
-        PrimeSettings: {"lr", "max_epochs", "threshold", "batch_size"},
-        PrimeOptions: {"lr", "max_epochs", "threshold", "batch_size", "seed"},
+        PrimeSettings: {"lr", "max_epochs", "threshold", "batch_size", "grad_accum"},
+        PrimeOptions: {"lr", "max_epochs", "threshold", "batch_size", "grad_accum", "seed"},
     }[model]
     assert set(checked) == expected_fields
 
@@ -174,7 +174,7 @@ def test_cli_reports_every_problem_at_once_and_writes_nothing(tmp_path, capsys):
         [
             "error: invalid configuration: 6 problems",
             "  command line:n: expected key=value",
-            "  command line:--profile: unknown profile 'fast'; choose one of: quick, paper",
+            "  command line:--profile: unknown profile 'fast'; choose one of: quick, paper, paper-v2",
             f"  {config}:prime.lr: Input should be a finite number",
             f"  {config}:linf_bound: Input should be a finite number",
             f"  {config}:generation: Input should be true or false, not 'yes'",

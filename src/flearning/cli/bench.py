@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from flearning.cli.data import FIELD_HELP, SPLIT_HELP
+from flearning.cli.data import FIELD_HELP, SPLIT_HELP, TEMPLATE_HELP, ZSRE_OLD_HELP
 
 
 def _parse_data(items: list[str] | None) -> dict[str, str] | None:
@@ -29,7 +29,10 @@ def bench_command(
     profile: str | None = typer.Option(
         None,
         "--profile",
-        help="quick (a smoke run in minutes on the shipped samples) or paper (200 edits of the full datasets, 3 seeds).",
+        help="quick (a smoke run in minutes on the shipped samples), paper (200 edits of the full datasets, 3 "
+        "seeds) or paper-v2 (the F-Learning paper's appendix protocol: every stage lr 5e-5 × 3 epochs, batch "
+        "4 × accumulation 4, LoRA on q_proj/v_proj, the paper's λ per method and dataset, Alpaca prompts, "
+        "ZsRE old answers from pred; 100 edits, 3 seeds: set them with --n and --seeds).",
     ),
     model: str | None = typer.Option(None, "--model", "-m"),
     data: list[str] | None = typer.Option(
@@ -42,6 +45,12 @@ def bench_command(
         None, "--field", help=f"{FIELD_HELP} Applies to every --data file.", show_default=False
     ),
     split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
+    zsre_old: str | None = typer.Option(
+        None, "--zsre-old", help=f"{ZSRE_OLD_HELP} Config key: zsre_old.", show_default=False
+    ),
+    template: str | None = typer.Option(
+        None, "--template", help=f"{TEMPLATE_HELP} Config key: template.", show_default="plain"
+    ),
     data_root: Path | None = typer.Option(
         None,
         "--data-root",
@@ -94,6 +103,8 @@ def bench_command(
         "data": _parse_data(data),
         "fields": parse_fields(field),
         "split": split,
+        "zsre_old": zsre_old,
+        "template": template,
         "n": n,
         "n_val": n_val,
         "out": out,

@@ -25,6 +25,15 @@ FIELD_HELP = (
     f"(e.g. prompt=question,target_new=answer); fields: {', '.join(JSONL_FIELDS)}."
 )
 SPLIT_HELP = "The split of a DatasetDict directory or a hub dataset (default: its only split)."
+ZSRE_OLD_HELP = (
+    "Where a ZsRE file's old answers come from: pred (the base model's prediction the file records; the "
+    "F-Learning paper's choice) or answers (answers[0], the gold answer). Default: pred when every record "
+    "has one, else answers. Other formats ignore it."
+)
+TEMPLATE_HELP = (
+    "Prompt template of training and evaluation alike: plain (prompt + ' ' + answer), alpaca (the Stanford "
+    "Alpaca instruction format, the paper's) or chat (the tokenizer's own chat template, for instruct models)."
+)
 
 data_app = typer.Typer(
     help="Validate and summarise knowledge datasets.",
@@ -140,6 +149,10 @@ def render_summary(summary: dict[str, Any], model_label: str | None) -> None:
     if summary.get("reader", "json") != "json":
         split = f", split {summary['split']}" if summary.get("split") else ""
         facts.add_row("read as", f"{summary['reader']}{split}")
+    if summary.get("zsre_old"):
+        facts.add_row(
+            "old answers from", "answers[0]" if summary["zsre_old"] == "answers" else summary["zsre_old"]
+        )
     if summary.get("fields"):
         facts.add_row("fields", ", ".join(f"{k}={v}" for k, v in summary["fields"].items()))
     if summary.get("unused_columns"):
@@ -190,6 +203,7 @@ def check_command(
     ),
     field: list[str] | None = typer.Option(None, "--field", help=FIELD_HELP, show_default=False),
     split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
+    zsre_old: str | None = typer.Option(None, "--zsre-old", help=ZSRE_OLD_HELP, show_default=False),
     strict: bool = typer.Option(False, "--strict", help="Report records that would be dropped as errors."),
     model: str | None = typer.Option(
         None,
@@ -209,13 +223,17 @@ def check_command(
     from flearning.data.summary import summarize
 
     # Load first: a bad file is reported before any tokenizer is loaded.
-    dataset = load_dataset(file, fmt, strict=strict, fields=parse_fields(field), split=split)
+    dataset = load_dataset(
+        file, fmt, strict=strict, fields=parse_fields(field), split=split, zsre_old=zsre_old
+    )
     tokenizer = limit = None
     if model is None or model.strip().lower() != NO_MODEL:
         tokenizer, limit = model_tokenizer(model)
     length_fn, unit, model_label = length_function(model, tokenizer)
     summary = summarize(dataset, length_fn, unit)
     summary["lengths"]["model"] = model_label
+    if dataset.zsre_old is not None:
+        summary["zsre_old"] = dataset.zsre_old
     checks, notes = input_notes(dataset, tokenizer, limit)
     summary.update(checks)
     if as_json:

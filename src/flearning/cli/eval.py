@@ -10,7 +10,7 @@ from pathlib import Path
 
 import typer
 
-from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP
+from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP, TEMPLATE_HELP, ZSRE_OLD_HELP
 from flearning.cli.tables import summary_table
 from flearning.evaluation.definitions import (
     DEFAULT_BATCH_SIZE,
@@ -58,6 +58,10 @@ def eval_command(
     fmt: str | None = typer.Option(None, "--format", "-f", help="Dataset format; detected when omitted."),
     field: list[str] | None = typer.Option(None, "--field", help=FIELD_HELP, show_default=False),
     split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
+    zsre_old: str | None = typer.Option(None, "--zsre-old", help=ZSRE_OLD_HELP, show_default=False),
+    template: str = typer.Option(
+        "plain", "--template", help=f"{TEMPLATE_HELP} Give the one the model was updated with."
+    ),
     limit: int | None = typer.Option(None, "--limit", "-n", min=1, help="Evaluate the first N records only."),
     batch_size: int = typer.Option(
         DEFAULT_BATCH_SIZE, "--batch-size", "-b", min=1, help="Rows per forward pass."
@@ -117,6 +121,7 @@ def eval_command(
     from flearning.data import load_dataset
     from flearning.data.context import check_context
     from flearning.data.fields import parse_fields
+    from flearning.data.templates import check_template
     from flearning.evaluation.corpus import PerplexityCorpus, corpus_path
     from flearning.evaluation.evaluate import evaluate
     from flearning.evaluation.reference import reference_predictions
@@ -128,10 +133,11 @@ def eval_command(
     # The data first, and the context rule (data.context, as update applies it) from the model's tokenizer
     # and config alone: a bad file or a record longer than the context is refused (exit 2, naming file,
     # record and field) before any weights are loaded and before the output is touched.
-    dataset = load_dataset(data, fmt, limit=limit, fields=parse_fields(field), split=split)
+    dataset = load_dataset(data, fmt, limit=limit, fields=parse_fields(field), split=split, zsre_old=zsre_old)
     context_tokenizer, context = model_tokenizer(model)
+    check_template(context_tokenizer, template)  # a known name; chat: the tokenizer has a chat template
     records, cut = check_context(
-        dataset.records, context_tokenizer, context, dataset.locations, truncate=truncate
+        dataset.records, context_tokenizer, context, dataset.locations, truncate=truncate, template=template
     )
     for item in cut:
         log.warning(
@@ -166,6 +172,7 @@ def eval_command(
                 batch_size=batch_size,
                 cache_dir=cache_root() / "evaluation",
                 progress=progress,
+                template=template,
             )
             del ref_model
         result = evaluate(
@@ -183,6 +190,7 @@ def eval_command(
             perplexity=held_out,
             cache_dir=cache_root() / "evaluation",  # the perplexity of these weights, once
             progress=progress,
+            template=template,
         )
         result.meta.update(
             {
@@ -195,6 +203,8 @@ def eval_command(
         )
         # how the data was read, when a split or a field mapping was used (data.sources, data.fields)
         result.meta.update({k: v for k, v in (("split", dataset.split), ("fields", dataset.fields)) if v})
+        if dataset.zsre_old is not None:  # a ZsRE file: where its old answers came from
+            result.meta["zsre_old"] = dataset.zsre_old
         if cut:
             result.meta["truncated"] = [item.to_json() for item in cut]
         method = name or Path(model or DEFAULT_MODEL).name

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP
+from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP, TEMPLATE_HELP, ZSRE_OLD_HELP
 
 
 def update_command(
@@ -31,6 +31,12 @@ def update_command(
         None, "--field", help=f"{FIELD_HELP} Config key: fields.", show_default=False
     ),
     split: str | None = typer.Option(None, "--split", help=SPLIT_HELP),
+    zsre_old: str | None = typer.Option(
+        None, "--zsre-old", help=f"{ZSRE_OLD_HELP} Config key: zsre_old.", show_default=False
+    ),
+    template: str | None = typer.Option(
+        None, "--template", help=f"{TEMPLATE_HELP} Config key: template.", show_default="plain"
+    ),
     method: str | None = typer.Option(
         None, "--method", help="ft, lora, ft-c, flearning-ft, flearning-lora, flearning-lora-ft."
     ),
@@ -157,6 +163,8 @@ def update_command(
         "format": fmt,
         "fields": parse_fields(field),
         "split": split,
+        "zsre_old": zsre_old,
+        "template": template,
         "method": method,
         "lambda": lam,
         "out": out,

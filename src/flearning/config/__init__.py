@@ -51,6 +51,8 @@ from flearning.config.loading import (
     validation_problems,
 )
 from flearning.data.fields import mapping_problems
+from flearning.data.formats import ZsreOld
+from flearning.data.templates import PLAIN, TemplateName
 from flearning.errors import ConfigError, FlearnError, Problem
 from flearning.evaluation.corpus import DEFAULT_CORPUS, PerplexityCorpus
 from flearning.evaluation.definitions import (
@@ -110,8 +112,10 @@ def default_stage(
     *,
     section: str | None = None,
     source: str = "configuration",
+    template: str = PLAIN,
 ) -> TrainConfig:
-    """A stage's TrainConfig: the defaults of its kind, then the user's overrides.
+    """A stage's TrainConfig: the defaults of its kind, then the user's overrides; ``template`` is the
+    run's prompt template (``data.templates``), the same for every stage.
 
     Raises:
         ConfigError: the settings do not make a valid stage; each problem names ``source`` and the
@@ -119,6 +123,7 @@ def default_stage(
     """
     base = dict(FULL_STAGE if kind == "full" else LORA_STAGE)
     base["seed"] = seed
+    base["template"] = template
     base.update(overrides or {})
     if kind == "lora":
         base["lora"] = lora
@@ -132,6 +137,18 @@ def default_stage(
                 for p in problems
             ]
         raise ConfigError(problems) from ex
+
+
+def template_problem(methods: list[str], template: str) -> str | None:
+    """Why ``template`` cannot serve ``methods``, or None: the editors (ROME, MEMIT, AlphaEdit) locate
+    the subject and write the fact on the plain prompt, so a method with an editor takes ``plain`` only."""
+    editors = [m for m in methods if m in METHODS and METHODS[m].editor is not None]
+    if template == PLAIN or not editors:
+        return None
+    return (
+        f"template {template} cannot be used with {', '.join(editors)}: the editors locate the subject and "
+        "write the fact on the plain prompt (template plain); run them without a template, or leave them out"
+    )
 
 
 def field_mapping(value: dict[str, str] | None) -> dict[str, str] | None:
@@ -291,6 +308,9 @@ class UpdateConfig(BaseModel):
     # and the split of a DatasetDict directory or a hub dataset (data/README.md)
     fields: dict[str, str] | None = None
     split: str | None = None
+    # where a ZsRE file's old answers come from: pred (the paper's) or answers (answers[0]); None: pred
+    # when every record has one, else answers (data.loading.zsre_old_field)
+    zsre_old: ZsreOld | None = None
     limit: ConfigInt | None = Field(None, ge=1)
     method: str = "flearning-ft"
     # λ > 0 forgets (θ' = θ − λ·Δ_old); a negative λ strengthens the old facts and is refused unless this
@@ -302,6 +322,9 @@ class UpdateConfig(BaseModel):
     # ROME, MEMIT, AlphaEdit: how the editors write the new facts (config.edit; declared after ``method``,
     # which its validator reads)
     edit: EditSettings = Field(default_factory=EditSettings)
+    # the prompt template of training and evaluation alike (data.templates: plain, alpaca, chat); declared
+    # after ``method``, which its validator reads (an editor takes plain only)
+    template: TemplateName = PLAIN
     lora: LoraSettings = Field(default_factory=LoraSettings)
     linf_bound: ConfigFloat = Field(LINF_BOUND, gt=0)
     # NumPy (seeded with the others) takes 0 <= seed < 2**32.
@@ -379,6 +402,14 @@ class UpdateConfig(BaseModel):
             raise PydanticCustomError("edit_layers", problem)
         return value
 
+    @field_validator("template")
+    @classmethod
+    def _template_of_method(cls, value: str, info: ValidationInfo) -> str:
+        problem = template_problem([info.data.get("method", "")], value)
+        if problem:
+            raise PydanticCustomError("template_editor", problem)
+        return value
+
     def data_files(self) -> tuple[Path, Path]:
         """(file of old facts, file of new facts)."""
         if self.data is not None:
@@ -425,12 +456,13 @@ def stage_plan(cfg: UpdateConfig, source: str = "configuration") -> StagePlan:
     stop = learn_stop_rule(cfg.learn, source) if method.editor is None else None
     if stop is not None and stop.until_accuracy is not None:
         learn["epochs"] = cfg.learn.max_epochs or MAX_EPOCHS  # the cap; the rule stops earlier
-    full = default_stage("full", cfg.lora, cfg.seed, learn, section="learn", source=source)
-    lora = default_stage("lora", cfg.lora, cfg.seed, learn, section="learn", source=source)
+    stage = {"source": source, "template": cfg.template}
+    full = default_stage("full", cfg.lora, cfg.seed, learn, section="learn", **stage)
+    lora = default_stage("lora", cfg.lora, cfg.seed, learn, section="learn", **stage)
     forget = None
     if method.forget is not None:
         forget = default_stage(
-            method.forget, cfg.lora, cfg.seed, cfg.forget.given(), section="forget", source=source
+            method.forget, cfg.lora, cfg.seed, cfg.forget.given(), section="forget", **stage
         )
     return StagePlan(
         learn=learn_config(method, full, lora, cfg.linf_bound),
@@ -480,23 +512,33 @@ Seed = Annotated[ConfigInt, Field(ge=0, lt=2**32)]
 
 class PrimeSettings(BaseModel):
     """How θ is primed (also ``flearn prime``'s options): stop at ``threshold`` accuracy on the old facts,
-    or after ``max_epochs``."""
+    or after ``max_epochs`` (threshold null: exactly ``max_epochs`` epochs, the paper's 3 at lr 5e-5)."""
 
     model_config = ConfigDict(extra="forbid")
 
     lr: ConfigFloat = Field(1e-4, gt=0)
     max_epochs: ConfigFloat = Field(15, gt=0)
-    threshold: ConfigFloat = Field(0.9, ge=0, le=1)
+    threshold: ConfigFloat | None = Field(0.9, ge=0, le=1)
     batch_size: ConfigInt = Field(8, ge=1)
+    grad_accum: ConfigInt = Field(1, ge=1)
 
-    def train_config(self, seed: int) -> TrainConfig:
-        """The priming stage: ``max_epochs`` is its number of epochs (``prime`` stops earlier once held)."""
-        return TrainConfig(lr=self.lr, epochs=self.max_epochs, batch_size=self.batch_size, seed=seed)
+    def train_config(self, seed: int, template: str = PLAIN) -> TrainConfig:
+        """The priming stage: ``max_epochs`` is its number of epochs (``prime`` stops earlier once held),
+        its pairs under the run's prompt ``template``."""
+        return TrainConfig(
+            lr=self.lr,
+            epochs=self.max_epochs,
+            batch_size=self.batch_size,
+            grad_accum=self.grad_accum,
+            seed=seed,
+            template=template,
+        )
 
 
 class PrimeOptions(PrimeSettings):
     """``flearn prime``'s numeric options: the bench's prime settings and the seed."""
 
+    threshold: ConfigFloat = Field(0.9, ge=0, le=1)
     seed: Seed = 0
 
 
@@ -556,6 +598,34 @@ def default_data(root: Path | None = None) -> dict[str, Path]:
     return full if all(p.is_file() for p in full.values()) else sample_data()
 
 
+# The paper's appendix A.2 settings. Every stage (priming, forgetting, learning): lr 5e-5, 3 epochs,
+# batch 4 × gradient accumulation 4 (effective 16); θ primed for exactly 3 epochs (no accuracy
+# threshold); LoRA on the attention query and value projections (the paper states no rank: 8, alpha 16,
+# this project's LoRA default); λ per method and dataset as the paper reports them for LLaMA2-7B;
+# Alpaca-style prompts; ZsRE's old answer from ``pred``. The five methods without a constraint
+# (ft-c and the editors are not in the paper's table).
+PAPER_STAGE = {"lr": 5e-5, "epochs": 3.0, "batch_size": 4, "grad_accum": 4}
+PAPER_V2: dict[str, Any] = {
+    "n": 100,
+    "n_val": 0,
+    "seeds": [0, 1, 2],
+    "data": "full",
+    "methods": ["ft", "lora", "flearning-ft", "flearning-lora", "flearning-lora-ft"],
+    "prime": {"lr": 5e-5, "max_epochs": 3.0, "threshold": None, "batch_size": 4, "grad_accum": 4},
+    "full": PAPER_STAGE,
+    "lora_stage": PAPER_STAGE,
+    "forget_full": PAPER_STAGE,
+    "forget_lora": PAPER_STAGE,
+    "lora": {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]},
+    "lambdas_by_dataset": {
+        "zsre": {"flearning-lora": [0.7], "flearning-lora-ft": [3.0], "flearning-ft": [0.3]},
+        "counterfact": {"flearning-lora": [1.5], "flearning-lora-ft": [3.0], "flearning-ft": [0.1]},
+    },
+    "template": "alpaca",
+    "zsre_old": "pred",
+}
+
+
 PROFILES: dict[str, dict[str, Any]] = {
     # A smoke run that finishes in minutes on 2 CPU cores: few records of the samples, one seed, one λ.
     "quick": {
@@ -570,8 +640,19 @@ PROFILES: dict[str, dict[str, Any]] = {
         "perplexity": {"passages": 20},
     },
     # The paper's protocol at the scale this project reports: 200 edits per dataset of the full
-    # datasets, 3 seeds; every method, the editors (ROME, MEMIT, AlphaEdit) included.
-    "paper": {"n": 200, "n_val": 0, "seeds": [0, 1, 2], "data": "full", "methods": list(METHODS)},
+    # datasets, 3 seeds; every method, the editors (ROME, MEMIT, AlphaEdit) included. Its published
+    # results read ZsRE's old answers from answers[0] (before issue #11 made pred the default): kept so.
+    "paper": {
+        "n": 200,
+        "n_val": 0,
+        "seeds": [0, 1, 2],
+        "data": "full",
+        "methods": list(METHODS),
+        "zsre_old": "answers",
+    },
+    # The F-Learning paper's own protocol (arXiv 2311.08011 v2, §5 and appendix A.2) wherever this
+    # machine allows (PAPER_V2 above; issue #11): --n and --seeds set the scale.
+    "paper-v2": PAPER_V2,
 }
 
 
@@ -600,8 +681,13 @@ class BenchConfig(BaseModel):
     # the field mapping and the split every dataset of ``data`` is read with (as in UpdateConfig)
     fields: dict[str, str] | None = None
     split: str | None = None
+    # where a ZsRE dataset's old answers come from (as in UpdateConfig; None: pred when every record has
+    # one, else answers)
+    zsre_old: ZsreOld | None = None
     # default: the six that fine-tune (the editors on request, or with the paper profile)
     methods: list[str] = Field(default_factory=lambda: list(FINE_TUNING))
+    # the prompt template of every stage and evaluation (data.templates); an editor takes plain only
+    template: TemplateName = PLAIN
     n: ConfigInt = Field(200, ge=1)
     n_val: ConfigInt = Field(0, ge=0)
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1)
@@ -609,6 +695,9 @@ class BenchConfig(BaseModel):
     # says it is meant (declared before both, whose validator reads it)
     allow_negative_lambda: ConfigBool = False
     lambdas: Lambdas = Field(default_factory=lambda: [0.7])
+    # λ per dataset and method ({dataset: {method: [λ, ...]}}, the paper's per-method values): replaces
+    # ``lambdas`` for the datasets and methods it names (unused when lambdas is auto)
+    lambdas_by_dataset: dict[str, dict[str, list[ConfigFloat]]] | None = None
     lambda_grid: list[ConfigFloat] = Field(
         default_factory=lambda: [0.1, 0.3, 0.7, 1.0, 1.5, 3.0], min_length=1
     )
@@ -650,16 +739,25 @@ class BenchConfig(BaseModel):
     def stage_plan(self, method: Method, seed: int, lam: float | None = None) -> StagePlan:
         """The stages of ``method`` at ``seed``: the same learning settings for every method, the forget
         settings of its kind (``forget_full`` or ``forget_lora``)."""
-        full = default_stage("full", self.lora, seed, self.full.given())
-        lora = default_stage("lora", self.lora, seed, self.lora_stage.given())
+        template = self.template
+        full = default_stage("full", self.lora, seed, self.full.given(), template=template)
+        lora = default_stage("lora", self.lora, seed, self.lora_stage.given(), template=template)
         forget = None
         if method.forget is not None:
             overrides = self.forget_full if method.forget == "full" else self.forget_lora
-            forget = default_stage(method.forget, self.lora, seed, overrides.given())
+            forget = default_stage(method.forget, self.lora, seed, overrides.given(), template=template)
         learn = learn_config(method, full, lora, self.linf_bound)
         return StagePlan(
             learn=learn, forget=forget, lam=lam if lam is not None else 0.0, edit=edit_plan(method, self.edit)
         )
+
+    def method_lambdas(self, dataset: str, method: str) -> list[float]:
+        """The λ a forgetting method runs at on ``dataset`` when λ is not chosen on validation (lambdas
+        not auto): ``lambdas_by_dataset``'s when it names both, else ``lambdas``."""
+        given = (self.lambdas_by_dataset or {}).get(dataset, {}).get(method)
+        if given is not None:
+            return list(given)
+        return [] if self.lambdas == "auto" else list(self.lambdas)
 
     @field_validator("fields")
     @classmethod
@@ -682,6 +780,38 @@ class BenchConfig(BaseModel):
         problem = layer_problem(info.data.get("methods") or [], value)
         if problem:
             raise PydanticCustomError("edit_layers", problem)
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template_of_methods(cls, value: str, info: ValidationInfo) -> str:
+        problem = template_problem(info.data.get("methods") or [], value)
+        if problem:
+            raise PydanticCustomError("template_editor", problem)
+        return value
+
+    @field_validator("lambdas_by_dataset")
+    @classmethod
+    def _lambdas_by_dataset(
+        cls, value: dict[str, dict[str, list[float]]] | None, info: ValidationInfo
+    ) -> dict[str, dict[str, list[float]]] | None:
+        if not value:
+            return None
+        problems = []
+        for dataset, by_method in value.items():
+            for method, lams in by_method.items():
+                if method not in METHODS or METHODS[method].forget is None:
+                    forgetting = [m for m, spec in METHODS.items() if spec.forget is not None]
+                    problems.append(
+                        f"{dataset}.{method}: not a method that forgets (λ scales Δ_old of "
+                        f"{', '.join(forgetting)})"
+                    )
+                elif not lams:
+                    problems.append(f"{dataset}.{method}: give at least one λ")
+                elif not info.data.get("allow_negative_lambda", False) and any(lam < 0 for lam in lams):
+                    raise negative_lambda(min(lams))
+        if problems:
+            raise PydanticCustomError("lambdas_by_dataset", "{problems}", {"problems": "; ".join(problems)})
         return value
 
     @field_validator("data", mode="before")

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from flearning.data.encoding import encode_pair
 from flearning.data.loading import Location
 from flearning.data.records import KnowledgeRecord
+from flearning.data.templates import PLAIN
 from flearning.errors import InputError, Problem
 
 if TYPE_CHECKING:
@@ -79,12 +80,14 @@ def _prompts(record: KnowledgeRecord) -> Iterator[tuple[str, str, list[tuple[str
             yield f"{name}[{i}].prompt", probe.prompt, [(f"{name}[{i}].answer", probe.answer)]
 
 
-def _length(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str) -> int:
-    return len(encode_pair(tokenizer, prompt, answer, add_eos=True).input_ids)
+def _length(tokenizer: PreTrainedTokenizerBase, prompt: str, answer: str, template: str = PLAIN) -> int:
+    return len(encode_pair(tokenizer, prompt, answer, add_eos=True, template=template).input_ids)
 
 
-def _longest(tokenizer: PreTrainedTokenizerBase, prompt: str, answers: list[tuple[str, str]]) -> int:
-    return max(_length(tokenizer, prompt, answer) for _, answer in answers)
+def _longest(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, answers: list[tuple[str, str]], template: str = PLAIN
+) -> int:
+    return max(_length(tokenizer, prompt, answer, template) for _, answer in answers)
 
 
 def find_too_long(
@@ -92,18 +95,20 @@ def find_too_long(
     tokenizer: PreTrainedTokenizerBase,
     limit: int,
     locations: Sequence[Location] | None = None,
+    template: str = PLAIN,
 ) -> list[TooLong]:
-    """Every field of ``records`` whose sequence does not fit in ``limit`` tokens, in record order."""
+    """Every field of ``records`` whose sequence (under the prompt ``template``) does not fit in ``limit``
+    tokens, in record order."""
     found: list[TooLong] = []
     for i, record in enumerate(records):
         where = locations[i] if locations else None
         for field, prompt, answers in _prompts(record):
-            tokens = _longest(tokenizer, prompt, answers)
+            tokens = _longest(tokenizer, prompt, answers, template)
             if tokens <= limit:
                 continue
             # the answer alone (an empty prompt still has its special tokens): can a cut prompt fit?
-            worst = max(answers, key=lambda a: _length(tokenizer, "", a[1]))
-            alone = _length(tokenizer, "", worst[1])
+            worst = max(answers, key=lambda a: _length(tokenizer, "", a[1], template))
+            alone = _length(tokenizer, "", worst[1], template)
             if alone > limit:
                 found.append(TooLong(where, record.id, worst[0], alone, fixable=False))
             else:
@@ -111,11 +116,11 @@ def find_too_long(
     return found
 
 
-def _cut(tokenizer, prompt: str, answers: list[tuple[str, str]], limit: int) -> str:
+def _cut(tokenizer, prompt: str, answers: list[tuple[str, str]], limit: int, template: str = PLAIN) -> str:
     """The longest suffix of ``prompt`` (starting at a word when one fits) whose sequences fit."""
 
     def fits(start: int) -> bool:
-        return _longest(tokenizer, prompt[start:], answers) <= limit
+        return _longest(tokenizer, prompt[start:], answers, template) <= limit
 
     low, high = 0, len(prompt)  # fits(high): the answer alone fits (checked by the caller)
     while low < high:
@@ -138,14 +143,16 @@ def fit_to_context(
     tokenizer: PreTrainedTokenizerBase,
     limit: int,
     locations: Sequence[Location] | None = None,
+    template: str = PLAIN,
 ) -> tuple[list[KnowledgeRecord], list[TooLong]]:
-    """``records`` with every too-long prompt cut from the left until its sequences fit, and what was cut.
+    """``records`` with every too-long prompt cut from the left until its sequences (under the prompt
+    ``template``) fit, and what was cut.
 
     Raises:
         ValueError: a field cannot be cut to fit (its answer alone is too long): ``check_context``
             reports those before cutting.
     """
-    too_long = find_too_long(records, tokenizer, limit, locations)
+    too_long = find_too_long(records, tokenizer, limit, locations, template)
     if any(not t.fixable for t in too_long):
         raise ValueError("an answer alone does not fit in the context; check_context reports it")
     fields = {(t.id, t.field) for t in too_long}
@@ -160,7 +167,7 @@ def fit_to_context(
         for field, prompt, answers in _prompts(record):
             if (record.id, field) not in fields:
                 continue
-            cut = _cut(tokenizer, prompt, answers, limit)
+            cut = _cut(tokenizer, prompt, answers, limit, template)
             if field == "prompt":
                 update["prompt"] = cut
             elif field.startswith("rephrase_prompts["):
@@ -181,12 +188,14 @@ def check_context(
     locations: Sequence[Location] | None = None,
     *,
     truncate: bool = False,
+    template: str = PLAIN,
 ) -> tuple[list[KnowledgeRecord], list[TooLong]]:
     """The rule: records that fit are returned as they are; a field that does not fit is refused, or with
     ``truncate`` its prompt is cut from the left (returned with the list of what was cut).
 
     Args:
         limit: ``context_limit`` of the model's config (None: the config states no limit, nothing to check).
+        template: the prompt template training and evaluation encode with (``templates``).
     Raises:
         InputError: every field that does not fit (without ``truncate``), or whose answer alone does not
             (with it), naming file, record, field and the tokens against the limit.
@@ -194,7 +203,7 @@ def check_context(
     if limit is None:
         return list(records), []
     positions, name = limit
-    too_long = find_too_long(records, tokenizer, positions, locations)
+    too_long = find_too_long(records, tokenizer, positions, locations, template)
     if not too_long:
         return list(records), []
     if truncate:
@@ -202,6 +211,6 @@ def check_context(
         if unfixable:
             hint = "cutting the prompt cannot make it fit: shorten the answer or leave the record out"
             raise InputError([t.problem(positions, name, hint) for t in unfixable], what="dataset")
-        return fit_to_context(records, tokenizer, positions, locations)
+        return fit_to_context(records, tokenizer, positions, locations, template)
     hints = {True: TRUNCATE_HINT, False: "cutting the prompt cannot make it fit: shorten the answer"}
     raise InputError([t.problem(positions, name, hints[t.fixable]) for t in too_long], what="dataset")

@@ -11,12 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, get_args
 
 from flearning.data.records import PromptAnswer
 from flearning.errors import Problem
 
 FORMATS: tuple[str, ...] = ("zsre", "counterfact", "counterfact-rome", "jsonl")
+# Where a ZsRE record's old answer is read from: ``pred`` (the answer the MEND/EasyEdit files record as the
+# base model's prediction; the F-Learning paper's choice) or ``answers`` (``answers[0]``, the gold answer).
+ZsreOld = Literal["pred", "answers"]
+ZSRE_OLD: tuple[str, ...] = get_args(ZsreOld)
 
 # The fields of the project's own JSON Lines format (see ``parse_jsonl``); anything else is a typo.
 JSONL_FIELDS: tuple[str, ...] = (
@@ -42,6 +46,8 @@ class RecordContext:
     # which targets the file must hold: "both", or one of a split pair of files ("old": target_old only,
     # "new": target_new only; the other target may be absent)
     part: str = "both"
+    # the field a ZsRE record's old answer comes from (``ZSRE_OLD``; other formats ignore it)
+    zsre_old: str = "answers"
 
     def add(self, path: str | None, message: str) -> None:
         """Record one problem at ``path`` (a dotted field path, or None for the whole record)."""
@@ -341,25 +347,38 @@ def _finish(ctx: RecordContext, n_before: int, **fields: Any) -> Candidate | Non
     return Candidate(**fields)
 
 
+def _zsre_old(ctx: RecordContext, rec: Mapping[str, Any]) -> str | None:
+    """The old answer of a ZsRE record from the field ``ctx.zsre_old`` names: ``pred`` (a string) or
+    ``answers`` (a list of strings, its first one; one string is accepted too). An empty answer is kept
+    as "" (dropped later with a count, like an empty ``alt``)."""
+    key = ctx.zsre_old
+    if key not in rec:
+        other = next(k for k in ZSRE_OLD if k != key)
+        ctx.add(
+            key,
+            f"missing (the old answer is read from {key}: zsre_old {key}; zsre_old {other} reads {other})",
+        )
+        return None
+    value = rec[key]
+    if isinstance(value, list):
+        return _clean_text(ctx, value[0], f"{key}[0]", allow_empty=True) if value else ""
+    if isinstance(value, str):
+        return _clean_text(ctx, value, key, allow_empty=True)
+    expected = "a list of strings" if key == "answers" else "a string"
+    ctx.add(key, f"expected {expected}, got {json_type(value)}")
+    return None
+
+
 def parse_zsre(ctx: RecordContext, rec: Mapping[str, Any]) -> Candidate | None:
-    """MEND/EasyEdit ZsRE: ``src`` → ``answers[0]`` (old) / ``alt`` (new).
+    """MEND/EasyEdit ZsRE: ``src`` → ``pred`` or ``answers[0]`` (old, ``ctx.zsre_old``) / ``alt`` (new).
 
     Also reads ``rephrase`` (string or list), ``loc``/``loc_ans``, ``subject``, ``portability``, a
-    KnowEdit-style ``locality`` (probes, or categories of them) and an optional ``id``/``case_id``; other
-    fields (``pred``, ``cond``) are ignored.
+    KnowEdit-style ``locality`` (probes, or categories of them) and an optional ``id``/``case_id``;
+    ``cond`` and the old-answer field not chosen are ignored.
     """
     n = len(ctx.problems)
     prompt = required_text(ctx, rec, "src")
-    old = None
-    if "answers" not in rec:
-        ctx.add("answers", "missing")
-    elif isinstance(rec["answers"], list):
-        # An empty answer list means no old target: dropped with a count, like an empty alt.
-        old = _clean_text(ctx, rec["answers"][0], "answers[0]", allow_empty=True) if rec["answers"] else ""
-    elif isinstance(rec["answers"], str):
-        old = _clean_text(ctx, rec["answers"], "answers", allow_empty=True)
-    else:
-        ctx.add("answers", f"expected a list of strings, got {json_type(rec['answers'])}")
+    old = _zsre_old(ctx, rec)
     new = required_text(ctx, rec, "alt", allow_empty=True)
     rid, id_field = optional_id(ctx, rec, ("id", "case_id"))
     return _finish(
@@ -370,7 +389,7 @@ def parse_zsre(ctx: RecordContext, rec: Mapping[str, Any]) -> Candidate | None:
         prompt=prompt,
         target_old=old,
         target_new=new,
-        old_field="answers",
+        old_field=ctx.zsre_old,
         new_field="alt",
         subject=optional_text(ctx, rec, "subject"),
         rephrase_prompts=tuple(text_list(ctx, rec, "rephrase", single_ok=True)),

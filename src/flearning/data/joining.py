@@ -63,21 +63,26 @@ def load_update_data(
     limit: int | None = None,
     fields: Mapping[str, str] | None = None,
     split: str | None = None,
+    zsre_old: str | None = None,
 ) -> UpdateData:
     """The facts of an update from one file (``old == new``) or a split pair, joined; ``fields`` and
-    ``split`` (``loading.load_dataset``) apply to both files.
+    ``split`` and ``zsre_old`` (``loading.load_dataset``) apply to both files.
 
     Raises:
         InputError: every problem of both files and of the join (``FILE:line N:FIELD: what``).
     """
     if Path(old) == Path(new):
-        dataset = load_dataset(old, fmt, strict=strict, limit=limit, fields=fields, split=split)
+        dataset = load_dataset(
+            old, fmt, strict=strict, limit=limit, fields=fields, split=split, zsre_old=zsre_old
+        )
         return UpdateData(dataset, dataset, list(dataset.records), dataset.locations)
     loaded: dict[str, LoadedDataset] = {}
     problems: list[Problem] = []
     for part, path in (("old", old), ("new", new)):
         try:
-            loaded[part] = load_dataset(path, fmt, strict=strict, part=part, fields=fields, split=split)
+            loaded[part] = load_dataset(
+                path, fmt, strict=strict, part=part, fields=fields, split=split, zsre_old=zsre_old
+            )
         except InputError as ex:
             problems += ex.problems
     if problems:

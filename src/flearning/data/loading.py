@@ -25,6 +25,7 @@ from flearning.data.fields import FIELD_OPTION, check_columns, map_record, renam
 from flearning.data.formats import (
     FORMATS,
     PARSERS,
+    ZSRE_OLD,
     Candidate,
     RecordContext,
     detect_record_format,
@@ -82,6 +83,8 @@ class LoadedDataset:
         split: the split read (a ``DatasetDict`` directory or a hub dataset), else None.
         fields: the field mapping used (``{field: column}``), else None.
         unused_columns: columns of a table or mapped file that no field reads.
+        zsre_old: the field a ZsRE file's old answers were read from (``pred`` or ``answers``); None
+            for the other formats.
     """
 
     records: list[KnowledgeRecord]
@@ -97,6 +100,7 @@ class LoadedDataset:
     split: str | None = None
     fields: dict[str, str] | None = None
     unused_columns: tuple[str, ...] = ()
+    zsre_old: str | None = None
 
     @property
     def n_dropped(self) -> int:
@@ -351,8 +355,24 @@ def _to_record(candidate: Candidate, record_id: str) -> KnowledgeRecord:
     )
 
 
+def zsre_old_field(items: list[tuple[int, Any]], given: str | None) -> str:
+    """The field a ZsRE file's old answers are read from: ``given``, else ``pred`` when every record has
+    one (the F-Learning paper's choice), else ``answers`` (``answers[0]``)."""
+    if given is not None:
+        return given
+    records = [raw for _, raw in items if isinstance(raw, dict)]
+    return "pred" if records and all("pred" in raw for raw in records) else "answers"
+
+
 def _convert(
-    items: list[tuple[int, Any]], fmt: str, kind: str, source: str, *, strict: bool, part: str = "both"
+    items: list[tuple[int, Any]],
+    fmt: str,
+    kind: str,
+    source: str,
+    *,
+    strict: bool,
+    part: str = "both",
+    zsre_old: str = "answers",
 ) -> tuple[list[KnowledgeRecord], list[Location], bool, dict[str, int], list[Problem]]:
     """Parse every raw record, apply the id and drop rules, and collect the problems.
 
@@ -363,6 +383,7 @@ def _convert(
         source: the file name used in messages.
         strict: report droppable records as problems.
         part: ``both``, or the side of a split pair the file holds (``RecordContext.part``).
+        zsre_old: the field a ZsRE record's old answer is read from (``RecordContext.zsre_old``).
     Returns:
         ``(kept records, their locations, whether every kept record has its own id, reason -> dropped
         count, problems)``.
@@ -375,7 +396,7 @@ def _convert(
     dropped: dict[str, int] = {}
     seen_ids: dict[str, int] = {}
     for position, (index, raw) in enumerate(items):
-        ctx = RecordContext(source, index, kind, part=part)
+        ctx = RecordContext(source, index, kind, part=part, zsre_old=zsre_old)
         if not isinstance(raw, dict):
             ctx.add(None, f"expected an object, got {json_type(raw)}")
             problems += ctx.problems
@@ -469,6 +490,7 @@ def load_dataset(
     part: str = "both",
     fields: Mapping[str, str] | None = None,
     split: str | None = None,
+    zsre_old: str | None = None,
 ) -> LoadedDataset:
     """Read, validate and convert a dataset.
 
@@ -484,6 +506,8 @@ def load_dataset(
             pair and holds that target (the other may be absent; ``data.joining`` joins the pair).
         fields: ``{field: column}``: read the user's columns as the project's fields (format ``jsonl``).
         split: the split of a ``DatasetDict`` directory or a hub dataset (default: its only split).
+        zsre_old: where a ZsRE file's old answers come from: ``pred`` or ``answers`` (``answers[0]``);
+            None: ``pred`` when every record has one, else ``answers``. Other formats ignore it.
     Returns:
         A ``LoadedDataset`` with at least one record.
     Raises:
@@ -497,6 +521,8 @@ def load_dataset(
         raise FlearnError(f"limit must be a positive integer, got {limit!r}")
     if part not in PARTS:
         raise ValueError(f"part must be one of {PARTS}, not {part!r}")
+    if zsre_old is not None and zsre_old not in ZSRE_OLD:
+        raise FlearnError(f"zsre_old must be one of {', '.join(ZSRE_OLD)}, not {zsre_old!r}")
     if fmt is not None:
         fmt = normalize_format(fmt, source)
     fields = dict(fields) if fields else None
@@ -509,8 +535,9 @@ def load_dataset(
     read = _read(found, fmt, fields, split, part)
     fmt, source, items, problems = read.fmt, read.source, read.items, read.problems
 
+    old_field = zsre_old_field(items, zsre_old) if fmt == "zsre" else None
     kept, locations, has_ids, dropped, record_problems = _convert(
-        items, fmt, read.kind, source, strict=strict, part=part
+        items, fmt, read.kind, source, strict=strict, part=part, zsre_old=old_field or "answers"
     )
     # Malformed JSONL lines were found while decoding; merge them in file order (the sort is stable).
     problems += rename_problems(record_problems, fields)
@@ -526,7 +553,8 @@ def load_dataset(
     if dropped:
         details = ", ".join(f"{n} {key}" for key, n in sorted(dropped.items()))
         log.info("%s: dropped %d of %d records (%s)", source, sum(dropped.values()), len(items), details)
-    log.info("%s: loaded %d records (format %s)", source, len(records), fmt)
+    old_note = f", old answers from {old_field}" if old_field else ""
+    log.info("%s: loaded %d records (format %s%s)", source, len(records), fmt, old_note)
     return LoadedDataset(
         records=records,
         format=fmt,
@@ -541,6 +569,7 @@ def load_dataset(
         split=read.split,
         fields=fields,
         unused_columns=read.unused,
+        zsre_old=old_field,
     )
 
 
@@ -552,6 +581,9 @@ def load_records(
     limit: int | None = None,
     fields: Mapping[str, str] | None = None,
     split: str | None = None,
+    zsre_old: str | None = None,
 ) -> list[KnowledgeRecord]:
-    """The records of ``load_dataset(path, fmt, strict=strict, limit=limit, fields=fields, split=split)``."""
-    return load_dataset(path, fmt, strict=strict, limit=limit, fields=fields, split=split).records
+    """The records of ``load_dataset`` with the same arguments."""
+    return load_dataset(
+        path, fmt, strict=strict, limit=limit, fields=fields, split=split, zsre_old=zsre_old
+    ).records

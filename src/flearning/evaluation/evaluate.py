@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flearning.data.templates import PLAIN
 from flearning.errors import FlearnError
 from flearning.evaluation.definitions import (
     DEFAULT_BATCH_SIZE,
@@ -128,6 +129,7 @@ def evaluate(
     cache_dir: Path | str | None = None,
     progress: bool = True,
     seed: int | None = None,
+    template: str = PLAIN,
 ) -> EvalResult:
     """Score ``model`` on ``records`` with every metric of ``docs/DESIGN.md`` ("Metrics"), batched.
 
@@ -158,6 +160,9 @@ def evaluate(
         cache_dir: disk cache for reference predictions when ``reference`` is a model, and for the
             perplexity (by weights and passages).
         progress: show progress bars.
+        template: the prompt template of every probe and generation (``data.templates``): the one the
+            model was trained with. Under a template other than ``plain`` the Fluencies score the record's
+            own prompt and the continuation, not the template's text.
         seed: recorded in the result (which training seed produced ``model``).
     Returns:
         ``EvalResult`` with per-record values and ``meta`` (settings, timings).
@@ -175,11 +180,25 @@ def evaluate(
         if not hasattr(ref, "forward"):
             raise TypeError("reference must be a model, ReferencePredictions or None")
         ref = reference_predictions(
-            ref, tokenizer, records, batch_size=batch_size, pack=pack, cache_dir=cache_dir, progress=progress
+            ref,
+            tokenizer,
+            records,
+            batch_size=batch_size,
+            pack=pack,
+            cache_dir=cache_dir,
+            progress=progress,
+            template=template,
         )
     timings["reference"] = time.perf_counter() - start
 
-    plans = [record_probes(tokenizer, r) for r in records]
+    plans = [record_probes(tokenizer, r, template) for r in records]
+
+    def shown(prompt: list[int], ids: list[int], record: KnowledgeRecord) -> str:
+        """The text a Fluency scores: prompt and continuation (the record's prompt under a template)."""
+        if template == PLAIN:
+            return tokenizer.decode([*prompt, *ids], skip_special_tokens=True)
+        return f"{record.prompt} {tokenizer.decode(ids, skip_special_tokens=True).lstrip()}"
+
     probes, _ = unique_probes(p.all() for p in plans)
     pad_id, eos_id = pad_token_id(tokenizer), eos_token_id(tokenizer)
     prompts = [list(p.new.prompt_ids) for p in plans]
@@ -222,8 +241,8 @@ def evaluate(
             )
             # ROME scores prompt + continuation.
             fluency_texts = [
-                tokenizer.decode([*prompt, *ids], skip_special_tokens=True)
-                for prompt, ids in zip(prompts, long_ids, strict=True)
+                shown(prompt, ids, record)
+                for prompt, ids, record in zip(prompts, long_ids, records, strict=True)
             ]
             timings["fluency"] = time.perf_counter() - start
         sampled_texts: list[str | None] = [None] * len(records)
@@ -241,8 +260,8 @@ def evaluate(
                 desc="fluency (sampled)",
             )
             sampled_texts = [
-                rome_text(tokenizer.decode([*prompt, *ids], skip_special_tokens=True))
-                for prompt, ids in zip(prompts, sampled, strict=True)
+                rome_text(shown(prompt, ids, record))
+                for prompt, ids, record in zip(prompts, sampled, records, strict=True)
             ]
             timings["fluency_sampled"] = time.perf_counter() - start
         measured = None
@@ -279,6 +298,7 @@ def evaluate(
         "fluency_seed": fluency_seed if fluency_sampled else None,
         "records": len(records),
         "probes": len(probes),
+        "template": template,
         "reference_fingerprint": ref.model_fingerprint if ref is not None else None,
         "seconds": {k: round(v, 3) for k, v in timings.items()},
     }
@@ -293,6 +313,7 @@ def teacher_forced_accuracy(
     batch_size: int = DEFAULT_BATCH_SIZE,
     pack: bool = True,
     progress: bool = False,
+    template: str = PLAIN,
 ) -> list[float]:
     """Teacher-forced token accuracy of each ``(prompt, target)`` pair (0..1), batched.
 
@@ -303,10 +324,13 @@ def teacher_forced_accuracy(
         batch_size: rows per forward pass.
         pack: share a row between targets after the same prompt.
         progress: show a progress bar.
+        template: the prompt template (``data.templates``).
     Returns:
         One accuracy per pair, in order.
     """
-    scores = pair_scores(model, tokenizer, pairs, batch_size=batch_size, pack=pack, progress=progress)
+    scores = pair_scores(
+        model, tokenizer, pairs, batch_size=batch_size, pack=pack, progress=progress, template=template
+    )
     return [s.accuracy for s in scores]
 
 
@@ -318,10 +342,11 @@ def pair_scores(
     batch_size: int = DEFAULT_BATCH_SIZE,
     pack: bool = True,
     progress: bool = False,
+    template: str = PLAIN,
 ) -> list[ProbeScore]:
     """The teacher-forced score (accuracy, argmax, NLL) of each ``(prompt, target)`` pair, in order, from
     one batched pass over the distinct pairs (``teacher_forced_accuracy``'s arguments)."""
-    probes = [encode_probe(tokenizer, prompt, target) for prompt, target in pairs]
+    probes = [encode_probe(tokenizer, prompt, target, template) for prompt, target in pairs]
     distinct, index = unique_probes([probes])
     was_training = model.training
     model.eval()

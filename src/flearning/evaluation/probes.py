@@ -1,7 +1,7 @@
 """From knowledge records to token probes: every (prompt, target) a metric scores, deduplicated.
 
-Probes go through ``encode_pair``, as training does, so a target's positions are the ones the model
-was trained on.
+Probes go through ``encode_pair``, as training does, under the same prompt template
+(``data.templates``), so a target's positions are the ones the model was trained on.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flearning.data.encoding import encode_pair
+from flearning.data.templates import PLAIN
 from flearning.errors import FlearnError
 from flearning.evaluation.scoring import Probe
 
@@ -45,36 +46,46 @@ class RecordProbes:
         yield from self.portability
 
 
-def encode_probe(tokenizer: PreTrainedTokenizerBase, prompt: str, target: str) -> Probe:
+def encode_probe(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, target: str, template: str = PLAIN
+) -> Probe:
     """The probe of ``prompt + " " + target`` exactly as training encodes it (no EOS).
 
     Args:
         tokenizer: the model's tokenizer.
         prompt: text before the answer.
         target: the answer.
+        template: the prompt template (``data.templates``), the one training used.
     Returns:
         A ``Probe`` with the prompt tokens and the target tokens.
     """
-    pair = encode_pair(tokenizer, prompt, target)
+    pair = encode_pair(tokenizer, prompt, target, template=template)
     return Probe(tuple(pair.input_ids[: pair.prompt_len]), tuple(pair.target_ids))
 
 
-def record_probes(tokenizer: PreTrainedTokenizerBase, record: KnowledgeRecord) -> RecordProbes:
+def record_probes(
+    tokenizer: PreTrainedTokenizerBase, record: KnowledgeRecord, template: str = PLAIN
+) -> RecordProbes:
     """All probes of one record (rephrases, locality and portability may be empty).
 
     Args:
         tokenizer: the model's tokenizer.
         record: the fact.
+        template: the prompt template of every probe (``data.templates``).
     Returns:
         ``RecordProbes``.
     """
+
+    def probe(prompt: str, target: str) -> Probe:
+        return encode_probe(tokenizer, prompt, target, template)
+
     return RecordProbes(
-        new=encode_probe(tokenizer, record.prompt, record.target_new),
-        old=encode_probe(tokenizer, record.prompt, record.target_old),
-        rephrase_new=tuple(encode_probe(tokenizer, p, record.target_new) for p in record.rephrase_prompts),
-        rephrase_old=tuple(encode_probe(tokenizer, p, record.target_old) for p in record.rephrase_prompts),
-        locality=tuple(encode_probe(tokenizer, pa.prompt, pa.answer) for pa in record.locality),
-        portability=tuple(encode_probe(tokenizer, pa.prompt, pa.answer) for pa in record.portability),
+        new=probe(record.prompt, record.target_new),
+        old=probe(record.prompt, record.target_old),
+        rephrase_new=tuple(probe(p, record.target_new) for p in record.rephrase_prompts),
+        rephrase_old=tuple(probe(p, record.target_old) for p in record.rephrase_prompts),
+        locality=tuple(probe(pa.prompt, pa.answer) for pa in record.locality),
+        portability=tuple(probe(pa.prompt, pa.answer) for pa in record.portability),
         locality_categories=tuple(pa.category for pa in record.locality),
         portability_categories=tuple(pa.category for pa in record.portability),
     )

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flearning.data.templates import PLAIN
 from flearning.errors import FlearnError
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.evaluation.probes import pad_token_id, probe_key, probes_hash, record_probes, unique_probes
@@ -72,9 +73,11 @@ class ReferencePredictions:
             return cls.from_json(json.load(fh))
 
 
-def locality_probes(tokenizer: PreTrainedTokenizerBase, records: Sequence[KnowledgeRecord]) -> list[Probe]:
-    """The distinct locality probes of ``records``, in first-seen order."""
-    probes, _ = unique_probes(record_probes(tokenizer, r).locality for r in records)
+def locality_probes(
+    tokenizer: PreTrainedTokenizerBase, records: Sequence[KnowledgeRecord], template: str = PLAIN
+) -> list[Probe]:
+    """The distinct locality probes of ``records`` under ``template``, in first-seen order."""
+    probes, _ = unique_probes(record_probes(tokenizer, r, template).locality for r in records)
     return probes
 
 
@@ -104,6 +107,7 @@ def reference_predictions(
     cache_dir: Path | str | None = None,
     use_cache: bool = True,
     progress: bool = False,
+    template: str = PLAIN,
 ) -> ReferencePredictions:
     """Argmax predictions of ``model`` (the model before the update) on every locality probe.
 
@@ -116,12 +120,14 @@ def reference_predictions(
         cache_dir: also cache on disk here (JSON); None for memory only.
         use_cache: look up / store the caches at all (False always recomputes).
         progress: show a progress bar.
+        template: the prompt template of the probes (``data.templates``); the predictions are keyed by
+            the probes' tokens, so another template's are other entries.
     Returns:
         ``ReferencePredictions`` keyed by probe.
     """
     from flearning.models import model_fingerprint
 
-    probes = locality_probes(tokenizer, records)
+    probes = locality_probes(tokenizer, records, template)
     rhash = probes_hash(probes)
     fingerprint = model_fingerprint(model)
     key = (fingerprint, rhash)

@@ -257,7 +257,8 @@ def run_method(
     outcome = MethodOutcome(model=model, forget=None, adapter_dir=None)
     track = tracker if tracker is not None else NO_TRACKING
     # the learning stage's locality budget is measured against θ, the model before the update
-    budget = locality_budget(model, tokenizer, plan.stop, eval_batch_size)
+    template = plan.learn.template if plan.learn is not None else "plain"  # what the stage encodes with
+    budget = locality_budget(model, tokenizer, plan.stop, eval_batch_size, template)
 
     if method.forget is not None:
         if plan.forget is None:

@@ -24,7 +24,13 @@ from flearning.data.records import KnowledgeRecord
 from flearning.errors import FlearnError
 from flearning.methods import METHODS, get_method
 from flearning.recipes.bench_cache import Cache, RunRecord, forget_key, prime_key, run_key
-from flearning.recipes.bench_report import PRIMED, dataset_report, paper_table
+from flearning.recipes.bench_report import (
+    PRIMED,
+    dataset_report,
+    paired_table,
+    paper_table,
+    settings_line,
+)
 from flearning.recipes.tracking import NO_TRACKING, RunTracker, check_trackers, scalars
 
 if TYPE_CHECKING:
@@ -67,6 +73,8 @@ class Bench:
         self.cache = Cache(self.out / "cache")
         # dataset -> (evaluated records, validation records); filled by setup()
         self.datasets: dict[str, tuple[list[KnowledgeRecord], list[KnowledgeRecord]]] = {}
+        # dataset -> the field its old answers were read from (a ZsRE file: pred or answers; else None)
+        self.old_fields: dict[str, str | None] = {}
         self.base = self.tokenizer = None  # θ₀, filled by setup()
         self.held_out = None  # PerplexityCorpus, filled by setup() (None: perplexity: null)
         self.base_fp = ""
@@ -85,10 +93,12 @@ class Bench:
     def setup(self) -> None:
         """Load every dataset (refusing one too small for n + n_val) and the base model θ₀."""
         from flearning.data import load_dataset
+        from flearning.data.templates import check_template
         from flearning.models import load_model, model_fingerprint
 
         for name, path in self.cfg.data.items():
-            ds = load_dataset(path, fields=self.cfg.fields, split=self.cfg.split)
+            ds = load_dataset(path, fields=self.cfg.fields, split=self.cfg.split, zsre_old=self.cfg.zsre_old)
+            self.old_fields[name] = ds.zsre_old
             need = self.cfg.n + self.cfg.n_val
             if len(ds.records) < need:
                 raise FlearnError(
@@ -103,6 +113,7 @@ class Bench:
         self.held_out = self.cfg.perplexity.load() if self.cfg.perplexity is not None else None
         start = time.perf_counter()
         self.base, self.tokenizer = load_model(self.cfg.model, trust_remote_code=self.cfg.trust_remote_code)
+        check_template(self.tokenizer, self.cfg.template)  # chat: the tokenizer has a chat template
         self.base_fp = model_fingerprint(self.base)
         for plan in self._edit_plans():  # the editors' layers exist in this model, C's corpus is readable
             from flearning.recipes.edit import check_corpus, check_edit_target
@@ -119,14 +130,20 @@ class Bench:
         return [self.cfg.stage_plan(m, 0).edit for m in methods]
 
     def planned_runs(self) -> int:
-        per_method = {
-            m: 1
-            if METHODS[m].forget is None
-            else (len(self.cfg.lambdas) if self.cfg.lambdas != "auto" else 1 + len(self.cfg.lambda_grid))
-            for m in self.cfg.methods
-        }
-        extra_val = 1 if self.cfg.lambdas == "auto" else 0  # the ft baseline on validation
-        return len(self.cfg.data) * len(self.cfg.seeds) * (sum(per_method.values()) + extra_val)
+        cfg = self.cfg
+        runs = 0
+        for dataset in cfg.data:
+            for m in cfg.methods:
+                if METHODS[m].forget is None:
+                    runs += 1
+                else:
+                    runs += (
+                        1 + len(cfg.lambda_grid)
+                        if cfg.lambdas == "auto"
+                        else len(cfg.method_lambdas(dataset, m))
+                    )
+            runs += 1 if cfg.lambdas == "auto" else 0  # the ft baseline on validation
+        return runs * len(cfg.seeds)
 
     # ---- stages ----------------------------------------------------------------------------------
     def primed(self, dataset: str, seed: int, records: list[KnowledgeRecord]) -> Primed:
@@ -135,7 +152,7 @@ class Bench:
         from flearning.recipes.prime import prime, save_primed
 
         p = self.cfg.prime
-        cfg = p.train_config(seed)
+        cfg = p.train_config(seed, self.cfg.template)
         key = prime_key(self.base_fp, records, cfg, p.threshold)
         path = self.cache.primed_dir(key)
         info_path = path / "prime.json"
@@ -173,7 +190,11 @@ class Bench:
         from flearning.evaluation import reference_predictions
 
         reference = reference_predictions(
-            theta.model, self.tokenizer, records, batch_size=self.cfg.eval_batch_size
+            theta.model,
+            self.tokenizer,
+            records,
+            batch_size=self.cfg.eval_batch_size,
+            template=self.cfg.template,
         )
         return Split(theta, name, records, reference)
 
@@ -198,6 +219,7 @@ class Bench:
             split=split.name,
             perplexity=self._perplexity_key(split),
             edit=plan.edit.to_json() if plan.edit is not None else None,
+            template=self.cfg.template,
         )
         scope = self.tracker.scoped(_run_scope(split, method_name, lam))
         cached = self.cache.load_run(key)
@@ -239,6 +261,7 @@ class Bench:
             perplexity=self.held_out if split.name == "eval" else None,  # λ is chosen on the metrics
             progress=False,
             seed=theta.seed,
+            template=self.cfg.template,
         )
         seconds["evaluate"] = time.perf_counter() - start
         run = RunRecord(
@@ -250,6 +273,8 @@ class Bench:
             result.records,
             {k: round(v, 3) for k, v in seconds.items()},
             perplexity=result.perplexity,
+            template=self.cfg.template,
+            zsre_old=self.old_fields.get(theta.dataset),
         )
         self.cache.save_run(key, run)
         scope.log(scalars("eval", result.summary()))
@@ -306,6 +331,7 @@ class Bench:
                     cache_dir=self.cache.root / "evaluation",  # θ's perplexity, once
                     progress=False,
                     seed=seed,
+                    template=self.cfg.template,
                 )
                 measured = primed_eval.perplexity  # θ's general ability, without how it was obtained
                 how = ("seconds", "cached")
@@ -327,7 +353,11 @@ class Bench:
                     lams = (
                         [None]
                         if method.forget is None
-                        else ([chosen[method_name]] if self.cfg.lambdas == "auto" else list(self.cfg.lambdas))
+                        else (
+                            [chosen[method_name]]
+                            if self.cfg.lambdas == "auto"
+                            else self.cfg.method_lambdas(dataset, method_name)
+                        )
                     )
                     for lam in lams:
                         bar.set_postfix_str(f"{dataset} seed {seed} {method_name} λ={lam}")
@@ -380,12 +410,29 @@ class Bench:
         with atomic_entries(self.out, stale=stale) as staging:
             return self._write_into(staging, wall)
 
+    def _stages(self) -> dict[str, Any]:
+        """Every stage's resolved settings (the defaults filled in): priming, and each method's forget and
+        learning stages, with the λ it runs at per dataset; what the bench's config leaves implicit."""
+        cfg = self.cfg
+        methods: dict[str, Any] = {}
+        for name in cfg.methods:
+            method = METHODS[name]
+            plan = cfg.stage_plan(method, 0)
+            methods[name] = {"forget": _stage_json(plan.forget), "learn": _stage_json(plan.learn)}
+            if method.forget is not None:
+                methods[name]["lambda"] = (
+                    "auto" if cfg.lambdas == "auto" else {d: cfg.method_lambdas(d, name) for d in cfg.data}
+                )
+        prime = _stage_json(cfg.prime.train_config(0, cfg.template))
+        return {"prime": dict(prime, threshold=cfg.prime.threshold), "methods": methods}
+
     def _write_into(self, staging: Path, wall: float) -> dict[str, Any]:
         summary: dict[str, Any] = {
             "config": _portable(self.cfg.model_dump(mode="json")),
             "wall_seconds": round(wall, 1),
             "base_fingerprint": self.base_fp,
             "counters": self.counters,
+            "stages": self._stages(),
             "datasets": {},
         }
         tables = []
@@ -395,15 +442,27 @@ class Bench:
             summary["datasets"][dataset] = {
                 "n": self.cfg.n,
                 "seeds": self.cfg.seeds,
+                "template": self.cfg.template,
+                "zsre_old": self.old_fields.get(dataset),
                 "prime": self.primes.get(dataset, []),
                 "chosen_lambda": self.chosen_lambda.get(dataset),
                 **report,
             }
             tables.append(paper_table(dataset, report["methods"], report.get("perplexity")))
+            tables.append(settings_line(self.cfg.template, self.old_fields.get(dataset)))
+            if report["paired"]:
+                tables.append(paired_table(dataset, report["paired"]))
         summary["table_markdown"] = "\n\n".join(tables)
         (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         (staging / "table.md").write_text(summary["table_markdown"] + "\n")
         return summary
+
+
+def _stage_json(stage: Any) -> dict[str, Any] | None:
+    """A stage's resolved settings as the run record states them (the seed varies by run: left out)."""
+    if stage is None:
+        return None
+    return {k: v for k, v in stage.model_dump(mode="json").items() if k != "seed"}
 
 
 def default_out(cfg: BenchConfig) -> Path:

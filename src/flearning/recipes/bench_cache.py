@@ -55,10 +55,13 @@ def run_key(
     split: str,
     perplexity: dict[str, Any] | None = None,
     edit: dict[str, Any] | None = None,
+    template: str = "plain",
 ) -> str:
     """A run's key. What was added to the evaluation later joins the key only when it is on (fluency:
     both Fluencies; ``perplexity``: its settings), so keys of runs without it stay as they were; so do
-    ``edit``, the edit step's settings of a method with an editor (``EditPlan.to_json``; ``learn`` None)."""
+    ``edit``, the edit step's settings of a method with an editor (``EditPlan.to_json``; ``learn`` None),
+    and ``template``, the prompt template of training and evaluation, when it is not ``plain``. Where a
+    ZsRE file's old answers came from is in ``records`` (their ``target_old``)."""
     from flearning.data import records_hash
 
     extra: list[Any] = []
@@ -68,6 +71,8 @@ def run_key(
         extra.append({"perplexity": perplexity})
     if edit is not None:
         extra.append({"edit": edit})
+    if template != "plain":
+        extra.append({"template": template})
     return digest(
         "run",
         theta_key,
@@ -95,6 +100,8 @@ class RunRecord:
     records: list[dict[str, Any]]
     seconds: dict[str, float] = field(default_factory=dict)
     perplexity: dict[str, Any] | None = None  # the model's perplexity on held-out text, when measured
+    template: str | None = None  # the prompt template (None: a run cached before templates, plain)
+    zsre_old: str | None = None  # a ZsRE dataset's old-answer field (pred or answers); None otherwise
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from flearning.config import PrimeSettings, StopRule
 from flearning.data.records import KnowledgeRecord
@@ -44,19 +44,20 @@ def prime(
     records: Sequence[KnowledgeRecord],
     cfg: TrainConfig | None = None,
     *,
-    threshold: float | None = None,
+    threshold: float | None | Literal["default"] = "default",
     progress: bool = True,
     on_stats: StatsCallback | None = None,
 ) -> PrimeResult:
     """Fine-tune ``model`` in place on (prompt, target_old) until old-fact accuracy ≥ ``threshold``
-    or ``cfg.epochs`` epochs have run.
+    or ``cfg.epochs`` epochs have run (threshold None: exactly ``cfg.epochs``, the paper's way).
 
     Args:
         model: the base model θ₀ (fp32).
         tokenizer: its tokenizer.
         records: the facts; their ``target_old`` is taught.
         cfg: stage settings; ``epochs`` is the maximum (default: ``PrimeSettings``, the bench's).
-        threshold: stop as soon as accuracy reaches this (0..1; default: ``PrimeSettings.threshold``).
+        threshold: stop as soon as accuracy reaches this (0..1; ``"default"``: ``PrimeSettings.threshold``;
+            None: no threshold, accuracy measured before and after only).
         progress: progress bars.
         on_stats: ``train``'s per-step callback (experiment tracking).
     Returns:
@@ -64,8 +65,10 @@ def prime(
     """
     defaults = PrimeSettings()
     cfg = cfg or defaults.train_config(seed=0)
-    threshold = defaults.threshold if threshold is None else threshold
+    threshold = defaults.threshold if threshold == "default" else threshold
     start = time.perf_counter()
+    if threshold is None:
+        return _prime_fixed(model, tokenizer, records, cfg, start, progress, on_stats)
     stage = train_until(
         model,
         tokenizer,
@@ -84,6 +87,48 @@ def prime(
         history[-1][0],
         time.perf_counter() - start,
         history,
+        stage.result.losses,
+    )
+
+
+def _prime_fixed(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    records: Sequence[KnowledgeRecord],
+    cfg: TrainConfig,
+    start: float,
+    progress: bool,
+    on_stats: StatsCallback | None,
+) -> PrimeResult:
+    """``prime`` without a threshold: ``cfg.epochs`` epochs, old-fact accuracy before and after."""
+    from flearning.evaluation.evaluate import teacher_forced_accuracy
+
+    pairs = [r.old_pair for r in records]
+
+    def accuracy(trained: PreTrainedModel) -> float:
+        scores = teacher_forced_accuracy(trained, tokenizer, pairs, template=cfg.template)
+        return float(sum(scores) / len(scores))
+
+    before = accuracy(model)
+    stage = train_until(
+        model,
+        tokenizer,
+        pairs,
+        cfg,
+        None,
+        description="prime: teach old facts",
+        progress=progress,
+        on_stats=on_stats,
+    )
+    after = accuracy(stage.result.model)
+    epochs = stage.epochs
+    return PrimeResult(
+        stage.result.model,
+        before,
+        after,
+        epochs,
+        time.perf_counter() - start,
+        [(epochs, after)],
         stage.result.losses,
     )
 

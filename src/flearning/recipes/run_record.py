@@ -68,7 +68,8 @@ def resumed_stages(work: Path | None) -> dict[str, str]:
 
 
 def data_record(path: Path, dataset: LoadedDataset) -> dict[str, Any]:
-    """One data file as ``run.json`` describes it (a table also by its reader and split: ``data.sources``)."""
+    """One data file as ``run.json`` describes it (a table also by its reader and split: ``data.sources``;
+    a ZsRE file by the field its old answers came from, ``zsre_old``)."""
     record = {
         "path": str(path),
         "format": dataset.format,
@@ -78,6 +79,8 @@ def data_record(path: Path, dataset: LoadedDataset) -> dict[str, Any]:
     }
     if dataset.reader != "json":
         record.update(reader=dataset.reader, split=dataset.split)
+    if dataset.zsre_old is not None:  # a ZsRE file: the field its old answers were read from
+        record["zsre_old"] = dataset.zsre_old
     return record
 
 
@@ -114,6 +117,7 @@ def run_summary(
         "method": method.name,
         "method_summary": method.summary,
         "lambda": cfg.lam if method.forget else None,
+        "template": cfg.template,  # the prompt template of training and evaluation (data.templates)
         "config": cfg.model_dump(mode="json", by_alias=True),
         "stages": stages_json(method, plan),
         "model": model,

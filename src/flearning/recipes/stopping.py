@@ -51,6 +51,7 @@ class LocalityBudget:
     pairs: list[tuple[str, str]]
     reference: list[tuple[int, ...]]
     max_drop: float
+    template: str = "plain"  # the prompt template the probes are encoded with (data.templates)
 
     @classmethod
     def measure(
@@ -60,29 +61,36 @@ class LocalityBudget:
         pairs: Sequence[tuple[str, str]],
         max_drop: float,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        template: str = "plain",
     ) -> LocalityBudget:
         """Take ``model`` (the model before the update) as the reference on ``pairs``."""
         from flearning.evaluation.evaluate import pair_scores
 
-        scores = pair_scores(model, tokenizer, pairs, batch_size=batch_size)
-        return cls(list(pairs), [s.argmax for s in scores], max_drop)
+        scores = pair_scores(model, tokenizer, pairs, batch_size=batch_size, template=template)
+        return cls(list(pairs), [s.argmax for s in scores], max_drop, template)
 
     def locality(self, model, tokenizer, batch_size: int = DEFAULT_BATCH_SIZE) -> float:
         from flearning.evaluation.evaluate import pair_locality, pair_scores
 
-        return pair_locality(self.reference, pair_scores(model, tokenizer, self.pairs, batch_size=batch_size))
+        scores = pair_scores(model, tokenizer, self.pairs, batch_size=batch_size, template=self.template)
+        return pair_locality(self.reference, scores)
 
 
 def locality_budget(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rule: StopRule | None, batch_size: int
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rule: StopRule | None,
+    batch_size: int,
+    template: str = "plain",
 ) -> LocalityBudget | None:
-    """The budget of ``rule`` with ``model`` as the reference (None without one)."""
+    """The budget of ``rule`` with ``model`` as the reference (None without one), its probes under the
+    prompt ``template`` the stage trains with."""
     if rule is None or rule.max_locality_drop is None:
         return None
     from flearning.data.probes import load_probe_pairs
 
     pairs = load_probe_pairs(rule.locality_probes)
-    return LocalityBudget.measure(model, tokenizer, pairs, rule.max_locality_drop, batch_size)
+    return LocalityBudget.measure(model, tokenizer, pairs, rule.max_locality_drop, batch_size, template)
 
 
 @dataclass
@@ -147,7 +155,9 @@ def train_until(
     def accuracy(trained) -> float:
         from flearning.evaluation.evaluate import teacher_forced_accuracy
 
-        scores = teacher_forced_accuracy(trained, tokenizer, pairs, batch_size=batch_size)
+        scores = teacher_forced_accuracy(
+            trained, tokenizer, pairs, batch_size=batch_size, template=cfg.template
+        )
         return float(sum(scores) / len(scores))
 
     def check(epoch: int, trained, earlier: list[dict[str, Any]]) -> EpochCheck:

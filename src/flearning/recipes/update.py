@@ -118,7 +118,13 @@ class UpdateRecipe:
 
         cfg = self.cfg
         self.data = load_update_data(
-            self.old_file, self.new_file, cfg.format, limit=cfg.limit, fields=cfg.fields, split=cfg.split
+            self.old_file,
+            self.new_file,
+            cfg.format,
+            limit=cfg.limit,
+            fields=cfg.fields,
+            split=cfg.split,
+            zsre_old=cfg.zsre_old,
         )
         self.old_ds, self.new_ds = self.data.old, self.data.new
         self._use_records(self.data.records)
@@ -182,10 +188,17 @@ class UpdateRecipe:
         """Every text of the facts fits the model's context (``data.context``, the one rule): else exit 2
         naming file, record and field, or with ``truncate`` the prompts are cut (and named in a warning)."""
         from flearning.data.context import check_context, context_limit
+        from flearning.data.templates import check_template
 
+        check_template(tokenizer, self.cfg.template)  # chat: the tokenizer has a chat template
         limit = context_limit(model_config)
         records, cut = check_context(
-            self.records, tokenizer, limit, self.data.locations, truncate=self.cfg.truncate
+            self.records,
+            tokenizer,
+            limit,
+            self.data.locations,
+            truncate=self.cfg.truncate,
+            template=self.cfg.template,
         )
         if cut:
             positions, name = limit
@@ -284,7 +297,11 @@ class UpdateRecipe:
 
             start = time.perf_counter()
             self.reference = reference_predictions(
-                self.model, self.tokenizer, self.records, batch_size=self.cfg.eval_batch_size
+                self.model,
+                self.tokenizer,
+                self.records,
+                batch_size=self.cfg.eval_batch_size,
+                template=self.cfg.template,
             )
             self.timings["reference"] = time.perf_counter() - start
             self.before = self._evaluate(self.model, "before")
@@ -355,6 +372,7 @@ class UpdateRecipe:
             # θ's perplexity is measured once per base model and corpus (evaluation's disk cache)
             cache_dir=cache_root() / "evaluation" if when == "before" else None,
             progress=self.progress,
+            template=self.cfg.template,
         )
         self.timings[f"evaluate_{when}"] = time.perf_counter() - start
         return result
@@ -621,7 +639,7 @@ def dry_run(cfg: UpdateConfig, *, processes: int = 1, available: int | None = No
     if recipe.method.forget is not None:
         stages.append((recipe.plan.forget.add_eos, recipe.old_pairs))
     longest = max(
-        len(encode_pair(tokenizer, prompt, target, add_eos=add_eos).input_ids)
+        len(encode_pair(tokenizer, prompt, target, add_eos=add_eos, template=cfg.template).input_ids)
         for add_eos, pairs in stages
         for prompt, target in pairs
     )

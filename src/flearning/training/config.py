@@ -21,6 +21,8 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from flearning.data.templates import PLAIN, TemplateName
+
 ALL_LINEAR = "all-linear"
 Scheduler = Literal["linear", "constant"]
 
@@ -117,14 +119,19 @@ class TrainConfig(BaseModel):
     # compilation that later stages of the same process reuse; results differ from eager ones in the
     # last bits (fused kernels). See training.trainer.compile_blocks and the README's Benchmarks.
     compile: ConfigBool = False
+    # The prompt template the pairs are encoded with (``data.templates``): a run's setting, copied into
+    # each of its stages so that training and the stage's accuracy checks encode as evaluation does.
+    template: TemplateName = PLAIN
 
     @model_serializer(mode="wrap")
     def _without_default_compile(self, handler) -> dict[str, Any]:
-        # ``compile`` came after checkpoints, work directories and bench caches were keyed on this dump:
-        # left out while off, an eager stage keeps the key it had before the setting existed.
+        # ``compile`` and ``template`` came after checkpoints, work directories and bench caches were
+        # keyed on this dump: left out at their defaults, a stage keeps the key it had before they existed.
         data = handler(self)
         if not self.compile:
             data.pop("compile", None)
+        if self.template == PLAIN:
+            data.pop("template", None)
         return data
 
     @model_validator(mode="after")

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flearning.data.encoding import encode_pair
+from flearning.data.templates import PLAIN
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -31,12 +32,17 @@ class Example:
 
 
 def build_examples(
-    tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], *, add_eos: bool
+    tokenizer: PreTrainedTokenizerBase,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    add_eos: bool,
+    template: str = PLAIN,
 ) -> list[Example]:
-    """Encode (prompt, answer) pairs; the loss sees only answer (and EOS) tokens."""
+    """Encode (prompt, answer) pairs under the prompt ``template`` (``data.templates``); the loss sees
+    only answer (and EOS) tokens."""
     examples = []
     for prompt, answer in pairs:
-        enc = encode_pair(tokenizer, prompt, answer, add_eos=add_eos)
+        enc = encode_pair(tokenizer, prompt, answer, add_eos=add_eos, template=template)
         labels = [IGNORE_INDEX] * enc.prompt_len + enc.target_ids
         examples.append(Example(enc.input_ids, labels))
     return examples

@@ -377,7 +377,7 @@ def _start_or_resume(
     )
     check_launch(accelerator.num_processes)
     world = accelerator.num_processes
-    examples = build_examples(tokenizer, pairs, add_eos=cfg.add_eos)
+    examples = build_examples(tokenizer, pairs, add_eos=cfg.add_eos, template=cfg.template)
 
     identity = saved = None
     if checkpoint is not None:
