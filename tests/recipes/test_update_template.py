@@ -39,3 +39,27 @@ def test_update_with_alpaca_on_zsre_records(tiny_model_dir, tmp_path):
     assert [r.target_old for r in result.records] == [f"Pred {i}" for i in range(4)]
     assert result.after.meta["template"] == "alpaca" and result.before.meta["template"] == "alpaca"
     assert "template=alpaca" in (out / "README.md").read_text()  # the model card's command
+
+
+def test_prime_with_a_template_records_it(tiny_model_dir, tmp_path, capsys):
+    from flearning.cli import main
+
+    data = tmp_path / "z.json"
+    data.write_text(json.dumps([zsre_record(i) for i in range(4)]))
+    out = tmp_path / "primed"
+    args = [
+        "prime",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--model",
+        str(tiny_model_dir),
+        "--max-epochs",
+        "1",
+    ]
+    assert main([*args, "--template", "alpaca", "--zsre-old", "answers", "--no-progress"]) == 0
+    info = json.loads((out / "prime.json").read_text())
+    assert (info["template"], info["stage"]["template"], info["zsre_old"]) == ("alpaca", "alpaca", "answers")
+    assert main([*args, "--template", "vicuna", "--overwrite"]) == 2
+    assert "'vicuna' is not one of plain, alpaca, chat" in capsys.readouterr().err

@@ -7,6 +7,9 @@ from typing import Any
 
 import typer
 
+from flearning.cli.data import TEMPLATE_HELP, ZSRE_OLD_HELP
+from flearning.data.templates import TEMPLATES
+
 
 def prime_command(
     data: Path = typer.Option(..., "--data", help="Facts whose target_old is taught."),
@@ -14,6 +17,10 @@ def prime_command(
     model: str | None = typer.Option(None, "--model", "-m", help="Model directory, hub id, or smollm2-135m."),
     fmt: str | None = typer.Option(None, "--format"),
     limit: int | None = typer.Option(None, "--limit"),
+    zsre_old: str | None = typer.Option(None, "--zsre-old", help=ZSRE_OLD_HELP, show_default=False),
+    template: str = typer.Option(
+        "plain", "--template", help=f"{TEMPLATE_HELP} Prime with the one the updates will use."
+    ),
     # unset options take the bench's prime settings (flearning.config.PrimeSettings)
     threshold: float | None = typer.Option(
         None,
@@ -39,9 +46,13 @@ def prime_command(
     from flearning.models import DEFAULT_MODEL, resolve_model
 
     options = _options(lr=lr, max_epochs=max_epochs, threshold=threshold, batch_size=batch_size, seed=seed)
-    cfg, threshold = options.train_config(options.seed), options.threshold
+    if template not in TEMPLATES:
+        raise typer.BadParameter(
+            f"{template!r} is not one of {', '.join(TEMPLATES)}", param_hint="--template"
+        )
+    cfg, threshold = options.train_config(options.seed, template), options.threshold
     model = model or DEFAULT_MODEL
-    dataset = load_dataset(data, fmt, limit=limit)
+    dataset = load_dataset(data, fmt, limit=limit, zsre_old=zsre_old)
     source = resolve_model(model)
     # the output's rule (io.output); the main process holds its lock for the whole command
     claims = []
@@ -63,6 +74,7 @@ def prime_command(
 def _prime_into(
     target: Path, model: str, source: str, data: Path, dataset, cfg, threshold: float, progress: bool
 ) -> None:
+    from flearning.data.templates import check_template
     from flearning.distributed import on_main_process
     from flearning.io.atomic import write_errors_as_flearn
     from flearning.io.output import write_marker
@@ -71,12 +83,15 @@ def _prime_into(
     from flearning.sharding import is_sharded, whole_state
 
     theta, tokenizer = load_model(source)
+    check_template(tokenizer, cfg.template)  # chat: the tokenizer has a chat template
     result = prime(theta, tokenizer, dataset.records, cfg, threshold=threshold, progress=progress)
     info = {
         "model": model,
         "data": str(data),
         "data_sha256": dataset.sha256,
         "records": len(dataset.records),
+        "zsre_old": dataset.zsre_old,  # a ZsRE file: the field its old answers were read from
+        "template": cfg.template,
         "threshold": threshold,
         "accuracy_before": result.accuracy_before,
         "accuracy": result.accuracy,
