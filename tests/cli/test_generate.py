@@ -155,3 +155,17 @@ def test_bad_input_is_exit_2(tmp_path, tiny_model_dir, capsys, monkeypatch, args
     assert main(["generate", *argv]) == 2
     assert message in capsys.readouterr().err
     assert loaded == []
+
+
+def test_alpaca_template_continues_the_dressed_prompt(tiny_model_dir):
+    """--template alpaca continues the prompt as training and evaluation dress it (issue #11)."""
+    from flearning.data.templates import ALPACA_NO_INPUT
+
+    out = json.loads(run("--model", tiny_model_dir, "Colour 2 is", "-t", 4, "--template", "alpaca", "--json"))
+    dressed = ALPACA_NO_INPUT.format(instruction="Colour 2 is")
+    assert out["results"][0]["generated"] == hand_greedy(tiny_model_dir, dressed, 4)
+
+
+def test_chat_template_without_one_is_refused(tiny_model_dir, capsys):
+    assert main(["generate", "--model", str(tiny_model_dir), "Colour 2 is", "--template", "chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP
+from flearning.cli.data import DATA_HELP, FIELD_HELP, SPLIT_HELP, TEMPLATE_HELP, ZSRE_OLD_HELP
+from flearning.data.templates import TEMPLATES
 from flearning.errors import FlearnError
 
 if TYPE_CHECKING:
@@ -49,11 +50,12 @@ def data_prompts(records: list[KnowledgeRecord], rephrase: bool = True) -> list[
     return prompts
 
 
-def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """The prompt's tokens as training and evaluation see them before an answer (``encode_pair``)."""
+def prompt_ids(tokenizer: PreTrainedTokenizerBase, prompt: str, template: str = "plain") -> list[int]:
+    """The prompt's tokens as training and evaluation see them before an answer (``encode_pair``, under
+    the prompt ``template`` the model was updated with)."""
     from flearning.data.encoding import encode_pair
 
-    pair = encode_pair(tokenizer, prompt, "")
+    pair = encode_pair(tokenizer, prompt, "", template=template)
     return pair.input_ids[: pair.prompt_len]
 
 
@@ -65,8 +67,10 @@ def continuations(
     *,
     batch_size: int = DEFAULT_GENERATE_BATCH_SIZE,
     progress: bool = False,
+    template: str = "plain",
 ) -> list[str]:
-    """The greedy continuation of each prompt (decoded new tokens, cut at EOS, special tokens skipped).
+    """The greedy continuation of each prompt under the prompt ``template`` (decoded new tokens, cut at
+    EOS, special tokens skipped).
 
     Raises:
         FlearnError: a prompt has no tokens, or with ``max_new_tokens`` does not fit in the model's
@@ -76,7 +80,7 @@ def continuations(
     from flearning.evaluation.probes import eos_token_id, pad_token_id
     from flearning.evaluation.scoring import greedy_generate
 
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    ids = [prompt_ids(tokenizer, p, template) for p in prompts]
     limit = context_limit(model.config)
     problems = []
     for n, (text, tokens) in enumerate(zip(prompts, ids, strict=True), start=1):
@@ -102,15 +106,29 @@ def continuations(
 
 
 def _generated(
-    spec: str, prompts: list[str], max_new_tokens: int, batch_size: int, progress: bool, trust: bool
+    spec: str,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    progress: bool,
+    trust: bool,
+    template: str = "plain",
 ) -> list[str]:
     """Load one model, continue every prompt, and let the model go (the two models never share memory)."""
+    from flearning.data.templates import check_template
     from flearning.models import load_model
 
     model, tokenizer = load_model(spec, trust_remote_code=trust)
     try:
+        check_template(tokenizer, template)  # chat: this model's tokenizer has a chat template
         return continuations(
-            model, tokenizer, prompts, max_new_tokens, batch_size=batch_size, progress=progress
+            model,
+            tokenizer,
+            prompts,
+            max_new_tokens,
+            batch_size=batch_size,
+            progress=progress,
+            template=template,
         )
     finally:
         del model
@@ -204,6 +222,10 @@ def generate_command(
         False, "--trust-remote-code", help="Run the model repository's own code (only for models you trust)."
     ),
     progress: bool = typer.Option(False, "--progress/--no-progress", help="Show a progress bar."),
+    template: str = typer.Option(
+        "plain", "--template", help=f"{TEMPLATE_HELP} Give the one the model was updated with."
+    ),
+    zsre_old: str | None = typer.Option(None, "--zsre-old", help=ZSRE_OLD_HELP, show_default=False),
 ) -> None:
     """Print the greedy continuations of prompts by a model, and by the model before the update.
 
@@ -212,6 +234,8 @@ def generate_command(
     from flearning.models import resolve_model
 
     # Everything that can be wrong with the input is refused before any weights are loaded.
+    if template not in TEMPLATES:
+        raise FlearnError(f"--template {template!r} is not one of {', '.join(TEMPLATES)}")
     items = [GeneratePrompt(p) for p in prompts or []]
     if limit is not None and data is None:
         raise FlearnError("--limit takes the first N records of --data; without --data there are none")
@@ -221,7 +245,9 @@ def generate_command(
         from flearning.resources import resolve_sample
 
         fields = parse_fields(field)
-        records = load_dataset(resolve_sample(data), fmt, limit=limit, fields=fields, split=split).records
+        records = load_dataset(
+            resolve_sample(data), fmt, limit=limit, fields=fields, split=split, zsre_old=zsre_old
+        ).records
         items += data_prompts(records, rephrase=rephrase)
     elif fmt is not None or field or split is not None:
         raise FlearnError(
@@ -239,7 +265,7 @@ def generate_command(
         resolve_model(reference)
 
     texts = [item.prompt for item in items]
-    args = (max_new_tokens, batch_size, progress, trust_remote_code)
+    args = (max_new_tokens, batch_size, progress, trust_remote_code, template)
     before = _generated(reference, texts, *args) if reference is not None else None
     after = _generated(model, texts, *args)
     if stop_at_newline:
