@@ -237,7 +237,8 @@ def test_settings_are_validated(tmp_path):
 
 def test_defaults_and_what_each_editor_reads():
     plans = {m: stage_plan(UpdateConfig(method=m)) for m in EDITORS}
-    assert plans["rome"].edit.layers == (5,) and plans["memit"].edit.layers == (4, 5, 6, 7, 8)
+    assert plans["rome"].edit.layers == (12,) and plans["memit"].edit.layers == (3, 4, 5, 6, 7)
+    assert plans["alphaedit"].edit.layers == (3, 4, 5, 6, 7)
     assert plans["alphaedit"].edit.values["lr"] == 0.1 and plans["memit"].edit.values["lr"] == 0.5
     assert plans["flearning-memit"].forget.lora is None and plans["flearning-memit"].learn is None
     assert "nullspace_threshold" not in plans["memit"].edit.to_json()
@@ -274,7 +275,7 @@ def test_facts_without_a_subject_are_refused_before_any_work(model_dir, tmp_path
 
 def test_layers_the_model_does_not_have_are_refused_before_any_work(model_dir, facts_file, tmp_path):
     out = tmp_path / "out"
-    with pytest.raises(FlearnError, match=r"edit.layers \[4, 5, 6, 7, 8\]: the model has layers 0 to 2"):
+    with pytest.raises(FlearnError, match=r"edit.layers \[3, 4, 5, 6, 7\]: the model has layers 0 to 2"):
         update(
             UpdateConfig(model=str(model_dir), data=facts_file, method="memit", out=out, **FAST),
             progress=False,
