@@ -106,3 +106,9 @@ def test_tiny_paper_v2_bench_records_the_settings(tmp_path, tiny_model_dir):
     assert (paired["n_seeds"], paired["seed_ci95"]) == (1, None)
     assert "Prompt template: alpaca." in summary["table_markdown"]
     assert "one seed: none" in summary["table_markdown"]
+    # both names read the same file: the runs they share are cached once and reported under each name
+    assert summary["counters"]["cached_runs"] == 3  # ft, lora and flearning-lora-ft (λ 3 on both)
+    for name in ("zsre", "counterfact"):
+        report = json.loads((tmp_path / "bench" / name / "summary.json").read_text())
+        metas = [m for entry in report["methods"].values() for m in entry["meta"]]
+        assert len(metas) == 6 and all(m["template"] == "alpaca" for m in metas)  # θ and the five methods

@@ -11,6 +11,7 @@ bench computes only what is new. ``lambdas="auto"`` chooses λ on a validation s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -158,7 +159,7 @@ class Bench:
         info_path = path / "prime.json"
         if info_path.is_file():
             model, _ = load_model(path)
-            info = json.loads(info_path.read_text())
+            info = dict(json.loads(info_path.read_text()), dataset=dataset)  # as for runs: this name
         else:
             model = copy.deepcopy(self.base)
             scope = self.tracker.scoped(f"{dataset}/seed{seed}")
@@ -224,6 +225,9 @@ class Bench:
         scope = self.tracker.scoped(_run_scope(split, method_name, lam))
         cached = self.cache.load_run(key)
         if cached is not None:
+            # keys do not hold the dataset's name: two names of the same records share their runs, and a
+            # run read back is this dataset's (not the name it was first cached under)
+            cached = dataclasses.replace(cached, dataset=theta.dataset)
             self.counters["cached_runs"] += 1
             scope.log(scalars("eval", cached.result().summary()))
             return cached
@@ -342,6 +346,7 @@ class Bench:
                 self.primes.setdefault(dataset, []).append(info)
                 primed_run = RunRecord(dataset, seed, PRIMED, None, "eval", primed_eval.records)
                 primed_run.perplexity = primed_eval.perplexity
+                primed_run.template, primed_run.zsre_old = self.cfg.template, self.old_fields.get(dataset)
                 self.runs.append(primed_run)
                 chosen = (
                     self._choose_lambdas(self.split(theta, "val", validation), bar)

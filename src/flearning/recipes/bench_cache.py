@@ -112,7 +112,12 @@ class RunRecord:
         return EvalResult(
             records=self.records,
             seed=self.seed,
-            meta={"method": self.method, "lambda": self.lam},
+            meta={
+                "method": self.method,
+                "lambda": self.lam,
+                # how the run's prompts and old answers were read, when recorded (issue #11)
+                **{k: v for k, v in (("template", self.template), ("zsre_old", self.zsre_old)) if v},
+            },
             perplexity=self.perplexity,
         )
 
