@@ -290,6 +290,9 @@ def test_report_to_options_and_config_keys(tmp_path, monkeypatch):
     text = str(bad.value)
     assert "report_to.0: Input should be 'tensorboard', 'wandb', 'mlflow' or 'trackio'" in text
     assert "run_name:" in text and "cannot name a run" in text
+    config.write_text("report_to:\n- []\n- wandb\n")  # a name that is not a text: named, not a TypeError
+    with pytest.raises(ConfigError, match=r"report_to\.0: Input should be"):
+        load_config(UpdateConfig, config, [])
 
 
 def test_logging_dir_inside_the_output_is_refused(tiny_model_dir, facts_file, tmp_path):

@@ -78,9 +78,9 @@ def _tracker_list(value: Any) -> Any:
     ``report_to=wandb``); each name once."""
     if isinstance(value, str):
         value = [name.strip() for name in value.split(",") if name.strip()]
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)) and all(isinstance(name, str) for name in value):
         return list(dict.fromkeys(value))
-    return value
+    return value  # anything else is for the field's type to refuse, naming it
 
 
 def _run_name(value: str) -> str:
