@@ -11,6 +11,17 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = RESULTS.parent.parent
+
+
+def repo_path(path: str | os.PathLike) -> str:
+    """``path`` as results record it: relative to the repository, or, outside it, its last two parts
+    marked as such (never an absolute path of this machine)."""
+    resolved = Path(path).resolve()
+    try:
+        return str(resolved.relative_to(REPO))
+    except ValueError:
+        return f"{Path(*resolved.parts[-2:])} (outside the repository)"
 
 
 def machine() -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write_json  # noqa: E402
+from common import machine, repo_path, write_json  # noqa: E402
 
 
 def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -88,7 +88,7 @@ def main() -> None:
     if args.png:
         plot(scalars, args.png, f"flearn update --report-to tensorboard ({args.run_dir.name})")
         print(f"wrote {args.png}")
-    write_json(args.name, {"machine": machine(), "run_dir": str(args.run_dir), "scalars": scalars})
+    write_json(args.name, {"machine": machine(), "run_dir": repo_path(args.run_dir), "scalars": scalars})
 
 
 if __name__ == "__main__":

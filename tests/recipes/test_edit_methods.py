@@ -284,8 +284,8 @@ def test_layers_the_model_does_not_have_are_refused_before_any_work(model_dir, f
 
 
 def test_dry_run_plans_the_edit_step(model_dir, facts_file):
+    from flearning.recipes.dry_run import dry_run
     from flearning.recipes.memory import plan_memory
-    from flearning.recipes.update import dry_run
 
     plan = dry_run(_config(model_dir, facts_file, "flearning-memit", None, [0, 1]), available=2**40)
     assert [(s.name, s.kind) for s in plan.stages] == [("forget", "full"), ("edit", "memit")]

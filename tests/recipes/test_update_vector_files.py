@@ -74,7 +74,7 @@ def test_cli_vector_files_option(tiny_model_dir, facts_file, tmp_path, capsys):
 def test_the_dry_run_states_what_the_main_process_holds_for_each_option(tiny_model_dir, tmp_path):
     from flearning.cli.tables import plan_table, render
     from flearning.config import UpdateConfig
-    from flearning.recipes.update import dry_run
+    from flearning.recipes.dry_run import dry_run
 
     plans = {
         files: dry_run(

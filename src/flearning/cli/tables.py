@@ -276,7 +276,7 @@ def dry_run_report(
 ) -> str:
     """The memory plan of an update config as text (a table, the verdict, suggestions), at ``seq_len``
     tokens per sequence (None: assumed, and the plan says so). ``flearn update --dry-run`` measures the
-    data's lengths instead (``recipes.update.dry_run``) and prints ``render(plan_table(plan))``."""
+    data's lengths instead (``recipes.dry_run``) and prints ``render(plan_table(plan))``."""
     from flearning.recipes.memory import dry_run_plan
 
     return render(plan_table(dry_run_plan(cfg, seq_len=seq_len, processes=processes, available=available)))

@@ -194,7 +194,7 @@ def update_command(
     stage_plan(cfg, source=config_source(config))  # the stages' settings are valid (else exit 2)
     if dry_run:  # the data and its lengths are checked as the update would, no weights are loaded
         from flearning.cli.tables import plan_table, render
-        from flearning.recipes.update import dry_run as plan_dry_run
+        from flearning.recipes.dry_run import dry_run as plan_dry_run
 
         if sharding not in ("none", "fsdp2"):
             raise typer.BadParameter(f"--sharding must be none or fsdp2, not {sharding!r}")

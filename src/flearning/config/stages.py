@@ -22,24 +22,6 @@ from pydantic_core import PydanticCustomError
 
 from flearning.config.edit import EditPlan
 from flearning.config.loading import (
-    build_config as build_config,
-)
-from flearning.config.loading import (
-    config_source as config_source,
-)
-from flearning.config.loading import (
-    load_config as load_config,
-)
-from flearning.config.loading import (
-    parse_overrides as parse_overrides,
-)
-from flearning.config.loading import (
-    read_yaml as read_yaml,
-)
-from flearning.config.loading import (
-    resolve_config_paths as resolve_config_paths,
-)
-from flearning.config.loading import (
     validation_problems,
 )
 from flearning.data.fields import mapping_problems

@@ -16,24 +16,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from flearning.config.edit import EditSettings, edit_plan, layer_problem
-from flearning.config.loading import (
-    build_config as build_config,
-)
-from flearning.config.loading import (
-    config_source as config_source,
-)
-from flearning.config.loading import (
-    load_config as load_config,
-)
-from flearning.config.loading import (
-    parse_overrides as parse_overrides,
-)
-from flearning.config.loading import (
-    read_yaml as read_yaml,
-)
-from flearning.config.loading import (
-    resolve_config_paths as resolve_config_paths,
-)
 from flearning.config.stages import (
     LINF_BOUND,
     LOCALITY_PROBES,

@@ -604,7 +604,7 @@ def dry_run_plan(
 ) -> MemoryPlan:
     """The memory plan of an update config: its model (config only; the embedded default is converted
     once if it was not yet), method, stage settings and LoRA shape. ``seq_len``: the longest training
-    text of the data in tokens (``recipes.update.dry_run`` measures it), described by ``seq_len_source``;
+    text of the data in tokens (``recipes.dry_run`` measures it), described by ``seq_len_source``;
     None: ``ASSUMED_SEQ_LEN``, and the plan says it was assumed."""
     from flearning.models import resolve_model
 
