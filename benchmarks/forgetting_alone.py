@@ -12,12 +12,13 @@ Generality (of target_new), Locality (neighbourhood argmax against θ), Efficacy
 the old's) and perplexity on the first ``--passages`` passages of the bench's held-out text. λ = 0 is θ
 itself, evaluated once for both kinds; θ₀ (the model before priming, where a subtraction heads back to) is
 evaluated beside it, its Locality against θ too. With several seeds the summary is the mean and the
-sample standard deviation over seeds (the seed is the unit). The JSON is rewritten after every row; rows already in it with the
-same settings are kept (``--fresh`` measures everything again), so a second seed adds to the first.
+sample standard deviation over seeds (the seed is the unit; only seeds with every row). The JSON is
+rewritten after every row; rows already in it with the same settings are kept (``--fresh`` measures
+everything again), so a second seed adds to the first.
 
     OMP_NUM_THREADS=1 nice -n 5 .venv/bin/python benchmarks/forgetting_alone.py --profile paper --seeds 0
         [--n 200] [--lambdas 0.1,0.3,0.5,0.7,0.9,1.5,3] [--passages 50] [--work /tmp/forgetting-alone]
-    .venv/bin/python benchmarks/forgetting_alone.py --plot-only   # docs/forgetting-alone.png from the JSON
+    .venv/bin/python benchmarks/forgetting_alone.py --plot-only   # the plot and summary from the JSON's rows
 """
 
 from __future__ import annotations
@@ -493,12 +494,17 @@ def main() -> None:
     parser.add_argument("--out", default=OUT, help="file name under benchmarks/results/")
     parser.add_argument("--png", type=Path, default=PNG, help="the plot")
     parser.add_argument("--no-plot", action="store_true", help="do not write the plot")
-    parser.add_argument("--plot-only", action="store_true", help="only redraw the plot from the JSON")
+    parser.add_argument(
+        "--plot-only", action="store_true", help="only redraw the plot and the JSON's summary from its rows"
+    )
     parser.add_argument("--fresh", action="store_true", help="measure every row again")
     args = parser.parse_args()
     if args.plot_only:
         payload = json.loads((RESULTS / args.out).read_text())
-        payload["summary"] = summarize(payload["rows"])  # the complete seeds, also of a stopped run
+        # the summary of the complete seeds, also of a run stopped before its end, written back
+        payload["summary_seeds"] = complete_seeds(payload["rows"])
+        payload["summary"] = summarize(payload["rows"])
+        write_json(args.out, payload)
     else:
         args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         args.lambdas = [float(s) for s in args.lambdas.split(",") if s.strip()]
