@@ -14,7 +14,7 @@ from flearning.editing.deltas import apply_deltas
 from flearning.editing.memit import mean_keys, memit_edit, memit_update
 from flearning.editing.requests import CONTEXT_PREFIXES, as_requests
 from flearning.editing.rome import rome_update
-from flearning.editing.values import ValueSettings, optimise_values
+from flearning.editing.values import ValueSettings, length_groups, optimise_values
 from flearning.errors import FlearnError
 from flearning.models import model_fingerprint
 
@@ -78,6 +78,30 @@ def test_batched_z_equals_one_request_at_a_time(tok):
         assert torch.allclose(batched.init[i], a.init[0], rtol=1e-5, atol=1e-6)
         assert _relative(batched.target[i], a.target[0]) < 1e-4
         assert batched.losses[i] == pytest.approx(a.losses[0], rel=1e-4)
+
+
+def test_passes_of_requests_sorted_by_length_come_back_in_order(tok):
+    """Passes of two requests (formed shortest first) give each request's z alone, in the given order."""
+    model = gpt2()
+    requests = as_requests(REQUESTS)[::-1]  # the longest first: the passes reorder them
+    module = architecture_of(model).block_name(1)
+    settings = ValueSettings(requests_per_pass=2, steps=6)
+    alone = [
+        optimise_values(model, tok, [r], module, prefixes=CONTEXT_PREFIXES, settings=settings)
+        for r in requests
+    ]
+    passes = optimise_values(model, tok, requests, module, prefixes=CONTEXT_PREFIXES, settings=settings)
+    for i, a in enumerate(alone):
+        assert torch.allclose(passes.init[i], a.init[0], rtol=1e-5, atol=1e-6)
+        assert _relative(passes.target[i], a.target[0]) < 1e-4
+        assert passes.losses[i] == pytest.approx(a.losses[0], rel=1e-4)
+        assert passes.steps[i] == a.steps[0]
+
+
+def test_length_groups_cut_where_lengths_spread():
+    assert length_groups([9, 3, 4, 20, 8, 5], tolerance=2) == [[1, 2, 5], [4, 0], [3]]
+    assert length_groups([5, 5, 5], tolerance=0) == [[0, 1, 2]]
+    assert length_groups([7], tolerance=4) == [[0]]
 
 
 def test_keys_average_the_prompt_alone_and_the_prefixed_prompts():
