@@ -9,16 +9,17 @@ import typer
 from flearning.cli.data import FIELD_HELP, SPLIT_HELP, TEMPLATE_HELP, ZSRE_OLD_HELP
 
 
-def _parse_data(items: list[str] | None) -> dict[str, str] | None:
+def _parse_data(items: list[str] | None) -> dict[str, str | list[str]] | None:
+    """``NAME=PATH`` options as {name: path}; a name given several times is one dataset of those files."""
     if not items:
         return None
-    out = {}
+    out: dict[str, list[str]] = {}
     for item in items:
         name, sep, path = item.partition("=")
         if not sep or not name or not path:
             raise typer.BadParameter(f"--data expects NAME=PATH, got {item!r}")
-        out[name] = path
-    return out
+        out.setdefault(name, []).append(path)
+    return {name: paths[0] if len(paths) == 1 else paths for name, paths in out.items()}
 
 
 def bench_command(
@@ -38,7 +39,9 @@ def bench_command(
     data: list[str] | None = typer.Option(
         None,
         "--data",
-        help="NAME=PATH, repeatable (default: the full datasets under --data-root if there, else the shipped samples); "
+        help="NAME=PATH, repeatable; a NAME given twice is one dataset of both files, read in order (e.g. "
+        "ZsRE's dev and train files; record ids become FILE/ID) (default: the full datasets under "
+        "--data-root if there, else the shipped samples); "
         "PATH as flearn update's --data (a JSON, Parquet or CSV file, a save_to_disk directory, hf:owner/name).",
     ),
     field: list[str] | None = typer.Option(

@@ -208,7 +208,10 @@ class BenchConfig(BaseModel):
 
     model: str = DEFAULT_MODEL
     data_root: Path | None = None
-    data: dict[str, Path] = Field(default_factory=lambda fields: default_data(fields.get("data_root")))
+    # a dataset may be several files read as one (e.g. ZsRE's evaluation and training files: data.load_combined)
+    data: dict[str, Path | list[Path]] = Field(
+        default_factory=lambda fields: default_data(fields.get("data_root"))
+    )
     # the field mapping and the split every dataset of ``data`` is read with (as in UpdateConfig)
     fields: dict[str, str] | None = None
     split: str | None = None
@@ -365,7 +368,7 @@ class BenchConfig(BaseModel):
 
     @field_validator("data")
     @classmethod
-    def _dataset_names(cls, data: dict[str, Path]) -> dict[str, Path]:
+    def _dataset_names(cls, data: dict[str, Path | list[Path]]) -> dict[str, Path | list[Path]]:
         # each name is a report directory in out/, beside cache/, summary.json and table.md
         bad = [
             name
@@ -377,7 +380,14 @@ class BenchConfig(BaseModel):
                 f"dataset names {bad} cannot name a report directory (not empty, no '/', no leading '.', "
                 f"none of {', '.join(RESERVED_NAMES)})"
             )
-        return data
+        empty = [name for name, files in data.items() if isinstance(files, list) and not files]
+        if empty:
+            raise ValueError(f"datasets {empty}: give at least one file")
+        # one file in a list is that file (the same runs, the same cache)
+        return {
+            name: files[0] if isinstance(files, list) and len(files) == 1 else files
+            for name, files in data.items()
+        }
 
     @field_validator("lambdas")
     @classmethod

@@ -8,7 +8,15 @@ drop rules and the error messages are documented in the samples' README (``data/
 
 from flearning.data.formats import FORMATS
 from flearning.data.joining import UpdateData, load_update_data
-from flearning.data.loading import DROP_REASONS, LoadedDataset, Location, load_dataset, load_records
+from flearning.data.loading import (
+    DROP_REASONS,
+    CombinedDataset,
+    LoadedDataset,
+    Location,
+    load_combined,
+    load_dataset,
+    load_records,
+)
 from flearning.data.records import KnowledgeRecord, PromptAnswer
 from flearning.data.store import records_hash, save_jsonl
 
@@ -16,10 +24,12 @@ __all__ = [
     "DROP_REASONS",
     "FORMATS",
     "KnowledgeRecord",
+    "CombinedDataset",
     "LoadedDataset",
     "Location",
     "PromptAnswer",
     "UpdateData",
+    "load_combined",
     "load_dataset",
     "load_records",
     "load_update_data",

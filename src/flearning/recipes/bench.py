@@ -93,17 +93,21 @@ class Bench:
     # ---- setup -----------------------------------------------------------------------------------
     def setup(self) -> None:
         """Load every dataset (refusing one too small for n + n_val) and the base model θ₀."""
-        from flearning.data import load_dataset
+        from flearning.data import load_combined
         from flearning.data.templates import check_template
         from flearning.models import load_model, model_fingerprint
 
         for name, path in self.cfg.data.items():
-            ds = load_dataset(path, fields=self.cfg.fields, split=self.cfg.split, zsre_old=self.cfg.zsre_old)
+            files = path if isinstance(path, list) else [path]
+            ds = load_combined(
+                files, fields=self.cfg.fields, split=self.cfg.split, zsre_old=self.cfg.zsre_old
+            )
             self.old_fields[name] = ds.zsre_old
             need = self.cfg.n + self.cfg.n_val
             if len(ds.records) < need:
                 raise FlearnError(
-                    f"{path}: {len(ds.records)} usable records, the bench needs n + n_val = {need}"
+                    f"{' + '.join(map(str, files))}: {len(ds.records)} usable records, the bench needs "
+                    f"n + n_val = {need}"
                 )
             self.datasets[name] = (ds.records[: self.cfg.n], ds.records[self.cfg.n : need])
             if self._edit_plans():  # an editor writes these facts: each needs its subject (before any work)
@@ -489,7 +493,11 @@ def run_bench(
     from flearning.io.output import claim_output, output_kind, write_marker
 
     out = default_out(cfg)
-    given = {f"data ({name})": path for name, path in cfg.data.items()}
+    given = {}
+    for name, paths in cfg.data.items():
+        files = paths if isinstance(paths, list) else [paths]
+        for k, path in enumerate(files):
+            given[f"data ({name})" if len(files) == 1 else f"data ({name}, file {k + 1})"] = path
     rule = {
         "kind": "bench",
         "inputs": {**given, "model": cfg.model, **(inputs or {})},
@@ -525,7 +533,10 @@ def _portable(config: dict[str, Any]) -> dict[str, Any]:
     """The configuration as recorded in ``summary.json``: its file paths relative to the current
     directory (the repository, for the shipped results), so results carry no machine's absolute paths."""
     config = dict(config)
-    config["data"] = {name: os.path.relpath(path) for name, path in config["data"].items()}
+    config["data"] = {
+        name: [os.path.relpath(p) for p in path] if isinstance(path, list) else os.path.relpath(path)
+        for name, path in config["data"].items()
+    }
     for key in ("data_root", "out", "logging_dir"):
         if config.get(key):
             config[key] = os.path.relpath(config[key])
