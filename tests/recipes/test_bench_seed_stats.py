@@ -74,3 +74,24 @@ def test_t_interval_of_two_values():
     # mean 2, sd sqrt(2), se 1, t(0.975, 1) = 12.706205
     mean, low, high = t_interval([1.0, 3.0])
     assert (mean, low, high) == pytest.approx((2.0, 2.0 - 12.706205, 2.0 + 12.706205), abs=1e-6)
+
+
+def test_lora_forgetting_then_full_learning_is_paired_with_both_baselines():
+    """flearning-lora-ft against plain fine-tuning (the effect map's comparison) and against full-FT
+    forgetting (which subtraction is better), each on the same records."""
+    lora_ft = [0, 1, 1, 1]
+    runs = [
+        run(0, "ft", FT[0]),
+        run(0, "flearning-ft", FL[0], 0.3),
+        run(0, "flearning-lora-ft", lora_ft, 3.0),
+    ]
+    pairs = {(p["method"], p["baseline"]): p for p in paired_comparisons(runs)}
+    assert set(pairs) == {
+        ("flearning-ft", "ft"),
+        ("flearning-lora-ft", "ft"),
+        ("flearning-lora-ft", "flearning-ft"),
+    }
+    assert pairs[("flearning-lora-ft", "ft")]["diff"] == pytest.approx(100 * (-1 + 1 + 0 + 0) / 4)
+    assert pairs[("flearning-lora-ft", "flearning-ft")]["diff"] == pytest.approx(100 * (-1 + 0 + 0 + 0) / 4)
+    assert pairs[("flearning-lora-ft", "ft")]["baseline_lambda"] is None
+    assert pairs[("flearning-lora-ft", "flearning-ft")]["baseline_lambda"] == 0.3
