@@ -92,6 +92,20 @@ def settings_of(cfg, args: argparse.Namespace) -> dict:
     }
 
 
+def unchanged_row(bench, model, split, dataset: str, seed: int, forget: str | None) -> dict:
+    """The row of a model evaluated as it is (θ: ``forget`` None; θ₀: "base"), at λ 0."""
+    metrics, ppl, seconds = evaluate_row(bench, model, split, bench.held_out)
+    return {
+        "dataset": dataset,
+        "seed": seed,
+        "forget": forget,
+        "lambda": 0.0,
+        "metrics": metrics,
+        "perplexity": ppl,
+        "seconds": {"apply": 0.0, "evaluate": round(seconds, 1)},
+    }
+
+
 def evaluate_row(bench, model, split, corpus) -> tuple[dict, dict, float]:
     """Every metric of ``model`` on the split's records, Locality against θ; perplexity on ``corpus``."""
     from flearning.evaluation.evaluate import evaluate
@@ -208,31 +222,13 @@ def run(args: argparse.Namespace) -> dict:
             row_key = (dataset, seed, None, 0.0)
             row = kept.get(row_key)
             if row is None:
-                metrics, ppl, seconds = evaluate_row(bench, work, split, bench.held_out)
-                row = {
-                    "dataset": dataset,
-                    "seed": seed,
-                    "forget": None,
-                    "lambda": 0.0,
-                    "metrics": metrics,
-                    "perplexity": ppl,
-                    "seconds": {"apply": 0.0, "evaluate": round(seconds, 1)},
-                }
+                row = unchanged_row(bench, work, split, dataset, seed, None)
             payload["rows"].append(row)
             print(format_row(row), flush=True)
             write_json(args.out, payload)
             row = kept.get((dataset, seed, "base", 0.0))
             if row is None:  # θ₀, the model before priming: where a subtraction heads back to
-                metrics, ppl, seconds = evaluate_row(bench, bench.base, split, bench.held_out)
-                row = {
-                    "dataset": dataset,
-                    "seed": seed,
-                    "forget": "base",
-                    "lambda": 0.0,
-                    "metrics": metrics,
-                    "perplexity": ppl,
-                    "seconds": {"apply": 0.0, "evaluate": round(seconds, 1)},
-                }
+                row = unchanged_row(bench, bench.base, split, dataset, seed, "base")
             payload["rows"].append(row)
             print(format_row(row), flush=True)
             write_json(args.out, payload)
