@@ -6,17 +6,10 @@ Training and evaluation only ever see records, never a file's layout. The format
 drop rules and the error messages are documented in the samples' README (``data/README.md``).
 """
 
+from flearning.data.combined import CombinedDataset, load_combined
 from flearning.data.formats import FORMATS
 from flearning.data.joining import UpdateData, load_update_data
-from flearning.data.loading import (
-    DROP_REASONS,
-    CombinedDataset,
-    LoadedDataset,
-    Location,
-    load_combined,
-    load_dataset,
-    load_records,
-)
+from flearning.data.loading import DROP_REASONS, LoadedDataset, Location, load_dataset, load_records
 from flearning.data.records import KnowledgeRecord, PromptAnswer
 from flearning.data.store import records_hash, save_jsonl
 
