@@ -467,9 +467,9 @@ def test_inf_loss_at_a_later_step_names_it_and_leaves_nothing(
     seen: dict[str, list[str]] = {}
     out = tmp_path / "out"
 
-    def loss(model, batch):
+    def loss(model, batch, **options):
         calls.append(1)
-        value = real(model, batch)
+        value = real(model, batch, **options)
         if len(calls) == 4 + 3:  # forget: 4 steps of one batch; then learning step 3
             work = work_dir_for(out)
             seen["learn"] = sorted(p.name for p in (work / "learn").iterdir())
