@@ -29,8 +29,8 @@ def main() -> None:
     from flearning.data import load_records
     from flearning.models import load_model
     from flearning.training.dataset import build_examples, collate
+    from flearning.training.loss import answer_loss
     from flearning.training.prefix import shared_prefix_length
-    from flearning.training.trainer import answer_loss
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--facts", type=int, default=32)

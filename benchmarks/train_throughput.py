@@ -60,7 +60,7 @@ def phase_split(model, tokenizer, pairs, cfg) -> dict:
     import torch
 
     from flearning.training.dataset import LengthGroupedBatches, build_examples, collate
-    from flearning.training.trainer import answer_loss
+    from flearning.training.loss import answer_loss
 
     examples = build_examples(tokenizer, pairs, add_eos=cfg.add_eos)
     sampler = LengthGroupedBatches([len(e) for e in examples], cfg.batch_size, cfg.seed)

@@ -156,8 +156,9 @@ def test_every_number_and_switch_refuses_what_lax_mode_would_coerce(model):
     expected_fields = {
         BenchConfig: {"n", "n_val", "seeds", "lambdas", "lambda_grid", "locality_tolerance", "linf_bound"}
         | {"eval_batch_size", "generation", "fluency", "trust_remote_code", "allow_negative_lambda"},
-        PrimeSettings: {"lr", "max_epochs", "threshold", "batch_size", "grad_accum"},
-        PrimeOptions: {"lr", "max_epochs", "threshold", "batch_size", "grad_accum", "seed"},
+        PrimeSettings: {"lr", "max_epochs", "threshold", "batch_size", "grad_accum", "fused_accumulation"},
+        PrimeOptions: {"lr", "max_epochs", "threshold", "batch_size", "grad_accum", "fused_accumulation"}
+        | {"seed"},
     }[model]
     assert set(checked) == expected_fields
 

@@ -34,6 +34,10 @@ CONFIGS = {
     # 6 micro-batches of 4 per epoch, 2 per optimizer step; 22 pairs → the last micro-batch is short
     "grad_accum": TrainConfig(lr=1e-2, epochs=2, batch_size=4, grad_accum=2),
     "ft-c": TrainConfig(lr=5e-2, epochs=2, batch_size=8, linf_bound=2e-3),
+    # the same steps with each step's micro-batches run as one batch on the Alpaca preamble
+    "fused": TrainConfig(
+        lr=1e-2, epochs=2, batch_size=4, grad_accum=2, template="alpaca", fused_accumulation=True
+    ),
 }
 
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from flearning.logits import logits_at
+from flearning.training import attach_lora
 from flearning.training.dataset import build_examples, collate
-from flearning.training.trainer import answer_loss, attach_lora
+from flearning.training.loss import answer_loss
 
 # prompts and answers of different lengths: right padding of several widths in one batch
 PAIRS = [

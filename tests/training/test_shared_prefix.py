@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from flearning.training import attach_lora
 from flearning.training.dataset import build_examples, collate
+from flearning.training.loss import answer_loss
 from flearning.training.prefix import MIN_SHARED, shared_prefix_length
-from flearning.training.trainer import answer_loss, attach_lora
 from tiny import tiny_llama
 
 PAIRS = [

@@ -182,6 +182,7 @@ class StageOverrides(BaseModel):
     add_eos: ConfigBool | None = None
     freeze_embeddings: ConfigBool | None = None
     compile: ConfigBool | None = None
+    fused_accumulation: ConfigBool | None = None
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_none=True)

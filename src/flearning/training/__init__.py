@@ -5,7 +5,8 @@ The loss covers the answer tokens only; a stage can be checkpointed and resumed 
 """
 
 from flearning.training.config import LoraSettings, TrainConfig
-from flearning.training.trainer import EpochCheck, TrainingDivergedError, TrainResult, attach_lora, train
+from flearning.training.model_setup import attach_lora
+from flearning.training.trainer import EpochCheck, TrainingDivergedError, TrainResult, train
 
 __all__ = [
     "EpochCheck",

@@ -486,3 +486,32 @@ def load_checkpoint(path: Path) -> Checkpoint:
 def discard_checkpoints(directory: Path) -> None:
     """Remove a stage's checkpoint directory (a fresh start, or a finished stage)."""
     shutil.rmtree(directory, ignore_errors=True)
+
+
+def restore(saved: Checkpoint, named, optimizer, scheduler, accelerator, sharded: bool = False) -> None:
+    """Load a checkpoint's parameters (into ``named``, the stage's trainable (name, parameter) pairs),
+    optimizer, scheduler, accelerate counter and RNG states."""
+    import torch
+
+    from flearning.training.sharded_state import restore_sharded
+
+    names = [n for n, _ in named]
+    if names != saved.param_names or any(saved.params[n].shape != p.shape for n, p in named):
+        missing = sorted(set(names) - set(saved.param_names))
+        unexpected = sorted(set(saved.param_names) - set(names))
+        raise FlearnError(
+            f"cannot resume from the checkpoint {saved.path}: its parameters do not match the model's "
+            f"trainable parameters (missing {missing[:5]}, unexpected {unexpected[:5]}, or other shapes)"
+        )
+    if sharded:  # each process keeps its rows of the saved whole tensors
+        restore_sharded(saved.params, saved.optimizer, named, optimizer)
+    else:
+        with torch.no_grad():
+            for name, p in named:
+                p.copy_(saved.params[name])
+        if saved.optimizer is not None:
+            optimizer.load_state_dict(saved.optimizer)
+    if saved.scheduler is not None:
+        scheduler.load_state_dict(saved.scheduler)
+    accelerator.step = saved.position.accelerator_step
+    restore_rng(saved.rng)

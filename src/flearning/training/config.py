@@ -117,19 +117,26 @@ class TrainConfig(BaseModel):
     linf_bound: ConfigFloat | None = Field(None, gt=0)
     # Regional torch.compile (inductor) of the repeated decoder block: faster steps after a one-off
     # compilation that later stages of the same process reuse; results differ from eager ones in the
-    # last bits (fused kernels). See training.trainer.compile_blocks and the README's Benchmarks.
+    # last bits (fused kernels). See training.model_setup.compile_blocks and the README's Benchmarks.
     compile: ConfigBool = False
     # The prompt template the pairs are encoded with (``data.templates``): a run's setting, copied into
     # each of its stages so that training and the stage's accuracy checks encode as evaluation does.
     template: TemplateName = PLAIN
+    # An optimizer step's grad_accum micro-batches as one forward and backward when they share a prompt
+    # prefix (training.fused): the same gradient up to rounding, faster with a template's preamble, but
+    # batch_size × grad_accum rows' activations at once. One process only (ignored otherwise).
+    fused_accumulation: ConfigBool = False
 
     @model_serializer(mode="wrap")
     def _without_default_compile(self, handler) -> dict[str, Any]:
-        # ``compile`` and ``template`` came after checkpoints, work directories and bench caches were
-        # keyed on this dump: left out at their defaults, a stage keeps the key it had before they existed.
+        # ``compile``, ``template`` and ``fused_accumulation`` came after checkpoints, work directories and
+        # bench caches were keyed on this dump: left out at their defaults, a stage keeps the key it had
+        # before they existed.
         data = handler(self)
         if not self.compile:
             data.pop("compile", None)
+        if not self.fused_accumulation:
+            data.pop("fused_accumulation", None)
         if self.template == PLAIN:
             data.pop("template", None)
         return data

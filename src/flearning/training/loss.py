@@ -21,6 +21,36 @@ def answer_loss(
     ``share_prefix`` a prompt prefix common to the whole batch (a template's preamble) runs once for
     the batch (``training.prefix``; the same loss and gradients up to rounding).
     """
+    predicts, logits = _answer_logits(model, batch, share_prefix)
+    # both sides are row-major over the kept positions
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"][:, 1:][predicts])
+
+
+def answer_losses(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    groups: torch.Tensor,
+    count: int,
+    *,
+    share_prefix: bool = False,
+) -> torch.Tensor:
+    """``answer_loss`` of each group of rows from one forward of the whole batch: ``[count]``, entry g
+    the mean cross-entropy over the answer tokens of the rows whose ``groups`` entry is g (the
+    micro-batches of a fused optimizer step: ``training.fused``)."""
+    predicts, logits = _answer_logits(model, batch, share_prefix)
+    per_token = torch.nn.functional.cross_entropy(
+        logits.float(), batch["labels"][:, 1:][predicts], reduction="none"
+    )
+    owner = groups[predicts.nonzero()[:, 0]]  # row-major, as the kept logits
+    sums = per_token.new_zeros(count).index_add(0, owner, per_token)
+    tokens = per_token.new_zeros(count).index_add(0, owner, torch.ones_like(per_token))
+    return sums / tokens
+
+
+def _answer_logits(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], share_prefix: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which positions predict an answer token (``[rows, len - 1]``) and their logits, row-major."""
     from flearning.training.prefix import can_share, logits_after_prefix, shared_prefix_length
 
     labels = batch["labels"]
@@ -29,10 +59,8 @@ def answer_loss(
     keep[:, :-1] = predicts
     shared = shared_prefix_length(batch) if share_prefix and can_share(model) else 0
     if shared:
-        logits = logits_after_prefix(model, batch, keep, shared)
-    else:
-        logits = logits_at(
-            model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-    # both sides are row-major over the kept positions
-    return torch.nn.functional.cross_entropy(logits.float(), labels[:, 1:][predicts])
+        return predicts, logits_after_prefix(model, batch, keep, shared)
+    logits = logits_at(
+        model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
+    return predicts, logits

@@ -24,11 +24,13 @@ from flearning.errors import FlearnError
 from flearning.sharding import average_replicated_grads, fsdp2_requested, is_sharded, local, shard_model
 from flearning.training import checkpoint as ckpt
 from flearning.training.checkpoint import Checkpointing
-from flearning.training.config import ALL_LINEAR, LoraSettings, TrainConfig
+from flearning.training.config import TrainConfig
 from flearning.training.dataset import LengthGroupedBatches, build_examples, collate
 from flearning.training.failures import translate_error
+from flearning.training.fused import accumulate
 from flearning.training.loss import answer_loss
-from flearning.training.sharded_state import full_state, restore_sharded
+from flearning.training.model_setup import attach_lora, compile_blocks, freeze_embeddings
+from flearning.training.sharded_state import full_state
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -88,45 +90,6 @@ class TrainResult:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
-
-
-def attach_lora(model: PreTrainedModel, lora: LoraSettings, adapter_name: str = "default"):
-    """Wrap ``model`` in a fresh peft LoRA adapter (B starts at zero, so the model is unchanged)."""
-    from peft import LoraConfig, get_peft_model
-
-    targets = lora.target_modules if lora.target_modules != ALL_LINEAR else "all-linear"
-    config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=targets,
-        task_type="CAUSAL_LM",
-    )
-    try:
-        return get_peft_model(model, config, adapter_name=adapter_name)
-    except ValueError as ex:  # e.g. target modules the model does not have
-        raise FlearnError(
-            f"cannot attach a LoRA adapter (target_modules {lora.target_modules!r}): {ex}"
-        ) from ex
-
-
-def freeze_embeddings(model: torch.nn.Module) -> None:
-    """Freeze input and output embeddings (one tensor when tied, as in SmolLM2)."""
-    for module in (model.get_input_embeddings(), model.get_output_embeddings()):
-        if module is not None:
-            module.weight.requires_grad_(False)
-
-
-def compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
-    """``model`` with its repeated blocks (the decoder layers) and its other leaf modules compiled by
-    ``torch.compile`` (inductor, dynamic shapes): accelerate's regional compilation. The block's code is
-    compiled once and serves every layer, and every later stage of the process (new weights, same code),
-    so the one-off cost is that of one layer, not of the model. The parameters are shared, not copied;
-    ``accelerator.unwrap_model(..., keep_torch_compile=False)`` gives the original module back.
-    """
-    from accelerate.utils import compile_regions
-
-    return compile_regions(model, dynamic=True)
 
 
 def train(
@@ -292,10 +255,18 @@ class _Run:
     updating: bool = False  # an optimizer step is half applied: no checkpoint can be taken now
     seconds_before: float = 0.0
     started: float = 0.0
+    pad_id: int = 0  # the tokenizer's: what a fused step pads its rows with
 
     @property
     def world(self) -> int:
         return self.accelerator.num_processes
+
+    @property
+    def fused(self) -> bool:
+        """A step's micro-batches run as one batch (``training.fused``): asked for, and on one process."""
+        return (
+            self.cfg.fused_accumulation and self.cfg.grad_accum > 1 and self.world == 1 and not self.sharded
+        )
 
     def start_clock(self) -> None:
         self.seconds_before = self.pos.seconds
@@ -421,7 +392,7 @@ def _start_or_resume(
 
     pos = ckpt.Position()
     if saved is not None:
-        _restore(saved, named, optimizer, scheduler, accelerator, sharded)
+        ckpt.restore(saved, named, optimizer, scheduler, accelerator, sharded)
         pos = saved.position
         log.info(
             "%s: resuming from %s (optimizer step %d of %d)", description, saved.path, pos.step, total_steps
@@ -449,6 +420,7 @@ def _start_or_resume(
         # where the loop stands at the last completed optimizer step: what a checkpoint taken now holds
         rng_at_step=ckpt.capture_rng() if checkpoint is not None else None,
         last_saved=pos.step,  # nothing new to save before the first step
+        pad_id=tokenizer.pad_token_id,
     )
 
 
@@ -463,15 +435,25 @@ def _run_epoch(run: _Run, bar, on_step: StepCallback | None, on_stats: StatsCall
     running = 0.0
     pending_tokens = 0
     skip = pos.batches_done  # a resumed epoch: these batches were consumed before the checkpoint
+    last = len(run.loader) - 1
+    step_batches: list[dict[str, torch.Tensor]] = []  # fused: the current step's micro-batches
     for batch_index, batch in enumerate(run.loader):
         if batch_index < skip:
             continue
         lr = run.optimizer.param_groups[0]["lr"]  # before the schedule steps: the rate this step uses
-        loss = _optimizer_step(run, batch, batch_index)
         pending_tokens += int(batch["attention_mask"].sum())
-        running += loss.item() / cfg.grad_accum
-        if not accelerator.sync_gradients:
-            continue
+        if run.fused:  # a step ends after grad_accum micro-batches or with the epoch, as accelerate's
+            step_batches.append(batch)
+            if (batch_index + 1) % cfg.grad_accum and batch_index != last:
+                continue
+            for loss_value in _fused_step(run, step_batches, batch_index + 1 - len(step_batches)):
+                running += loss_value / cfg.grad_accum  # as below, term by term: the same float
+            step_batches = []
+        else:
+            loss = _optimizer_step(run, batch, batch_index)
+            running += loss.item() / cfg.grad_accum
+            if not accelerator.sync_gradients:
+                continue
         if run.world > 1:  # the step's loss and tokens over all processes, as one process reports them
             stats = accelerator.reduce(
                 torch.tensor([running, float(pending_tokens)], device=accelerator.device), "sum"
@@ -509,33 +491,59 @@ def _run_epoch(run: _Run, bar, on_step: StepCallback | None, on_stats: StatsCall
 def _optimizer_step(run: _Run, batch: dict[str, torch.Tensor], batch_index: int) -> torch.Tensor:
     """Forward and backward one micro-batch; on the last micro-batch of a step (accelerate's
     ``sync_gradients``) clip, step the optimizer and the schedule. Returns the micro-batch's loss."""
-    accelerator, cfg, pos = run.accelerator, run.cfg, run.pos
+    accelerator = run.accelerator
     with accelerator.accumulate(run.model):
         # one process only: DDP's reducer expects one forward per backward
         loss = answer_loss(run.model, batch, share_prefix=run.world == 1 and not run.sharded)
-        finite = torch.isfinite(loss)
-        if run.world > 1:  # every process stops at the same batch, not only the one that saw it
-            finite = accelerator.reduce(finite.float().reshape(1), "sum").item() == run.world
-        if not finite:
-            raise TrainingDivergedError(
-                f"{run.description}: loss became {loss.item()} at optimizer step {pos.step + 1} "
-                f"(epoch {pos.epoch + 1}, batch {batch_index + 1}); nothing was written. Lower the "
-                "learning rate or check the data."
-            )
+        _check_finite(run, loss, batch_index)
         accelerator.backward(loss)
         if run.sharded and accelerator.sync_gradients:
             average_replicated_grads([p for _, p in run.named])
-        run.updating = accelerator.sync_gradients
-        if accelerator.sync_gradients and cfg.max_grad_norm is not None:
-            if run.sharded:  # torch's clip takes the norm over every process's shards
-                torch.nn.utils.clip_grad_norm_([p for _, p in run.named], cfg.max_grad_norm)
-            else:  # the prepared model's parameters
-                accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
-        run.optimizer.step()
-        if accelerator.sync_gradients:
-            run.scheduler.step()
-        run.optimizer.zero_grad()
+        _apply_step(run)
     return loss
+
+
+def _fused_step(run: _Run, batches: list[dict[str, torch.Tensor]], first_index: int) -> list[float]:
+    """One optimizer step whose micro-batches (the first of them the epoch's batch ``first_index``) run
+    as one batch (``training.fused``; one process, so no gradient to reduce). Returns their losses."""
+    run.accelerator.sync_gradients = True  # every backward here ends a step: accelerate's optimizer steps
+
+    def check(loss: torch.Tensor, m: int) -> None:
+        _check_finite(run, loss, first_index + m)
+
+    losses = accumulate(run.model, batches, pad_id=run.pad_id, backward=run.accelerator.backward, check=check)
+    _apply_step(run)
+    return losses
+
+
+def _check_finite(run: _Run, loss: torch.Tensor, batch_index: int) -> None:
+    """Stop with the step and batch named when a micro-batch's loss is NaN or infinite (every process at
+    the same batch, not only the one that saw it)."""
+    finite = torch.isfinite(loss)
+    if run.world > 1:
+        finite = run.accelerator.reduce(finite.float().reshape(1), "sum").item() == run.world
+    if not finite:
+        raise TrainingDivergedError(
+            f"{run.description}: loss became {loss.item()} at optimizer step {run.pos.step + 1} "
+            f"(epoch {run.pos.epoch + 1}, batch {batch_index + 1}); nothing was written. Lower the "
+            "learning rate or check the data."
+        )
+
+
+def _apply_step(run: _Run) -> None:
+    """After a micro-batch's backward: on the step's last one (``sync_gradients``) clip the gradients,
+    step the optimizer and the schedule; zero the gradients (accelerate skips both otherwise)."""
+    accelerator, cfg = run.accelerator, run.cfg
+    run.updating = accelerator.sync_gradients
+    if accelerator.sync_gradients and cfg.max_grad_norm is not None:
+        if run.sharded:  # torch's clip takes the norm over every process's shards
+            torch.nn.utils.clip_grad_norm_([p for _, p in run.named], cfg.max_grad_norm)
+        else:  # the prepared model's parameters
+            accelerator.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+    run.optimizer.step()
+    if accelerator.sync_gradients:
+        run.scheduler.step()
+    run.optimizer.zero_grad()
 
 
 def _maybe_checkpoint(run: _Run) -> None:
@@ -572,30 +580,6 @@ def _save_on_interrupt(run: _Run, ex: BaseException) -> None:
         )
     except Exception as save_error:  # the original error matters more
         log.warning("%s: could not save a checkpoint after the interruption: %s", run.description, save_error)
-
-
-def _restore(saved: ckpt.Checkpoint, named, optimizer, scheduler, accelerator, sharded: bool = False) -> None:
-    """Load a checkpoint's parameters, optimizer, scheduler, accelerate counter and RNG states."""
-    names = [n for n, _ in named]
-    if names != saved.param_names or any(saved.params[n].shape != p.shape for n, p in named):
-        missing = sorted(set(names) - set(saved.param_names))
-        unexpected = sorted(set(saved.param_names) - set(names))
-        raise FlearnError(
-            f"cannot resume from the checkpoint {saved.path}: its parameters do not match the model's "
-            f"trainable parameters (missing {missing[:5]}, unexpected {unexpected[:5]}, or other shapes)"
-        )
-    if sharded:  # each process keeps its rows of the saved whole tensors
-        restore_sharded(saved.params, saved.optimizer, named, optimizer)
-    else:
-        with torch.no_grad():
-            for name, p in named:
-                p.copy_(saved.params[name])
-        if saved.optimizer is not None:
-            optimizer.load_state_dict(saved.optimizer)
-    if saved.scheduler is not None:
-        scheduler.load_state_dict(saved.scheduler)
-    accelerator.step = saved.position.accelerator_step
-    ckpt.restore_rng(saved.rng)
 
 
 @torch.no_grad()
