@@ -17,6 +17,7 @@ from flearning.evaluation.scoring import (
     length_batches,
     pack_probes,
     score_probes,
+    shared_prompt_length,
 )
 
 PAD = 256
@@ -138,3 +139,50 @@ def test_generation_input_checks():
         greedy_generate(model, [[1]], [1, 2], pad_id=PAD, eos_id=PAD)
     with pytest.raises(ValueError):
         greedy_generate(model, [[]], [1], pad_id=PAD, eos_id=PAD)
+
+
+def _alpaca_probes(tokenizer):
+    probes, _ = unique_probes(record_probes(tokenizer, r, template="alpaca").all() for r in crafted_records())
+    return probes
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("pack", [True, False])
+def test_a_shared_preamble_run_once_gives_the_same_scores(tokenizer, attn, pack):
+    model = sharp_llama(2, attn=attn)
+    probes = _alpaca_probes(tokenizer)
+    rows = pack_probes(probes, pack=pack)
+    batches = length_batches([r.length for r in rows], 6)
+    # the Alpaca preamble (one token per byte of the tiny tokenizer) is shared by every batch
+    assert min(shared_prompt_length([rows[i] for i in b]) for b in batches if len(b) > 1) > 100
+    whole = score_probes(model, probes, pad_id=PAD, batch_size=6, pack=pack, share_prefix=False)
+    shared = score_probes(model, probes, pad_id=PAD, batch_size=6, pack=pack)
+    assert [a.argmax for a in shared] == [b.argmax for b in whole]
+    assert max(abs(a.nll - b.nll) for a, b in zip(shared, whole, strict=True)) <= 1e-4
+    assert max(abs(a.accuracy - b.accuracy) for a, b in zip(shared, whole, strict=True)) <= 1e-6
+    assert len({round(b.accuracy, 3) for b in whole}) > 2
+
+
+def test_the_shared_prompt_stops_before_the_token_that_predicts_a_target():
+    a = PackedRow(tuple(range(20)), [(0, (50,))])
+    b = PackedRow((*range(12), 99, 98), [(1, (51,))])
+    assert shared_prompt_length([a, b]) == 12
+    short = PackedRow(tuple(range(10)), [(2, (52,))])
+    assert shared_prompt_length([a, short]) == 9  # the last prompt token predicts: never shared
+    assert shared_prompt_length([a, PackedRow((7, *range(1, 20)), [(3, (53,))])]) == 0
+    assert shared_prompt_length([a]) == 0
+
+
+def test_a_shared_preamble_run_once_gives_the_same_scores_on_gpt2(tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=257, n_embd=32, n_inner=64, n_layer=2, n_head=4, n_positions=512)
+    model = GPT2LMHeadModel(config).eval()
+    probes = _alpaca_probes(tokenizer)
+    for pack in (True, False):
+        whole = score_probes(model, probes, pad_id=PAD, batch_size=6, pack=pack, share_prefix=False)
+        shared = score_probes(model, probes, pad_id=PAD, batch_size=6, pack=pack)
+        assert [a.argmax for a in shared] == [b.argmax for b in whole]
+        assert max(abs(a.nll - b.nll) for a, b in zip(shared, whole, strict=True)) <= 1e-4
+        assert len({round(b.nll, 3) for b in whole}) > 10

@@ -33,7 +33,8 @@ def bench_command(
         help="quick (a smoke run in minutes on the shipped samples), paper (200 edits of the full datasets, 3 "
         "seeds) or paper-v2 (the F-Learning paper's appendix protocol: every stage lr 5e-5 × 3 epochs, batch "
         "4 × accumulation 4, LoRA on q_proj/v_proj, the paper's λ per method and dataset, Alpaca prompts, "
-        "ZsRE old answers from pred; 100 edits, 3 seeds: set them with --n and --seeds).",
+        "ZsRE old answers from pred, teacher-forced metrics only (generation=true adds Gen. EM); 100 edits, "
+        "3 seeds: set them with --n and --seeds).",
     ),
     model: str | None = typer.Option(None, "--model", "-m"),
     data: list[str] | None = typer.Option(

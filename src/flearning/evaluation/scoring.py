@@ -2,8 +2,9 @@
 
 Scoring pads on the right with an attention mask, so every real position is computed as for the record
 alone. Targets after the same prompt are packed into one row (a 4D mask lets each see the prompt and
-itself only, position ids restart per target), so the prompt is computed once; only predicting
-positions are projected onto the vocabulary. Generation pads on the left, so every row's next token
+itself only, position ids restart per target), so the prompt is computed once; a prompt prefix every
+row of a batch shares (a template's preamble) runs once for the batch; only predicting positions are
+projected onto the vocabulary. Generation pads on the left, so every row's next token
 follows its own prompt.
 """
 
@@ -18,7 +19,7 @@ import torch
 
 from flearning.evaluation.definitions import DEFAULT_BATCH_SIZE
 from flearning.evaluation.metrics import group_mean, score_predictions
-from flearning.logits import logits_at
+from flearning.logits import MIN_SHARED_PREFIX, can_share_prefix, logits_after_prefix, logits_at
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel
@@ -181,18 +182,33 @@ def collate_rows(rows: Sequence[PackedRow], pad_id: int, *, dtype: torch.dtype =
     return ModelBatch(input_ids, position_ids, attention_mask, keep, pred_index, labels, probe_of, probes)
 
 
-def selected_logits(model: PreTrainedModel, batch: ModelBatch) -> torch.Tensor:
+def shared_prompt_length(rows: Sequence[PackedRow], minimum: int = MIN_SHARED_PREFIX) -> int:
+    """How many leading prompt tokens every row shares, stopping before any row's last prompt token
+    (which predicts its first target); 0 when fewer than ``minimum`` or fewer than two rows."""
+    if len(rows) < 2:
+        return 0
+    first = rows[0].prompt_ids
+    limit = min(len(r.prompt_ids) for r in rows) - 1
+    shared = 0
+    while shared < limit and all(r.prompt_ids[shared] == first[shared] for r in rows):
+        shared += 1
+    return shared if shared >= minimum else 0
+
+
+def selected_logits(model: PreTrainedModel, batch: ModelBatch, shared: int = 0) -> torch.Tensor:
     """Forward one batch and return the logits at ``batch.keep`` positions, ``[K, vocab]`` row-major
-    (the vocabulary projection runs only there: ``flearning.logits``)."""
+    (the vocabulary projection runs only there: ``flearning.logits``); with ``shared`` the rows' first
+    ``shared`` tokens (the same in every row: ``shared_prompt_length``) run once for the batch."""
     device = next(model.parameters()).device
-    return logits_at(
-        model,
-        batch.keep.to(device),
-        input_ids=batch.input_ids.to(device),
-        attention_mask=batch.attention_mask.to(device),
-        position_ids=batch.position_ids.to(device),
-        use_cache=False,
-    )
+    inputs = {
+        "input_ids": batch.input_ids.to(device),
+        "attention_mask": batch.attention_mask.to(device),
+        "position_ids": batch.position_ids.to(device),
+    }
+    keep = batch.keep.to(device)
+    if shared:
+        return logits_after_prefix(model, keep, shared, **inputs)
+    return logits_at(model, keep, **inputs, use_cache=False)
 
 
 def _batched(batches: list[list[int]], progress: bool, desc: str) -> Iterator[list[int]]:
@@ -208,6 +224,7 @@ def score_probes(
     pad_id: int,
     batch_size: int = DEFAULT_BATCH_SIZE,
     pack: bool = True,
+    share_prefix: bool = True,
     progress: bool = False,
     desc: str = "scoring",
 ) -> list[ProbeScore]:
@@ -219,6 +236,8 @@ def score_probes(
         pad_id: padding token id.
         batch_size: rows per forward pass.
         pack: share one row between probes with the same prompt.
+        share_prefix: run a prompt prefix every row of a batch shares (a template's preamble) once for
+            the batch (``logits.logits_after_prefix``; the same scores up to float rounding).
         progress: show a progress bar.
         desc: progress bar label.
     Returns:
@@ -226,12 +245,14 @@ def score_probes(
     """
     rows = pack_probes(probes, pack=pack)
     dtype = next(model.parameters()).dtype
+    share = share_prefix and can_share_prefix(model)
     results: list[ProbeScore | None] = [None] * len(probes)
     batches = length_batches([r.length for r in rows], batch_size)
     with torch.inference_mode():
         for chunk in _batched(batches, progress, desc):
-            batch = collate_rows([rows[i] for i in chunk], pad_id, dtype=dtype)
-            logits = selected_logits(model, batch)
+            batch_rows = [rows[i] for i in chunk]
+            batch = collate_rows(batch_rows, pad_id, dtype=dtype)
+            logits = selected_logits(model, batch, shared_prompt_length(batch_rows) if share else 0)
             device = logits.device
             labels = batch.labels.to(device)
             probe_of = batch.probe_of.to(device)

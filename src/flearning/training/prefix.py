@@ -4,7 +4,8 @@ tokens of SmolLM2's tokenizer) is the same for every fact, and more than half of
 example's tokens (ZsRE: 43.6 tokens per example under Alpaca, 14.6 plain; CounterFact 38.4 and 9.4).
 
 The prefix runs as a batch of one, its keys and values (``past_key_values``) are repeated over the
-batch, and the rest of every example runs on top of them. Causal attention makes each example's
+batch, and the rest of every example runs on top of them (``logits.logits_after_prefix``, which
+evaluation's scoring uses too). Causal attention makes each example's
 positions after the prefix see exactly the same keys and values as in the whole forward, and gradients
 flow back through the repeated keys and values into the prefix's forward, so the loss and its gradients
 are those of the whole forward up to float rounding (tested against it, plain and LoRA).
@@ -16,17 +17,13 @@ whose forward takes a key/value cache, and no active dropout. Otherwise the batc
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
+from flearning.logits import MIN_SHARED_PREFIX as MIN_SHARED
 from flearning.training.dataset import IGNORE_INDEX
-
-# Below this many shared tokens the second forward costs more than it saves (a plain prompt shares only
-# its BOS token).
-MIN_SHARED = 8
 
 
 def shared_prefix_length(batch: dict[str, torch.Tensor], minimum: int = MIN_SHARED) -> int:
@@ -44,25 +41,10 @@ def shared_prefix_length(batch: dict[str, torch.Tensor], minimum: int = MIN_SHAR
 
 
 def can_share(model: torch.nn.Module) -> bool:
-    """Whether the prefix can be shared with ``model``: its forward takes a cache and ``logits_to_keep``
-    (or passes ``**kwargs`` on, as peft does), and no dropout is active (a shared prefix would share its
-    dropout mask over the batch: Llama-family models have none, GPT-2 has 0.1 while training)."""
-    from torch import nn
+    """Whether ``model`` can run a shared prefix once (``logits.can_share_prefix``)."""
+    from flearning.logits import can_share_prefix
 
-    params = inspect.signature(model.forward).parameters
-    takes = any(p.kind is p.VAR_KEYWORD for p in params.values()) or (
-        _cache_argument(model) in params and "logits_to_keep" in params
-    )
-    if not takes:
-        return False
-    return not (model.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in model.modules()))
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """The name transformers gives the key/value cache argument: ``cache`` (5.x from its rename on),
-    ``past_key_values`` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+    return can_share_prefix(model)
 
 
 def logits_after_prefix(
@@ -71,21 +53,8 @@ def logits_after_prefix(
     """The logits at the ``True`` positions of ``keep`` (``[K, vocab]``, row-major, as
     ``logits.logits_at``), with the first ``shared`` tokens run once for the whole batch. ``keep`` must
     hold no position below ``shared`` (``shared_prefix_length`` makes sure)."""
-    from flearning.logits import logits_at
+    from flearning import logits
 
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    if bool(keep[:, :shared].any()):
-        raise ValueError(f"a kept position lies inside the shared prefix of {shared} tokens")
-    first = model(
-        input_ids=ids[:1, :shared], attention_mask=mask[:1, :shared], use_cache=True, logits_to_keep=1
-    )
-    cache = getattr(first, "cache", None) or first.past_key_values
-    cache.batch_repeat_interleave(ids.shape[0])
-    return logits_at(
-        model,
-        keep[:, shared:],
-        input_ids=ids[:, shared:],
-        attention_mask=mask,  # the prefix's columns and the rest's: positions continue after the prefix
-        use_cache=True,
-        **{_cache_argument(model): cache},
+    return logits.logits_after_prefix(
+        model, keep, shared, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]
     )
