@@ -27,10 +27,10 @@ demo: setup
 	$(FLEARN) update --config configs/demo.yaml out=$(DEMO_OUT) overwrite=true
 
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" --durations=15
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

@@ -1,4 +1,6 @@
-"""The quick bench profile end to end on the embedded SmolLM2-135M (a few minutes on 2 CPU cores)."""
+"""The quick bench profile end to end on the embedded SmolLM2-135M, every method and metric reported,
+shrunk by overrides to 4 edits and one-epoch stages (the whole profile took 4 to 9 minutes, most of the
+slow tests' time; what is checked does not depend on the scale)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from flearning.methods import FINE_TUNING
 from flearning.resources import sample_path
 
 pytestmark = pytest.mark.slow
+
+N = 4
 
 
 def test_quick_profile_reports_every_method_and_metric(tmp_path):
@@ -28,6 +32,13 @@ def test_quick_profile_reports_every_method_and_metric(tmp_path):
             f"zsre={sample_path('zsre-200.json')}",
             "--data",
             f"counterfact={sample_path('counterfact-200.json')}",
+            "--n",
+            str(N),
+            "prime.max_epochs=3",
+            "full.epochs=1",
+            "lora_stage.epochs=1",
+            "forget_full.epochs=1",
+            "forget_lora.epochs=1",
         ]
     )
     assert code == 0
@@ -40,7 +51,7 @@ def test_quick_profile_reports_every_method_and_metric(tmp_path):
             for metric in METRICS:
                 if metric in ("portability", "fluency", "fluency_sampled"):
                     continue  # no portability probes in these files; fluency is off in the quick profile
-                assert metrics[metric]["n"] == 12, (dataset, name, metric)
+                assert metrics[metric]["n"] == N, (dataset, name, metric)
                 assert 0.0 <= metrics[metric]["mean"] <= 100.0
         prime = summary["datasets"][dataset]["prime"][0]
         assert prime["accuracy"] > prime["accuracy_before"]
