@@ -126,6 +126,14 @@ def test_stage_settings_are_taken_from_a_stage_plan(llama7b):
     assert (forget.batch_size, learn.batch_size) == (5, 3)
 
 
+def test_a_fused_step_holds_the_activations_of_all_its_micro_batches(llama7b):
+    def activations(**kw):
+        plan = StagePlan(learn=TrainConfig(batch_size=4, grad_accum=4, **kw))
+        return plan_memory(llama7b, "ft", plan, available=BIG).stages[0].activations
+
+    assert activations(fused_accumulation=True) == pytest.approx(4 * activations(), rel=1e-6)
+
+
 def test_processes_on_one_machine_multiply_the_peak(llama7b):
     one = plan_memory(llama7b, "lora", batch_size=1, available=BIG)
     two = plan_memory(llama7b, "lora", batch_size=1, available=BIG, processes=2)

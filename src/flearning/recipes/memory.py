@@ -386,6 +386,12 @@ def _trainable_full(shape: ModelShape, cfg: TrainConfig) -> int:
     return shape.params - shape.embedding_params if cfg.freeze_embeddings else shape.params
 
 
+def _rows(cfg: TrainConfig) -> int:
+    """Rows whose activations one forward holds: a micro-batch, or a whole step's when fused (an
+    upper bound: the fused step runs its micro-batches whole when they share no prompt prefix)."""
+    return cfg.batch_size * (cfg.grad_accum if cfg.fused_accumulation else 1)
+
+
 def _full_stage(name: str, shape: ModelShape, cfg: TrainConfig, seq_len: int, extra) -> StageMemory:
     trainable = _trainable_full(shape, cfg)
     return StageMemory(
@@ -396,7 +402,7 @@ def _full_stage(name: str, shape: ModelShape, cfg: TrainConfig, seq_len: int, ex
         weights=shape.params * FP32,
         gradients=trainable * FP32,
         optimizer=trainable * ADAM,
-        activations=activation_bytes(shape, cfg.batch_size, seq_len),
+        activations=activation_bytes(shape, _rows(cfg), seq_len),
         other=tuple(extra),
     )
 
@@ -412,7 +418,7 @@ def _lora_stage(name: str, shape: ModelShape, cfg: TrainConfig, seq_len: int, ex
         weights=(shape.params + adapter) * FP32,
         gradients=adapter * FP32,
         optimizer=adapter * ADAM,
-        activations=activation_bytes(shape, cfg.batch_size, seq_len, lora_rank_width=targets * cfg.lora.r),
+        activations=activation_bytes(shape, _rows(cfg), seq_len, lora_rank_width=targets * cfg.lora.r),
         other=tuple(extra),
     )
 
