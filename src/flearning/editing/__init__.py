@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from flearning.editing.memit import MemitResult, memit_edit, memit_update
     from flearning.editing.requests import CONTEXT_PREFIXES, EditRequest, as_request, edit_request
     from flearning.editing.rome import RomeResult, rome_edit, rome_edits, rome_update
+    from flearning.editing.value_cache import ValueCache
     from flearning.editing.values import Values, ValueSettings
 
 _LAZY = {
@@ -61,6 +62,7 @@ _LAZY = {
     "rome_edit": "rome",
     "rome_edits": "rome",
     "rome_update": "rome",
+    "ValueCache": "value_cache",
     "ValueSettings": "values",
     "Values": "values",
 }
@@ -75,6 +77,7 @@ __all__ = [
     "EditRequest",
     "MemitResult",
     "RomeResult",
+    "ValueCache",
     "ValueSettings",
     "Values",
     "alphaedit_edit",

@@ -33,6 +33,7 @@ from flearning.editing.architectures import architecture_of, check_layers
 from flearning.editing.covariance import CovarianceSettings
 from flearning.editing.memit import layer_moments, spread_over_layers
 from flearning.editing.requests import CONTEXT_PREFIXES, EditRequest, as_requests
+from flearning.editing.value_cache import ValueCache
 from flearning.editing.values import Values, ValueSettings, optimise_values
 from flearning.errors import FlearnError
 
@@ -120,6 +121,7 @@ def alphaedit_edit(
     previous_keys: Mapping[int, torch.Tensor] | None = None,
     values: ValueSettings = ALPHAEDIT_VALUES,
     prefixes: Sequence[str] = CONTEXT_PREFIXES,
+    value_cache: ValueCache | None = None,
 ) -> AlphaEditResult:
     """The AlphaEdit update writing all ``requests`` into ``layers`` (AlphaEdit's Llama3-8B: 4 to 8). The
     model is left unchanged.
@@ -133,6 +135,7 @@ def alphaedit_edit(
         previous_keys: {layer: Σ K Kᵀ} of earlier batches (a previous result's ``keys_moment``).
         values: the z optimisation's settings.
         prefixes: the context prefixes (the prompt alone always comes first).
+        value_cache: where each z is kept between runs (``value_cache``); None: not kept.
     """
     import torch
 
@@ -146,7 +149,13 @@ def alphaedit_edit(
         projections = {layer: projections[layer] for layer in layers}
     previous = dict(previous_keys or {})
     found = optimise_values(
-        model, tokenizer, requests, arch.block_name(layers[-1]), prefixes=prefixes, settings=values
+        model,
+        tokenizer,
+        requests,
+        arch.block_name(layers[-1]),
+        prefixes=prefixes,
+        settings=values,
+        cache=value_cache,
     )
 
     def solve(layer: int, i: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

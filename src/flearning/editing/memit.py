@@ -39,6 +39,7 @@ from flearning.editing.covariance import CovarianceSettings, second_moments
 from flearning.editing.deltas import apply_deltas, original_weights
 from flearning.editing.requests import CONTEXT_PREFIXES, EditRequest, as_requests, key_sequences
 from flearning.editing.tracing import IN, OUT, read_at_lookups
+from flearning.editing.value_cache import ValueCache
 from flearning.editing.values import Values, ValueSettings, optimise_values
 
 if TYPE_CHECKING:
@@ -176,6 +177,7 @@ def memit_edit(
     covariance: Mapping[int, torch.Tensor] | CovarianceSettings | None = None,
     values: ValueSettings = ValueSettings(),
     prefixes: Sequence[str] = CONTEXT_PREFIXES,
+    value_cache: ValueCache | None = None,
 ) -> MemitResult:
     """The MEMIT update writing all ``requests`` into ``layers`` (EasyEdit's LLaMA-7B: 4 to 8). The model
     is left unchanged.
@@ -185,13 +187,20 @@ def memit_edit(
         covariance: {layer: C}, or how to compute every C (default: the shipped WikiText sample, cached).
         values: the z optimisation's settings.
         prefixes: the context prefixes (the prompt alone always comes first).
+        value_cache: where each z is kept between runs (``value_cache``); None: not kept.
     """
     arch = architecture_of(model)
     layers = check_layers(model, layers, arch)
     requests = as_requests(requests)
     moments = layer_moments(model, tokenizer, arch, layers, covariance)
     found = optimise_values(
-        model, tokenizer, requests, arch.block_name(layers[-1]), prefixes=prefixes, settings=values
+        model,
+        tokenizer,
+        requests,
+        arch.block_name(layers[-1]),
+        prefixes=prefixes,
+        settings=values,
+        cache=value_cache,
     )
 
     def solve(layer: int, i: int, keys: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,7 @@ from flearning.editing.covariance import CovarianceSettings, second_moment
 from flearning.editing.deltas import add_delta, apply_deltas, original_weights
 from flearning.editing.requests import CONTEXT_PREFIXES, EditRequest, as_request, as_requests, key_sequences
 from flearning.editing.tracing import IN, OUT, read_at_lookups
+from flearning.editing.value_cache import ValueCache
 from flearning.editing.values import Values, ValueSettings, optimise_values
 
 if TYPE_CHECKING:
@@ -79,6 +80,7 @@ def rome_edit(
     mom2_adjustment: bool = True,
     values: ValueSettings = ValueSettings(),
     prefixes: Sequence[str] = CONTEXT_PREFIXES,
+    value_cache: ValueCache | None = None,
 ) -> RomeResult:
     """The ROME update writing ``request`` into ``layer`` (the paper edits layer 17 of GPT-2 XL, EasyEdit
     layer 5 of LLaMA-7B). The model is left unchanged.
@@ -89,6 +91,7 @@ def rome_edit(
         mom2_adjustment: u = C⁻¹k* (ROME's default); False: u = k* (EasyEdit's LLaMA setting).
         values: the v* optimisation's settings.
         prefixes: the context prefixes (the prompt alone always comes first).
+        value_cache: where v* is kept between runs (``value_cache``); None: not kept.
     """
     import torch
 
@@ -114,7 +117,13 @@ def rome_edit(
         u = key_mean.double()
 
     found = optimise_values(
-        model, tokenizer, [request], arch.mlp_name(layer), prefixes=prefixes, settings=values
+        model,
+        tokenizer,
+        [request],
+        arch.mlp_name(layer),
+        prefixes=prefixes,
+        settings=values,
+        cache=value_cache,
     )
     value = found.target[0]
     weight = model.get_parameter(arch.weight_name(layer))
@@ -141,6 +150,7 @@ def rome_edits(
     mom2_adjustment: bool = True,
     values: ValueSettings = ValueSettings(),
     prefixes: Sequence[str] = CONTEXT_PREFIXES,
+    value_cache: ValueCache | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[RomeResult]]:
     """Several requests one after the other (``apply_rome_to_model``): each is computed on the model
     holding the earlier ones. Returns the summed update and each request's result; the model is left
@@ -165,6 +175,7 @@ def rome_edits(
                 mom2_adjustment=mom2_adjustment,
                 values=values,
                 prefixes=prefixes,
+                value_cache=value_cache,
             )
             apply_deltas(model, result.deltas)
             for name, delta in result.deltas.items():

@@ -26,17 +26,21 @@ every step (``tracing.reusing_lower_blocks``).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flearning.editing.requests import EditRequest, kl_sequence, pad_batch, rewrite_sequence
 from flearning.editing.tracing import adding, frozen, model_device, reusing_lower_blocks
+from flearning.editing.value_cache import ValueCache, ValueRow
 from flearning.errors import FlearnError
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -79,43 +83,51 @@ def optimise_values(
     *,
     prefixes: Sequence[str],
     settings: ValueSettings = ValueSettings(),
+    cache: ValueCache | None = None,
 ) -> Values:
     """Optimise one δ per request at the output of ``module`` (a module name), ``requests_per_pass``
     requests at a time (the requests of similar length together); the model is unchanged. Rows of the
-    result are in the order of ``requests``."""
-    import torch
-
+    result are in the order of ``requests``. With ``cache`` a request optimised before on the same model
+    is read back (``value_cache``), and each pass's requests are stored as soon as it ends."""
     if settings.steps < 1 or settings.lr <= 0 or settings.clamp_norm_factor <= 0:
         raise FlearnError("the value optimisation needs steps >= 1, lr > 0 and clamp_norm_factor > 0")
     if settings.requests_per_pass < 1:
         raise FlearnError("the value optimisation needs requests_per_pass >= 1")
+    keys = cache.keys(model, tokenizer, requests, module, prefixes, settings) if cache is not None else None
+    rows: dict[int, ValueRow] = {}
+    if cache is not None and keys is not None:
+        rows = {i: row for i, key in enumerate(keys) if (row := cache.read(key)) is not None}
+        if rows:
+            log.info("value optimisation: %d of %d requests from the cache", len(rows), len(requests))
+    missing = [i for i in range(len(requests)) if i not in rows]
     size = settings.requests_per_pass
-    order = _by_length(tokenizer, requests, prefixes) if len(requests) > size else list(range(len(requests)))
-    parts = [
-        _optimise(
-            model,
-            tokenizer,
-            [requests[k] for k in order[i : i + size]],
-            module,
-            prefixes=prefixes,
-            settings=settings,
+    order = _by_length(tokenizer, [requests[i] for i in missing], prefixes) if len(missing) > size else None
+    todo = [missing[k] for k in order] if order is not None else missing
+    for start in range(0, len(todo), size):
+        chunk = todo[start : start + size]
+        part = _optimise(
+            model, tokenizer, [requests[i] for i in chunk], module, prefixes=prefixes, settings=settings
         )
-        for i in range(0, len(requests), size)
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    back = torch.tensor(order).argsort()  # row of the concatenation holding request i
-    rows = back.tolist()
-    losses = [row for p in parts for row in p.losses]
-    nll = [row for p in parts for row in p.nll]
-    steps = [k for p in parts for k in p.steps]
+        for j, i in enumerate(chunk):
+            rows[i] = ValueRow(
+                part.target[j], part.init[j], part.delta[j], part.losses[j], part.nll[j], part.steps[j]
+            )
+            if cache is not None and keys is not None:
+                cache.write(keys[i], rows[i])
+    return _join([rows[i] for i in range(len(requests))])
+
+
+def _join(rows: Sequence[ValueRow]) -> Values:
+    """The rows as one ``Values``, in their order."""
+    import torch
+
     return Values(
-        target=torch.cat([p.target for p in parts])[back],
-        init=torch.cat([p.init for p in parts])[back],
-        delta=torch.cat([p.delta for p in parts])[back],
-        losses=[losses[r] for r in rows],
-        nll=[nll[r] for r in rows],
-        steps=[steps[r] for r in rows],
+        target=torch.stack([r.target for r in rows]),
+        init=torch.stack([r.init for r in rows]),
+        delta=torch.stack([r.delta for r in rows]),
+        losses=[list(r.losses) for r in rows],
+        nll=[list(r.nll) for r in rows],
+        steps=[r.steps for r in rows],
     )
 
 

@@ -133,8 +133,9 @@ def edit_stage(
     from flearning.editing.architectures import architecture_of, check_layers
     from flearning.editing.deltas import add_delta, apply_deltas, original_weights
     from flearning.editing.requests import as_requests
+    from flearning.editing.value_cache import ValueCache
     from flearning.editing.values import ValueSettings
-    from flearning.models import model_fingerprint
+    from flearning.models import cache_root, model_fingerprint
 
     start = time.perf_counter()
     arch = architecture_of(model)
@@ -143,6 +144,7 @@ def edit_stage(
     fingerprint = model_fingerprint(model)  # also the covariance cache's key: computed once
     settings = covariance_settings(plan, model, progress=progress)
     values = ValueSettings(**plan.values)
+    value_cache = ValueCache(cache_root() / "values")  # a rerun or a resumed bench reuses each value
     found = []
     deltas: dict[str, torch.Tensor] = {}
     log.info("edit: %s on layers %s, %d facts", plan.editor, layers, len(requests))
@@ -154,7 +156,7 @@ def edit_stage(
             if plan.mom2_adjustment
             else None
         )
-        deltas, results = _rome(model, tokenizer, requests, layers[0], c, plan, values)
+        deltas, results = _rome(model, tokenizer, requests, layers[0], c, plan, values, value_cache)
         found = [r.values for r in results]
         batches = len(requests)
     else:
@@ -166,7 +168,9 @@ def edit_stage(
         projections = previous = None
         with original_weights(model, [arch.weight_name(layer) for layer in layers]):
             for i, chunk in enumerate(chunks):
-                result = _batch(model, tokenizer, chunk, layers, moments, plan, values, projections, previous)
+                result = _batch(
+                    model, tokenizer, chunk, layers, moments, plan, values, projections, previous, value_cache
+                )
                 if plan.editor == "alphaedit":
                     projections, previous = result.projections, result.keys_moment
                 if i < len(chunks) - 1:  # the next batch is edited on the model holding this one
@@ -197,7 +201,7 @@ def edit_stage(
     return outcome
 
 
-def _rome(model, tokenizer, requests, layer, covariance, plan: EditPlan, values):
+def _rome(model, tokenizer, requests, layer, covariance, plan: EditPlan, values, value_cache):
     from flearning.editing import rome_edits
 
     return rome_edits(
@@ -208,10 +212,13 @@ def _rome(model, tokenizer, requests, layer, covariance, plan: EditPlan, values)
         covariance=covariance,
         mom2_adjustment=plan.mom2_adjustment,
         values=values,
+        value_cache=value_cache,
     )
 
 
-def _batch(model, tokenizer, requests, layers, moments, plan: EditPlan, values, projections, previous):
+def _batch(
+    model, tokenizer, requests, layers, moments, plan: EditPlan, values, projections, previous, value_cache
+):
     from flearning.editing import alphaedit_edit, memit_edit
 
     if plan.editor == "memit":
@@ -223,6 +230,7 @@ def _batch(model, tokenizer, requests, layers, moments, plan: EditPlan, values, 
             mom2_update_weight=plan.mom2_update_weight,
             covariance=moments,
             values=values,
+            value_cache=value_cache,
         )
     return alphaedit_edit(
         model,
@@ -235,6 +243,7 @@ def _batch(model, tokenizer, requests, layers, moments, plan: EditPlan, values, 
         projections=projections,
         previous_keys=previous,
         values=values,
+        value_cache=value_cache,
     )
 
 
