@@ -114,7 +114,7 @@ def test_the_plain_template_loss_is_unchanged_by_the_option(tokenizer, tiny_mode
 
 def test_active_dropout_runs_the_batch_whole(tokenizer):
     """GPT-2 trains with dropout 0.1: a shared prefix would share its dropout mask, so it is not used."""
-    from flearning.training.prefix import can_share
+    from flearning.logits import can_share_prefix as can_share
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=257, n_embd=32, n_inner=64, n_layer=2, n_head=4))

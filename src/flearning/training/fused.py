@@ -22,9 +22,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from flearning.logits import can_share_prefix
 from flearning.training.dataset import IGNORE_INDEX
 from flearning.training.loss import answer_loss, answer_losses
-from flearning.training.prefix import can_share, shared_prefix_length
+from flearning.training.prefix import shared_prefix_length
 
 
 def concat_batches(
@@ -59,7 +60,7 @@ def accumulate(
     ``check(loss, m)`` runs before any backward of micro-batch m's loss (it raises for a non-finite
     loss). Returns each micro-batch's loss."""
     fused, groups = concat_batches(batches, pad_id)
-    if len(batches) > 1 and can_share(model) and shared_prefix_length(fused):
+    if len(batches) > 1 and can_share_prefix(model) and shared_prefix_length(fused):
         losses = answer_losses(model, fused, groups, len(batches), share_prefix=True)
         for m in range(len(batches)):
             check(losses[m], m)

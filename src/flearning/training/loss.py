@@ -51,13 +51,14 @@ def _answer_logits(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], share_prefix: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Which positions predict an answer token (``[rows, len - 1]``) and their logits, row-major."""
-    from flearning.training.prefix import can_share, logits_after_prefix, shared_prefix_length
+    from flearning.logits import can_share_prefix
+    from flearning.training.prefix import logits_after_prefix, shared_prefix_length
 
     labels = batch["labels"]
     predicts = labels[:, 1:] != IGNORE_INDEX
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = predicts
-    shared = shared_prefix_length(batch) if share_prefix and can_share(model) else 0
+    shared = shared_prefix_length(batch) if share_prefix and can_share_prefix(model) else 0
     if shared:
         return predicts, logits_after_prefix(model, batch, keep, shared)
     logits = logits_at(

@@ -40,13 +40,6 @@ def shared_prefix_length(batch: dict[str, torch.Tensor], minimum: int = MIN_SHAR
     return shared if shared >= minimum else 0
 
 
-def can_share(model: torch.nn.Module) -> bool:
-    """Whether ``model`` can run a shared prefix once (``logits.can_share_prefix``)."""
-    from flearning.logits import can_share_prefix
-
-    return can_share_prefix(model)
-
-
 def logits_after_prefix(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], keep: torch.Tensor, shared: int
 ) -> torch.Tensor:
