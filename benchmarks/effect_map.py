@@ -3,9 +3,12 @@ and Locality as a function of N, the number of facts updated in one run, under t
 profile (the F-Learning paper's appendix protocol), at the paper's λ and at λ chosen on a validation
 split (``--lambda auto``).
 
-One ``flearn bench`` per (N, λ mode), each in its own directory under ``--out`` (default
-``runs/effect-map``), so that every bench resumes from its cache when rerun: the map may take several
-sittings. Data: ZsRE's dev and train files read as one dataset (``--data zsre=DEV --data zsre=TRAIN``),
+One ``flearn bench`` per (N, λ mode, dataset), each in its own directory under ``--out`` (default
+``benchmarks/results/effect-map``), so that every bench resumes from its cache when rerun: the map takes
+several sittings. The repository keeps each bench's JSON files (its finished runs and θ's prime.json, not
+the weights: .gitignore), so a later sitting, on another machine, continues where the last one stopped.
+``--jobs 2`` runs the datasets' benches side by side, one thread each (on this 2-core machine two
+one-thread processes do more work than one process on two threads: the README's measurement). Data: ZsRE's dev and train files read as one dataset (``--data zsre=DEV --data zsre=TRAIN``),
 CounterFact's train file; the first N usable records of each are updated (for auto-λ the next
 ``--n-val`` are the validation split). Seeds: 3 for N ≤ 300, 2 above (``--seeds``).
 
@@ -48,18 +51,19 @@ def seeds_for(n: int) -> int:
     return 3 if n <= 300 else 2
 
 
-def bench_dir(out: Path, n: int, mode: str) -> Path:
-    return out / f"n{n}-{mode}"
+def bench_dir(out: Path, n: int, mode: str, dataset: str) -> Path:
+    return out / f"n{n}-{mode}-{dataset}"
 
 
-def bench_command(out: Path, n: int, mode: str, n_val: int, seeds: int | None = None) -> list[str]:
-    """The ``flearn bench`` arguments of one point of the map."""
+def bench_command(
+    out: Path, n: int, mode: str, dataset: str, n_val: int, seeds: int | None = None
+) -> list[str]:
+    """The ``flearn bench`` arguments of one point of the map, for one dataset."""
     args = ["bench", "--profile", "paper-v2", "--n", str(n), "--seeds", str(seeds or seeds_for(n))]
-    for name, files in DATA.items():
-        args += [item for path in files for item in ("--data", f"{name}={path}")]
+    args += [item for path in DATA[dataset] for item in ("--data", f"{dataset}={path}")]
     if mode == "auto":
         args += ["--lambda", "auto", "--n-val", str(n_val)]
-    return [*args, "--out", str(bench_dir(out, n, mode))]
+    return [*args, "--no-progress", "--out", str(bench_dir(out, n, mode, dataset))]
 
 
 def shown(arg: str) -> str:
@@ -107,13 +111,14 @@ def collect(out: Path, ns: Iterable[int], modes: Iterable[str]) -> dict[str, Any
     points, missing = [], []
     for mode in modes:
         for n in ns:
-            path = bench_dir(out, n, mode) / "summary.json"
-            if not path.is_file():
-                missing.append({"n": n, "mode": mode})
-                continue
-            summary = json.loads(path.read_text())
-            for row in margins(summary):
-                points.append({"mode": mode, **row, "bench_seconds": summary.get("wall_seconds")})
+            for dataset in DATA:
+                path = bench_dir(out, n, mode, dataset) / "summary.json"
+                if not path.is_file():
+                    missing.append({"n": n, "mode": mode, "dataset": dataset})
+                    continue
+                summary = json.loads(path.read_text())
+                for row in margins(summary):
+                    points.append({"mode": mode, **row, "bench_seconds": summary.get("wall_seconds")})
     return {"points": points, "missing": missing}
 
 
@@ -187,13 +192,38 @@ def plot(points: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def run_side_by_side(flearn: Path, commands: list[list[str]], jobs: int) -> None:
+    """Run the benches ``jobs`` at a time, the machine's cores shared out as threads; each bench's log
+    beside its directory (``<dir>.log``)."""
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    pending = list(commands)
+    running: list[tuple[subprocess.Popen, Any]] = []
+    failed = []
+    while pending or running:
+        while pending and len(running) < max(1, jobs):
+            command = pending.pop(0)
+            log = open(Path(command[-1]).with_suffix(".log"), "a")  # noqa: SIM115 (closed below)
+            running.append((subprocess.Popen([str(flearn), *command], env=env, stdout=log, stderr=log), log))
+        proc, log = running.pop(0)
+        if proc.wait() != 0:
+            failed.append(proc.args)
+        log.close()
+    if failed:
+        raise SystemExit(f"benches failed: {failed}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ns", default="100,300,1000", help="N values, comma-separated")
     parser.add_argument("--modes", default="paper,auto", help="paper (the paper's λ) and/or auto")
     parser.add_argument("--n-val", type=int, default=100, help="validation records of auto-λ")
     parser.add_argument("--seeds", type=int, help="seeds of every point (default: 3 for N ≤ 300, else 2)")
-    parser.add_argument("--out", type=Path, default=REPO / "runs" / "effect-map", help="the benches' root")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "benchmarks" / "results" / "effect-map", help="the benches' root"
+    )
+    parser.add_argument("--datasets", default=",".join(DATA), help="datasets, comma-separated")
+    parser.add_argument("--jobs", type=int, default=1, help="datasets' benches run side by side")
     parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     parser.add_argument("--collect", action="store_true", help="only collect finished benches and plot")
     args = parser.parse_args()
@@ -202,13 +232,17 @@ def main() -> None:
     if bad := [m for m in modes if m not in MODES]:
         parser.error(f"--modes {bad}: choose from {', '.join(MODES)}")
     flearn = Path(sys.executable).parent / "flearn"
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if bad := [d for d in datasets if d not in DATA]:
+        parser.error(f"--datasets {bad}: choose from {', '.join(DATA)}")
     if not args.collect:
         for mode in modes:
             for n in ns:
-                command = bench_command(args.out, n, mode, args.n_val, args.seeds)
-                print("flearn " + " ".join(shown(a) for a in command), flush=True)
+                commands = [bench_command(args.out, n, mode, d, args.n_val, args.seeds) for d in datasets]
+                for command in commands:
+                    print("flearn " + " ".join(shown(a) for a in command), flush=True)
                 if not args.dry_run:
-                    subprocess.run([str(flearn), *command], check=True)
+                    run_side_by_side(flearn, commands, args.jobs)
         if args.dry_run:
             return
     found = collect(args.out, ns, modes)

@@ -147,3 +147,36 @@ def test_config_errors():
         BenchConfig(lambdas="auto", n_val=0)
     with pytest.raises(ValueError, match="unknown methods"):
         BenchConfig(methods=["ft", "no-such-method"])
+
+
+def test_a_cache_kept_without_its_weights_resumes_from_its_json_files(bench_cfg, tmp_path, monkeypatch):
+    """What a shipped bench directory keeps (every JSON file, no safetensors) is enough to rewrite its
+    reports without θ; a run not in it retrains θ, which keeps its first prime.json."""
+    first = _strip_timing(run_bench(bench_cfg(), progress=False))
+    cache = bench_cfg().out / "cache"
+    for path in [*cache.rglob("*.safetensors"), *(cache / "forget").rglob("*")]:
+        if path.is_file():
+            path.unlink()
+    (prime_json,) = cache.glob("prime/*/prime.json")
+    recorded = prime_json.read_text()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("θ trained although every run is cached")
+
+    monkeypatch.setattr(bench_module.Bench, "_train_primed", no_training)
+    again = Bench(bench_cfg(), progress=False)
+    assert _strip_timing(again.run()) == first
+    assert again.counters["cached_runs"] == 4 and again.counters["trained_prime"] == 0
+    monkeypatch.undo()
+
+    # one run more (λ 1.0): θ retrained from nothing but its prime.json, which stays as it was
+    more = Bench(bench_cfg(lambdas=[0.5, 1.0]), progress=False)
+    summary = more.run()
+    assert more.counters["trained_prime"] == 1 and more.counters["cached_runs"] == 4
+    assert prime_json.read_text() == recorded
+    assert "flearning-ft (λ=1)" in summary["datasets"]["toy"]["methods"]
+    # the retrained θ is the same model: the cached θ row and a fresh evaluation agree
+    assert (
+        summary["datasets"]["toy"]["methods"]["primed (θ)"]
+        == first["datasets"]["toy"]["methods"]["primed (θ)"]
+    )

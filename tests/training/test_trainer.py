@@ -42,6 +42,31 @@ def test_length_grouped_batches_cover_everything_once_and_depend_only_on_seed_an
     assert len(sampler) == math.ceil(len(lengths) / 3)
 
 
+def test_grouped_by_step_a_steps_micro_batches_are_consecutive_and_of_similar_length():
+    import random
+
+    rng = random.Random(0)
+    lengths = [rng.randint(8, 40) for _ in range(70)]
+    sampler = LengthGroupedBatches(lengths, batch_size=4, seed=3, step=4)
+    batches = sampler.batches()
+    assert sorted(i for b in batches for i in b) == list(range(70))
+    assert len(batches) == len(sampler) == 18
+    # 70 rows = 4 whole steps of 16 rows, then the short step (4 + 2 rows) last
+    assert [len(b) for b in batches] == [4] * 17 + [2]
+    ordered = sorted(lengths)
+    slices = [ordered[k : k + 16] for k in range(0, 64, 16)]
+    for s in range(4):  # one mega-batch: a step's 16 rows are 16 neighbours in length order
+        assert sorted(lengths[i] for b in batches[4 * s : 4 * s + 4] for i in b) in slices
+
+    # steps of random micro-batches pad much more: the same sampler without step grouping
+    def padding(bs):
+        steps = [sum(bs[k : k + 4], []) for k in range(0, len(bs), 4)]
+        return sum(len(st) * max(lengths[i] for i in st) - sum(lengths[i] for i in st) for st in steps)
+
+    assert padding(batches) < 0.5 * padding(LengthGroupedBatches(lengths, 4, seed=3).batches())
+    assert LengthGroupedBatches(lengths, 4, seed=3, step=4).batches() == batches
+
+
 def test_full_training_lowers_the_loss_and_is_deterministic(tiny_model, tokenizer):
     from tiny import tiny_llama
 

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,7 +25,14 @@ from flearning.config import BenchConfig
 from flearning.data.records import KnowledgeRecord
 from flearning.errors import FlearnError
 from flearning.methods import METHODS, get_method
-from flearning.recipes.bench_cache import Cache, RunRecord, forget_key, prime_key, run_key
+from flearning.recipes.bench_cache import (
+    Cache,
+    RunRecord,
+    forget_key,
+    prime_key,
+    primed_eval_key,
+    run_key,
+)
 from flearning.recipes.bench_report import (
     PRIMED,
     dataset_report,
@@ -42,24 +50,41 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Primed:
-    """θ of one (dataset, seed): the base model taught the old facts, shared by every method."""
+    """θ of one (dataset, seed): the base model taught the old facts, shared by every method. Its
+    weights are loaded (or trained) on first use only: a bench whose runs are all cached, from an
+    earlier sitting whose cache kept only its JSON files (the shipped results' ``cache/``), needs none."""
 
     dataset: str
     seed: int
-    model: PreTrainedModel
     key: str  # its cache key, part of every key derived from it
     info: dict[str, Any]  # prime.json: accuracy before and after, epochs, ...
+    make: Callable[[], tuple[PreTrainedModel, dict[str, Any]]] = dataclasses.field(repr=False)
+    _model: PreTrainedModel | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def model(self) -> PreTrainedModel:
+        if self._model is None:
+            self._model, info = self.make()
+            self.info = {**info, **self.info}  # what was recorded first wins (a retrained θ's seconds)
+        return self._model
 
 
 @dataclass
 class Split:
     """Records runs from θ are evaluated on (``eval``: the reported records, ``val``: the validation
-    split λ is chosen on), with θ's predictions on them (Locality's reference)."""
+    split λ is chosen on), with θ's predictions on them (Locality's reference, computed on first use)."""
 
     theta: Primed
     name: str
     records: list[KnowledgeRecord]
-    reference: Any
+    make_reference: Callable[[], Any] = dataclasses.field(repr=False)
+    _reference: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def reference(self) -> Any:
+        if self._reference is None:
+            self._reference = self.make_reference()
+        return self._reference
 
 
 class Bench:
@@ -152,56 +177,84 @@ class Bench:
 
     # ---- stages ----------------------------------------------------------------------------------
     def primed(self, dataset: str, seed: int, records: list[KnowledgeRecord]) -> Primed:
-        """θ for (dataset, seed), trained once and cached as a safetensors model directory."""
-        from flearning.models import load_model
-        from flearning.recipes.prime import prime, save_primed
-
+        """θ for (dataset, seed), trained once and cached as a safetensors model directory; its weights
+        are loaded, or trained, when a run first needs them (``Primed.model``)."""
         p = self.cfg.prime
         cfg = p.train_config(seed, self.cfg.template)
         key = prime_key(self.base_fp, records, cfg, p.threshold)
         path = self.cache.primed_dir(key)
         info_path = path / "prime.json"
-        if info_path.is_file():
-            model, _ = load_model(path)
-            info = dict(json.loads(info_path.read_text()), dataset=dataset)  # as for runs: this name
-        else:
-            model = copy.deepcopy(self.base)
-            scope = self.tracker.scoped(f"{dataset}/seed{seed}")
-            result = prime(
-                model,
-                self.tokenizer,
-                records,
-                cfg,
-                threshold=p.threshold,
-                progress=self.progress,
-                on_stats=scope.stage("prime"),
-            )
-            scope.stage_done(len(result.losses))
-            self.counters["trained_prime"] += 1
-            info = {
-                "dataset": dataset,
-                "seed": seed,
-                "accuracy_before": result.accuracy_before,
-                "accuracy": result.accuracy,
-                "epochs": result.epochs,
-                "seconds": result.seconds,
-                "history": result.history,
-                "key": key,
-            }
-            save_primed(path, model, self.tokenizer, info)
-        return Primed(dataset, seed, model, key, info)
+        # prime.json is kept even where the weights are not (a cache shipped without its safetensors)
+        info = dict(json.loads(info_path.read_text()), dataset=dataset) if info_path.is_file() else {}
+
+        def make() -> tuple[PreTrainedModel, dict[str, Any]]:
+            if self.cache.has_primed_model(key):
+                from flearning.models import load_model
+
+                model, _ = load_model(path)
+                return model, dict(json.loads(info_path.read_text()), dataset=dataset)  # as for runs
+            return self._train_primed(dataset, seed, records, cfg, key, recorded=info)
+
+        theta = Primed(dataset, seed, key, info, make)
+        if not info:
+            theta.model  # noqa: B018 (trained now: its prime.json is part of every report)
+        return theta
+
+    def _train_primed(
+        self,
+        dataset: str,
+        seed: int,
+        records: list[KnowledgeRecord],
+        cfg: Any,
+        key: str,
+        recorded: dict[str, Any],
+    ) -> tuple[PreTrainedModel, dict[str, Any]]:
+        """Train θ and cache it. ``recorded``: the prime.json of a cache that kept it without the weights
+        (kept as it is: the retrained θ is the same model, its first training's record stands)."""
+        from flearning.recipes.prime import prime, save_primed
+
+        threshold = self.cfg.prime.threshold
+        model = copy.deepcopy(self.base)
+        scope = self.tracker.scoped(f"{dataset}/seed{seed}")
+        result = prime(
+            model,
+            self.tokenizer,
+            records,
+            cfg,
+            threshold=threshold,
+            progress=self.progress,
+            on_stats=scope.stage("prime"),
+        )
+        scope.stage_done(len(result.losses))
+        self.counters["trained_prime"] += 1
+        info = {
+            "dataset": dataset,
+            "seed": seed,
+            "accuracy_before": result.accuracy_before,
+            "accuracy": result.accuracy,
+            "epochs": result.epochs,
+            "seconds": result.seconds,
+            "history": result.history,
+            "key": key,
+        }
+        if recorded:
+            info = {**recorded, "dataset": dataset}
+        save_primed(self.cache.primed_dir(key), model, self.tokenizer, info)
+        return model, info
 
     def split(self, theta: Primed, name: str, records: list[KnowledgeRecord]) -> Split:
         from flearning.evaluation import reference_predictions
 
-        reference = reference_predictions(
-            theta.model,
-            self.tokenizer,
-            records,
-            batch_size=self.cfg.eval_batch_size,
-            template=self.cfg.template,
-        )
-        return Split(theta, name, records, reference)
+        def make_reference() -> Any:
+            return reference_predictions(
+                theta.model,
+                self.tokenizer,
+                records,
+                batch_size=self.cfg.eval_batch_size,
+                template=self.cfg.template,
+            )
+
+        return Split(theta, name, records, make_reference)
 
     def run_one(self, split: Split, method_name: str, lam: float | None) -> RunRecord:
         """One method (at one λ) from θ on a split, evaluated; cached, and its Δ_old cached apart."""
@@ -319,7 +372,6 @@ class Bench:
         )
 
     def _protocol(self) -> dict[str, Any]:
-        from flearning.evaluation.evaluate import evaluate
         from flearning.io.progress import progress_bar
 
         started = time.perf_counter()
@@ -328,19 +380,7 @@ class Bench:
             for seed in self.cfg.seeds:
                 theta = self.primed(dataset, seed, [*evaluated, *validation])
                 split = self.split(theta, "eval", evaluated)
-                primed_eval = evaluate(
-                    theta.model,
-                    self.tokenizer,
-                    evaluated,
-                    reference=split.reference,
-                    batch_size=self.cfg.eval_batch_size,
-                    generation=self.cfg.generation,
-                    perplexity=self.held_out,
-                    cache_dir=self.cache.root / "evaluation",  # θ's perplexity, once
-                    progress=False,
-                    seed=seed,
-                    template=self.cfg.template,
-                )
+                primed_eval = self._primed_eval(split)
                 measured = primed_eval.perplexity  # θ's general ability, without how it was obtained
                 how = ("seconds", "cached")
                 perplexity = {k: v for k, v in measured.items() if k not in how} if measured else None
@@ -376,6 +416,39 @@ class Bench:
         bar.close()
         wall = time.perf_counter() - started
         return self.write(wall)
+
+    def _primed_eval(self, split: Split) -> Any:
+        """θ evaluated on the evaluated records (the reports' primed row), cached like a run."""
+        from flearning.evaluation.evaluate import evaluate
+
+        theta = split.theta
+        key = primed_eval_key(
+            theta.key,
+            split.records,
+            generation=self.cfg.generation,
+            perplexity=self._perplexity_key(split),
+            template=self.cfg.template,
+        )
+        cached = self.cache.load_run(key)
+        if cached is not None:
+            return cached.result()
+        result = evaluate(
+            theta.model,
+            self.tokenizer,
+            split.records,
+            reference=split.reference,
+            batch_size=self.cfg.eval_batch_size,
+            generation=self.cfg.generation,
+            perplexity=self.held_out,
+            cache_dir=self.cache.root / "evaluation",  # θ's perplexity, once
+            progress=False,
+            seed=theta.seed,
+            template=self.cfg.template,
+        )
+        record = RunRecord(theta.dataset, theta.seed, PRIMED, None, split.name, result.records)
+        record.perplexity = result.perplexity
+        self.cache.save_run(key, record)
+        return result
 
     def _choose_lambdas(self, val: Split, bar) -> dict[str, float]:
         """λ per F-Learning method from the validation split, disjoint from the evaluated records: maximise

@@ -1,8 +1,9 @@
 """The bench's content-addressed cache under ``<out>/cache`` (safetensors and JSON only).
 
-    prime/<key>/        a primed model θ (model, tokenizer, prime.json)
+    prime/<key>/        a primed model θ (model, tokenizer, prime.json; prime.json alone where a
+                        shipped cache kept only its JSON files: θ is then retrained if a run needs it)
     forget/<key>/       a forgetting vector Δ_old (vector.json + vector.safetensors)
-    runs/<key>.json     one finished run's per-record results
+    runs/<key>.json     one finished run's per-record results (θ's own evaluation too)
 
 Each key is a short hash of everything the product depends on (the keys below); a rerun, a λ sweep or
 an added method finds what an earlier bench already made.
@@ -88,6 +89,20 @@ def run_key(
     )
 
 
+def primed_eval_key(
+    theta_key: str,
+    records: Sequence[KnowledgeRecord],
+    *,
+    generation: bool,
+    perplexity: dict[str, Any] | None,
+    template: str,
+) -> str:
+    """θ's own evaluation on the evaluated records (the primed row of the reports)."""
+    from flearning.data import records_hash
+
+    return digest("primed-eval", theta_key, records_hash(records), generation, perplexity, template)
+
+
 @dataclass
 class RunRecord:
     """One finished (dataset, seed, method, λ, split) run, as cached on disk."""
@@ -144,6 +159,11 @@ class Cache:
 
     def primed_dir(self, key: str) -> Path:
         return self.root / "prime" / key
+
+    def has_primed_model(self, key: str) -> bool:
+        """θ's weights are here (not only its ``prime.json``, as in a cache shipped without them)."""
+        path = self.primed_dir(key)
+        return (path / "config.json").is_file() and any(path.glob("*.safetensors"))
 
     def vector_dir(self, key: str) -> Path:
         return self.root / "forget" / key

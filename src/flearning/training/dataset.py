@@ -68,16 +68,30 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
 
     Facts are short and vary from ~8 to ~40 tokens; sorting within shuffled mega-batches of
     ``50 × batch_size`` examples cuts padding without making batch order predictable.
+
+    With ``step`` > 1 (gradient accumulation on one process: an optimizer step's ``step`` micro-batches)
+    the rows of a whole step are of similar length and its micro-batches come one after the other: a
+    fused step (``training.fused``) pads its rows to the longest of the step, which with steps of
+    random micro-batches wasted 16 % of ZsRE's and 15 % of CounterFact's templated tokens after the
+    shared preamble (1 000 records, batch 4 × 4; 1.4 % and 1.3 % grouped by step). A short step (the
+    epoch's remainder) comes last, so no step mixes micro-batches of two groups.
     """
 
     def __init__(
-        self, lengths: Sequence[int], batch_size: int, seed: int, mega: int = 50, short_last: bool = False
+        self,
+        lengths: Sequence[int],
+        batch_size: int,
+        seed: int,
+        mega: int = 50,
+        short_last: bool = False,
+        step: int = 1,
     ) -> None:
         self.lengths = list(lengths)
         self.batch_size = batch_size
         self.seed = seed
         self.mega = mega
         self.short_last = short_last
+        self.step = max(1, step)
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -87,12 +101,16 @@ class LengthGroupedBatches(torch.utils.data.Sampler[list[int]]):
         rng = random.Random(self.seed * 100_003 + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        size = self.mega * self.batch_size
-        batches = []
+        rows = self.batch_size * self.step  # the rows that should share a length: a batch, or a step's
+        size = self.mega * rows
+        groups = []
         for start in range(0, len(order), size):
             chunk = sorted(order[start : start + size], key=lambda i: self.lengths[i])
-            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
-        rng.shuffle(batches)
+            groups += [chunk[i : i + rows] for i in range(0, len(chunk), rows)]
+        rng.shuffle(groups)
+        if self.step > 1:
+            groups.sort(key=lambda g: len(g) < rows)  # stable: the short step (if any) last
+        batches = [g[i : i + self.batch_size] for g in groups for i in range(0, len(g), self.batch_size)]
         if self.short_last:
             # Sharded over processes (accelerate, split_batches=False), a round of batches is only handed
             # out when its last batch is full: a short batch mid-epoch would drop the whole round.

@@ -360,7 +360,13 @@ def _start_or_resume(
     # fused AdamW: one kernel over all parameters instead of a Python loop of foreach ops; on this
     # 2-core CPU the optimizer step of a 135M model is a large share of a short-sequence step.
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-    sampler = LengthGroupedBatches([len(e) for e in examples], cfg.batch_size, cfg.seed, short_last=world > 1)
+    sampler = LengthGroupedBatches(
+        [len(e) for e in examples],
+        cfg.batch_size,
+        cfg.seed,
+        short_last=world > 1,
+        step=cfg.grad_accum if world == 1 else 1,  # one process: a step's rows of similar length
+    )
     # A private generator: creating an epoch's iterator draws a (worker) seed from the loader's generator,
     # which would otherwise advance the global one and make a resumed run's dropout masks differ.
     loader = torch.utils.data.DataLoader(
