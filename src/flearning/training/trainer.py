@@ -365,7 +365,9 @@ def _start_or_resume(
         cfg.batch_size,
         cfg.seed,
         short_last=world > 1,
-        step=cfg.grad_accum if world == 1 else 1,  # one process: a step's rows of similar length
+        # an optimizer step's rows (all processes' micro-batches) of similar length; one process with
+        # accumulation k·W still sees the batches W processes with k see, round-robin (accelerate)
+        step=cfg.grad_accum * world,
     )
     # A private generator: creating an epoch's iterator draws a (worker) seed from the loader's generator,
     # which would otherwise advance the global one and make a resumed run's dropout masks differ.
