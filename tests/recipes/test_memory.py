@@ -9,14 +9,13 @@ from flearning.errors import FlearnError
 from flearning.models import count_parameters
 from flearning.recipes.memory import (
     ADAM,
-    FP32,
     RUNTIME_OVERHEAD,
     available_memory,
     dry_run_plan,
     fmt_bytes,
-    model_shape,
     plan_memory,
 )
+from flearning.recipes.model_shape import FP32, model_shape
 from flearning.training import LoraSettings, TrainConfig
 
 GiB = 2**30
