@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -15,21 +14,34 @@ REPO = RESULTS.parent.parent
 
 
 def repo_path(path: str | os.PathLike) -> str:
-    """``path`` as results record it: relative to the repository, or, outside it, its last two parts
-    marked as such (never an absolute path of this machine)."""
+    """``path`` as results record it: relative to the repository; a file of the shared data as
+    ``../shared/data/...`` (where the README puts it beside the repository, wherever this script runs
+    from: a snapshot worktree too); elsewhere outside it, its last two parts marked as such (never an
+    absolute path of this machine)."""
     resolved = Path(path).resolve()
     try:
         return str(resolved.relative_to(REPO))
     except ValueError:
-        return f"{Path(*resolved.parts[-2:])} (outside the repository)"
+        pass
+    parts = resolved.parts
+    for i in range(len(parts) - 1):
+        if parts[i : i + 2] == ("shared", "data"):
+            return str(Path("..", *parts[i:]))
+    return f"{Path(*parts[-2:])} (outside the repository)"
 
 
 def machine() -> dict:
+    """Where a benchmark ran: the run records' machine facts (CPU model and vector instructions: hosts of
+    this project differ, AVX-512 Xeons and AVX2-only EPYCs) and torch's version."""
+    from flearning.recipes.run_record import machine_facts
+
+    facts = machine_facts()
     return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
+        "platform": facts["platform"],
+        "processor": facts["cpu"],
+        "simd": facts["simd"],
+        "cpu_count": facts["cores"],
+        "torch_threads": facts["threads"],
         "torch": torch.__version__,
     }
 

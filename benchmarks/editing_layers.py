@@ -29,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import machine, write_json  # noqa: E402
+from common import machine, repo_path, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT.parent / "shared" / "data" / "counterfact" / "counterfact-val.json"
@@ -38,10 +38,8 @@ METRICS = ("efficacy", "paraphrase", "reliability", "generality", "locality")
 
 
 def relative(path: Path) -> str:
-    """``path`` relative to the repository (``../shared/...`` for the shared data)."""
-    import os
-
-    return os.path.relpath(path.resolve(), ROOT)
+    """``path`` relative to the repository (``../shared/data/...`` for the shared data)."""
+    return repo_path(path)
 
 
 def window(text: str) -> tuple[int, ...]:

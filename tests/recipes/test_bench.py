@@ -11,6 +11,7 @@ import pytest
 from flearning.config import BenchConfig
 from flearning.recipes import bench as bench_module
 from flearning.recipes.bench import Bench, run_bench
+from flearning.recipes.run_record import machine_facts
 from tiny import toy_facts
 
 FACTS = toy_facts(10)
@@ -88,6 +89,33 @@ def test_summary_has_every_method_and_metric(bench_cfg):
         written["data"] == {"toy": os.path.relpath(data)} and not Path(written["data"]["toy"]).is_absolute()
     )
     assert written["out"] == os.path.relpath(bench_cfg().out)
+    # every timing says where it was measured: each run (θ's evaluation timed too), prime.json, the summary
+    facts = machine_facts()
+    cache = bench_cfg().out / "cache"
+    runs = [json.loads(p.read_text()) for p in cache.glob("runs/*.json")]
+    assert len(runs) == 5 and all(r["machine"] == facts for r in runs)
+    (primed,) = [r for r in runs if r["method"] == "primed (θ)"]
+    assert primed["seconds"]["evaluate"] > 0
+    (prime_json,) = cache.glob("prime/*/prime.json")
+    assert json.loads(prime_json.read_text())["machine"] == facts == written_summary(bench_cfg())["machine"]
+
+
+def written_summary(cfg):
+    return json.loads((cfg.out / "summary.json").read_text())
+
+
+def test_machine_facts_name_the_cpu_and_its_vector_instructions(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(
+        "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n\n"
+        "processor\t: 1\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse2 avx avx2 fma\n"
+    )
+    facts = machine_facts(cpuinfo)
+    assert facts["cpu"] == "AMD EPYC" and facts["simd"] == ["avx2"]
+    cpuinfo.write_text("model name : Intel Xeon\nflags : avx2 avx512f avx512_bf16 amx_tile amx_bf16\n")
+    assert machine_facts(cpuinfo)["simd"] == ["avx2", "avx512f", "avx512_bf16", "amx_tile"]
+    missing = machine_facts(tmp_path / "absent")
+    assert missing["simd"] == [] and missing["cpu"] and missing["cores"] == os.cpu_count()
 
 
 def test_second_run_of_a_sweep_reuses_prime_and_forget(bench_cfg):

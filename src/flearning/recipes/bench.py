@@ -40,6 +40,7 @@ from flearning.recipes.bench_report import (
     paper_table,
     settings_line,
 )
+from flearning.recipes.run_record import machine_facts
 from flearning.recipes.tracking import NO_TRACKING, RunTracker, check_trackers, scalars
 
 if TYPE_CHECKING:
@@ -234,6 +235,7 @@ class Bench:
             "accuracy": result.accuracy,
             "epochs": result.epochs,
             "seconds": result.seconds,
+            "machine": machine_facts(),
             "history": result.history,
             "key": key,
         }
@@ -336,6 +338,7 @@ class Bench:
             perplexity=result.perplexity,
             template=self.cfg.template,
             zsre_old=self.old_fields.get(theta.dataset),
+            machine=machine_facts(),
         )
         self.cache.save_run(key, run)
         scope.log(scalars("eval", result.summary()))
@@ -432,6 +435,7 @@ class Bench:
         cached = self.cache.load_run(key)
         if cached is not None:
             return cached.result()
+        start = time.perf_counter()
         result = evaluate(
             theta.model,
             self.tokenizer,
@@ -445,8 +449,9 @@ class Bench:
             seed=theta.seed,
             template=self.cfg.template,
         )
-        record = RunRecord(theta.dataset, theta.seed, PRIMED, None, split.name, result.records)
-        record.perplexity = result.perplexity
+        seconds = {"evaluate": round(time.perf_counter() - start, 3)}
+        record = RunRecord(theta.dataset, theta.seed, PRIMED, None, split.name, result.records, seconds)
+        record.perplexity, record.machine = result.perplexity, machine_facts()
         self.cache.save_run(key, record)
         return result
 
@@ -512,6 +517,7 @@ class Bench:
         summary: dict[str, Any] = {
             "config": _portable(self.cfg.model_dump(mode="json")),
             "wall_seconds": round(wall, 1),
+            "machine": machine_facts(),  # this process's; each run and prime.json record their own
             "base_fingerprint": self.base_fp,
             "counters": self.counters,
             "stages": self._stages(),

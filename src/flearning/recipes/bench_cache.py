@@ -117,6 +117,7 @@ class RunRecord:
     perplexity: dict[str, Any] | None = None  # the model's perplexity on held-out text, when measured
     template: str | None = None  # the prompt template (None: a run cached before templates, plain)
     zsre_old: str | None = None  # a ZsRE dataset's old-answer field (pred or answers); None otherwise
+    machine: dict[str, Any] | None = None  # where ``seconds`` were measured (run_record.machine_facts)
 
     def to_json(self) -> dict[str, Any]:
         return self.__dict__

@@ -39,6 +39,37 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+# the CPU's vector instructions that decide fp32/bf16 matmul speed (what makes two hosts' timings differ)
+SIMD_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def machine_facts(cpuinfo: Path = Path("/proc/cpuinfo")) -> dict[str, Any]:
+    """Where a run's timings were measured: platform, CPU model and its vector instructions, cores and
+    torch's threads. On Linux the CPU comes from ``cpuinfo``; elsewhere ``platform.processor()``."""
+    import os
+
+    import torch
+
+    cpu, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() == "model name" and value.strip():
+                cpu = value.strip()
+            elif name.strip() == "flags":
+                flags = set(value.split())
+                break
+    except OSError:
+        pass
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "simd": [f for f in SIMD_FLAGS if f in flags],
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+    }
+
+
 def resumed_stages(work: Path | None) -> dict[str, str]:
     """What an earlier, interrupted process left in the work directory ``work`` for this run to reuse, per
     stage: a finished forget stage (Δ_old), a finished learning stage, or a stage's last checkpoint.
@@ -104,7 +135,6 @@ def run_summary(
     the work of an earlier process (empty for a run done in one process). ``timings_seconds`` are this
     process's; when stages were resumed, ``timings_note`` says so.
     """
-    import torch
 
     resumed = dict(resumed or {})
     notes = {}
@@ -124,7 +154,7 @@ def run_summary(
         "data": data,
         "seed": cfg.seed,
         "versions": library_versions(),
-        "machine": {"platform": platform.platform(), "threads": torch.get_num_threads()},
+        "machine": machine_facts(),
         "timings_seconds": {k: round(v, 3) for k, v in timings.items()},
         **notes,
         "resumed": resumed,
