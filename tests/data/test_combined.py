@@ -95,10 +95,10 @@ def test_the_bench_evaluates_the_records_of_both_files(halves, tiny_model_dir, t
 
 
 def test_summary_records_each_file_relative_to_the_working_directory(tmp_path, monkeypatch):
-    from flearning.recipes.bench import _portable
+    from flearning.recipes.bench_report import portable_config
 
     monkeypatch.chdir(tmp_path)
-    config = _portable(
+    config = portable_config(
         {"data": {"zsre": [str(tmp_path / "d" / "a.json"), "b.json"], "cf": str(tmp_path / "c.json")}}
     )
     assert config["data"] == {"zsre": ["d/a.json", "b.json"], "cf": "c.json"}

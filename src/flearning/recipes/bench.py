@@ -14,7 +14,6 @@ import copy
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,13 +32,7 @@ from flearning.recipes.bench_cache import (
     primed_eval_key,
     run_key,
 )
-from flearning.recipes.bench_report import (
-    PRIMED,
-    dataset_report,
-    paired_table,
-    paper_table,
-    settings_line,
-)
+from flearning.recipes.bench_report import PRIMED, portable_config, write_summary
 from flearning.recipes.run_record import machine_facts
 from flearning.recipes.tracking import NO_TRACKING, RunTracker, check_trackers, scalars
 
@@ -98,6 +91,7 @@ class Bench:
         self.tracker: RunTracker = NO_TRACKING  # report_to's trackers, while run() runs
         self.out = default_out(cfg)
         self.cache = Cache(self.out / "cache")
+        self.machine = machine_facts()  # where this process measures: in every run record it writes
         # dataset -> (evaluated records, validation records); filled by setup()
         self.datasets: dict[str, tuple[list[KnowledgeRecord], list[KnowledgeRecord]]] = {}
         # dataset -> the field its old answers were read from (a ZsRE file: pred or answers; else None)
@@ -235,7 +229,7 @@ class Bench:
             "accuracy": result.accuracy,
             "epochs": result.epochs,
             "seconds": result.seconds,
-            "machine": machine_facts(),
+            "machine": self.machine,
             "history": result.history,
             "key": key,
         }
@@ -338,7 +332,7 @@ class Bench:
             perplexity=result.perplexity,
             template=self.cfg.template,
             zsre_old=self.old_fields.get(theta.dataset),
-            machine=machine_facts(),
+            machine=self.machine,
         )
         self.cache.save_run(key, run)
         scope.log(scalars("eval", result.summary()))
@@ -370,7 +364,7 @@ class Bench:
             cfg.report_to,
             run_name=cfg.run_name or self.out.resolve().name,
             logging_dir=cfg.logging_dir or self.out / "logs",
-            config=_portable(cfg.model_dump(mode="json")),
+            config=portable_config(cfg.model_dump(mode="json")),
             mlflow_artifacts=True,
         )
 
@@ -451,7 +445,7 @@ class Bench:
         )
         seconds = {"evaluate": round(time.perf_counter() - start, 3)}
         record = RunRecord(theta.dataset, theta.seed, PRIMED, None, split.name, result.records, seconds)
-        record.perplexity, record.machine = result.perplexity, machine_facts()
+        record.perplexity, record.machine = result.perplexity, self.machine
         self.cache.save_run(key, record)
         return result
 
@@ -495,62 +489,19 @@ class Bench:
 
         stale = [f"{dataset}/{name}" for dataset in self.datasets for name in REPORT_FILES]
         with atomic_entries(self.out, stale=stale) as staging:
-            return self._write_into(staging, wall)
-
-    def _stages(self) -> dict[str, Any]:
-        """Every stage's resolved settings (the defaults filled in): priming, and each method's forget and
-        learning stages, with the λ it runs at per dataset; what the bench's config leaves implicit."""
-        cfg = self.cfg
-        methods: dict[str, Any] = {}
-        for name in cfg.methods:
-            method = METHODS[name]
-            plan = cfg.stage_plan(method, 0)
-            methods[name] = {"forget": _stage_json(plan.forget), "learn": _stage_json(plan.learn)}
-            if method.forget is not None:
-                methods[name]["lambda"] = (
-                    "auto" if cfg.lambdas == "auto" else {d: cfg.method_lambdas(d, name) for d in cfg.data}
-                )
-        prime = _stage_json(cfg.prime.train_config(0, cfg.template))
-        return {"prime": dict(prime, threshold=cfg.prime.threshold), "methods": methods}
-
-    def _write_into(self, staging: Path, wall: float) -> dict[str, Any]:
-        summary: dict[str, Any] = {
-            "config": _portable(self.cfg.model_dump(mode="json")),
-            "wall_seconds": round(wall, 1),
-            "machine": machine_facts(),  # this process's; each run and prime.json record their own
-            "base_fingerprint": self.base_fp,
-            "counters": self.counters,
-            "stages": self._stages(),
-            "datasets": {},
-        }
-        tables = []
-        for dataset in self.datasets:
-            runs = [r for r in self.runs if r.dataset == dataset and r.split == "eval"]
-            report = dataset_report(staging / dataset, dataset, runs)
-            summary["datasets"][dataset] = {
-                "n": self.cfg.n,
-                "seeds": self.cfg.seeds,
-                "template": self.cfg.template,
-                "zsre_old": self.old_fields.get(dataset),
-                "prime": self.primes.get(dataset, []),
-                "chosen_lambda": self.chosen_lambda.get(dataset),
-                **report,
-            }
-            tables.append(paper_table(dataset, report["methods"], report.get("perplexity")))
-            tables.append(settings_line(self.cfg.template, self.old_fields.get(dataset)))
-            if report["paired"]:
-                tables.append(paired_table(dataset, report["paired"]))
-        summary["table_markdown"] = "\n\n".join(tables)
-        (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        (staging / "table.md").write_text(summary["table_markdown"] + "\n")
-        return summary
-
-
-def _stage_json(stage: Any) -> dict[str, Any] | None:
-    """A stage's resolved settings as the run record states them (the seed varies by run: left out)."""
-    if stage is None:
-        return None
-    return {k: v for k, v in stage.model_dump(mode="json").items() if k != "seed"}
+            return write_summary(
+                staging,
+                self.cfg,
+                self.runs,
+                list(self.datasets),
+                wall=wall,
+                machine=self.machine,
+                base_fingerprint=self.base_fp,
+                counters=self.counters,
+                old_fields=self.old_fields,
+                primes=self.primes,
+                chosen_lambda=self.chosen_lambda,
+            )
 
 
 def default_out(cfg: BenchConfig) -> Path:
@@ -606,17 +557,3 @@ def _run_scope(split: Split, method_name: str, lam: float | None) -> str:
     if lam is not None:
         parts.append(f"lambda{lam:g}")
     return "/".join(parts)
-
-
-def _portable(config: dict[str, Any]) -> dict[str, Any]:
-    """The configuration as recorded in ``summary.json``: its file paths relative to the current
-    directory (the repository, for the shipped results), so results carry no machine's absolute paths."""
-    config = dict(config)
-    config["data"] = {
-        name: [os.path.relpath(p) for p in path] if isinstance(path, list) else os.path.relpath(path)
-        for name, path in config["data"].items()
-    }
-    for key in ("data_root", "out", "logging_dir"):
-        if config.get(key):
-            config[key] = os.path.relpath(config[key])
-    return config

@@ -1,17 +1,24 @@
-"""What ``flearn bench`` reports: the paper's table and the paired comparisons with the baselines.
+"""What ``flearn bench`` reports: the paper's table, the paired comparisons with the baselines, and
+``summary.json`` / ``table.md`` (``write_summary``).
 
-Pure functions of the finished runs (``RunRecord``s); ``Bench`` writes their output beside the
-per-dataset evaluation reports.
+Functions of the bench's config and finished runs (``RunRecord``s); ``Bench`` calls ``write_summary``
+in the staging directory that replaces its reports at once.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from flearning.methods import METHODS
 from flearning.recipes.bench_cache import RunRecord
+
+if TYPE_CHECKING:
+    from flearning.config import BenchConfig
 
 PRIMED = "primed (θ)"  # the label of the primed model's own evaluation
 PAPER_METRICS = ("reliability", "generality", "locality")
@@ -205,3 +212,89 @@ def paper_table(
             cells.append(cell + (f" ± {spread:.2f}" if spread is not None else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def write_summary(
+    staging: Path,
+    cfg: BenchConfig,
+    runs: Sequence[RunRecord],
+    datasets: Sequence[str],
+    *,
+    wall: float,
+    machine: dict[str, Any],
+    base_fingerprint: str,
+    counters: dict[str, int],
+    old_fields: Mapping[str, str | None],
+    primes: Mapping[str, list[dict[str, Any]]],
+    chosen_lambda: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Write each dataset's report (``dataset_report``), ``summary.json`` and ``table.md`` into
+    ``staging``; return the summary. ``machine`` is where the bench ran (each run record and
+    ``prime.json`` name their own: a resumed bench's runs may come from other machines)."""
+    summary: dict[str, Any] = {
+        "config": portable_config(cfg.model_dump(mode="json")),
+        "wall_seconds": round(wall, 1),
+        "machine": machine,
+        "base_fingerprint": base_fingerprint,
+        "counters": counters,
+        "stages": stage_settings(cfg),
+        "datasets": {},
+    }
+    tables = []
+    for dataset in datasets:
+        evaluated = [r for r in runs if r.dataset == dataset and r.split == "eval"]
+        report = dataset_report(staging / dataset, dataset, evaluated)
+        summary["datasets"][dataset] = {
+            "n": cfg.n,
+            "seeds": cfg.seeds,
+            "template": cfg.template,
+            "zsre_old": old_fields.get(dataset),
+            "prime": primes.get(dataset, []),
+            "chosen_lambda": chosen_lambda.get(dataset),
+            **report,
+        }
+        tables.append(paper_table(dataset, report["methods"], report.get("perplexity")))
+        tables.append(settings_line(cfg.template, old_fields.get(dataset)))
+        if report["paired"]:
+            tables.append(paired_table(dataset, report["paired"]))
+    summary["table_markdown"] = "\n\n".join(tables)
+    (staging / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    (staging / "table.md").write_text(summary["table_markdown"] + "\n")
+    return summary
+
+
+def stage_settings(cfg: BenchConfig) -> dict[str, Any]:
+    """Every stage's resolved settings (the defaults filled in): priming, and each method's forget and
+    learning stages, with the λ it runs at per dataset; what the bench's config leaves implicit."""
+    methods: dict[str, Any] = {}
+    for name in cfg.methods:
+        method = METHODS[name]
+        plan = cfg.stage_plan(method, 0)
+        methods[name] = {"forget": _stage_json(plan.forget), "learn": _stage_json(plan.learn)}
+        if method.forget is not None:
+            methods[name]["lambda"] = (
+                "auto" if cfg.lambdas == "auto" else {d: cfg.method_lambdas(d, name) for d in cfg.data}
+            )
+    prime = _stage_json(cfg.prime.train_config(0, cfg.template))
+    return {"prime": dict(prime, threshold=cfg.prime.threshold), "methods": methods}
+
+
+def _stage_json(stage: Any) -> dict[str, Any] | None:
+    """A stage's resolved settings as the run record states them (the seed varies by run: left out)."""
+    if stage is None:
+        return None
+    return {k: v for k, v in stage.model_dump(mode="json").items() if k != "seed"}
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The configuration as recorded in ``summary.json``: its file paths relative to the current
+    directory (the repository, for the shipped results), so results carry no machine's absolute paths."""
+    config = dict(config)
+    config["data"] = {
+        name: [os.path.relpath(p) for p in path] if isinstance(path, list) else os.path.relpath(path)
+        for name, path in config["data"].items()
+    }
+    for key in ("data_root", "out", "logging_dir"):
+        if config.get(key):
+            config[key] = os.path.relpath(config[key])
+    return config

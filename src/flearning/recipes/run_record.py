@@ -135,7 +135,6 @@ def run_summary(
     the work of an earlier process (empty for a run done in one process). ``timings_seconds`` are this
     process's; when stages were resumed, ``timings_note`` says so.
     """
-
     resumed = dict(resumed or {})
     notes = {}
     if resumed:
