@@ -10,7 +10,8 @@ the weights: .gitignore), so a later sitting, on another machine, continues wher
 ``--jobs 2`` runs the datasets' benches side by side, one thread each (on this 2-core machine two
 one-thread processes do more work than one process on two threads: the README's measurement). Data: ZsRE's dev and train files read as one dataset (``--data zsre=DEV --data zsre=TRAIN``),
 CounterFact's train file; the first N usable records of each are updated (for auto-λ the next
-``--n-val`` are the validation split). Seeds: 3 for N ≤ 300, 2 above (``--seeds``).
+``--n-val`` are the validation split, and λ is chosen on the first seed's and kept for the others:
+``--lambda-choice first_seed``). Seeds: 3 for N ≤ 300, 2 above (``--seeds``).
 
 Then ``--collect`` reads every finished bench's ``summary.json`` and writes
 ``benchmarks/results/effect-map.json`` (per dataset, comparison, metric and N: the seed-level mean
@@ -62,7 +63,9 @@ def bench_command(
     args = ["bench", "--profile", "paper-v2", "--n", str(n), "--seeds", str(seeds or seeds_for(n))]
     args += [item for path in DATA[dataset] for item in ("--data", f"{dataset}={path}")]
     if mode == "auto":
-        args += ["--lambda", "auto", "--n-val", str(n_val)]
+        # λ chosen once per method and dataset, on the first seed's validation split (as the paper chose
+        # one λ per method and dataset), and kept for the other seeds: a third of the validation runs
+        args += ["--lambda", "auto", "--n-val", str(n_val), "--lambda-choice", "first_seed"]
     return [*args, "--no-progress", "--out", str(bench_dir(out, n, mode, dataset))]
 
 

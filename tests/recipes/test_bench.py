@@ -170,6 +170,22 @@ def test_auto_lambda_is_chosen_on_validation_only(bench_cfg):
     assert f"flearning-ft (λ={chosen[0]:g})" in summary["datasets"]["toy"]["methods"]
 
 
+def test_first_seed_lambda_choice_validates_once_and_keeps_the_choice(bench_cfg):
+    cfg = bench_cfg(
+        n=3, n_val=3, seeds=[0, 1], lambdas="auto", lambda_grid=[0.1, 2.0], methods=["ft", "flearning-ft"]
+    )
+    bench = Bench(cfg.model_copy(update={"lambda_choice": "first_seed"}), progress=False)
+    # per seed: ft and flearning-ft evaluated; validation (ft + the grid's 2) on the first seed only
+    assert bench.planned_runs() == 2 * 2 + 3 == Bench(cfg, progress=False).planned_runs() - 3
+    summary = bench.run()
+    val_seeds = {run.seed for run in bench.runs if run.split == "val"}
+    assert val_seeds == {0} and sum(run.split == "val" for run in bench.runs) == 3
+    chosen = summary["datasets"]["toy"]["chosen_lambda"]["flearning-ft"]
+    assert set(chosen) == {0, 1} and chosen[0] == chosen[1] in (0.1, 2.0)
+    evaluated = [r for r in bench.runs if r.split == "eval" and r.method == "flearning-ft"]
+    assert sorted((r.seed, r.lam) for r in evaluated) == [(0, chosen[0]), (1, chosen[0])]
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="auto needs a validation split"):
         BenchConfig(lambdas="auto", n_val=0)

@@ -126,6 +126,7 @@ def test_switches_take_yaml_booleans(tmp_path):
         ("seeds=[4294967296]", "seeds.0: Input should be less than 4294967296"),
         ("prime.threshold=1.5", "prime.threshold: Input should be less than or equal to 1"),
         ("linf_bound=0", "linf_bound: Input should be greater than 0"),
+        ("lambda_choice=best", "lambda_choice: Input should be 'each_seed' or 'first_seed'"),
     ],
 )
 def test_lambdas_seeds_and_bounds(override, message):
@@ -182,6 +183,22 @@ def test_cli_reports_every_problem_at_once_and_writes_nothing(tmp_path, capsys):
             f"  {config}:colour: Extra inputs are not permitted",
             "",
         ]
+    )
+    assert not out.exists()
+
+
+def test_lambda_choice_option_reaches_the_config(tmp_path, capsys):
+    out = tmp_path / "bench"
+    code = main(["bench", "--lambda", "auto", "--lambda-choice", "first_seed", "--out", str(out)])
+    assert code == 2  # auto without --n-val: the option itself was taken (the one problem is n_val)
+    assert capsys.readouterr().err == (
+        "error: invalid configuration: 1 problem\n  command line:lambdas: auto needs a validation split (n_val >= 1)\n"
+    )
+    cfg = load_config(BenchConfig, None, [], {"lambda_choice": "first_seed", "lambdas": "auto", "n_val": 1})
+    assert cfg.lambda_choice == "first_seed" and BenchConfig().lambda_choice == "each_seed"
+    code = main(["bench", "--lambda-choice", "best", "--out", str(out)])
+    assert (
+        code == 2 and "lambda_choice: Input should be 'each_seed' or 'first_seed'" in capsys.readouterr().err
     )
     assert not out.exists()
 

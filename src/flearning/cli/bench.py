@@ -72,6 +72,13 @@ def bench_command(
         help="λ values (comma-separated) or 'auto'. λ > 0 forgets (θ' = θ − λ·Δ_old); a negative λ is refused "
         "unless --allow-negative-lambda.",
     ),
+    lambda_choice: str | None = typer.Option(
+        None,
+        "--lambda-choice",
+        help="With --lambda auto: each_seed chooses λ on every seed's validation split, first_seed on the "
+        "first seed's only and keeps it (the paper's one λ per method and dataset). Config key: lambda_choice.",
+        show_default="each_seed",
+    ),
     allow_negative_lambda: bool = typer.Option(
         False, "--allow-negative-lambda", help="Accept λ < 0 (it adds Δ_old: the old facts get stronger)."
     ),
@@ -115,6 +122,7 @@ def bench_command(
         "methods": methods.split(",") if methods else None,
         "seeds": list(range(seeds)) if seeds else None,
         "lambdas": None if lam is None else ("auto" if lam == "auto" else _floats(lam)),
+        "lambda_choice": lambda_choice,
         "allow_negative_lambda": True if allow_negative_lambda else None,
         "report_to": ",".join(report_to) if report_to else None,
         "run_name": run_name,

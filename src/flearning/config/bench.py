@@ -251,6 +251,10 @@ class BenchConfig(BaseModel):
         default_factory=lambda: [0.1, 0.3, 0.7, 1.0, 1.5, 3.0], min_length=1
     )
     locality_tolerance: ConfigFloat = Field(5.0, ge=0)
+    # lambdas auto: choose λ on every seed's validation split (each_seed), or on the first seed's only and
+    # keep it for the others (first_seed: the paper's one λ per method and dataset; a third of the
+    # validation runs at 3 seeds)
+    lambda_choice: Literal["each_seed", "first_seed"] = "each_seed"
     prime: PrimeSettings = Field(default_factory=PrimeSettings)
     full: StageOverrides = Field(default_factory=StageOverrides)
     lora_stage: StageOverrides = Field(default_factory=StageOverrides)

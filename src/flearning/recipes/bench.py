@@ -168,7 +168,11 @@ class Bench:
                         else len(cfg.method_lambdas(dataset, m))
                     )
             runs += 1 if cfg.lambdas == "auto" else 0  # the ft baseline on validation
-        return runs * len(cfg.seeds)
+        if cfg.lambdas != "auto" or cfg.lambda_choice == "each_seed":
+            return runs * len(cfg.seeds)
+        validation = sum(len(cfg.lambda_grid) for _ in cfg.data for m in cfg.methods if METHODS[m].forget)
+        validation += len(cfg.data)  # the ft baselines
+        return runs * len(cfg.seeds) - validation * (len(cfg.seeds) - 1)
 
     # ---- stages ----------------------------------------------------------------------------------
     def primed(self, dataset: str, seed: int, records: list[KnowledgeRecord]) -> Primed:
@@ -389,11 +393,7 @@ class Bench:
                 primed_run.perplexity = primed_eval.perplexity
                 primed_run.template, primed_run.zsre_old = self.cfg.template, self.old_fields.get(dataset)
                 self.runs.append(primed_run)
-                chosen = (
-                    self._choose_lambdas(self.split(theta, "val", validation), bar)
-                    if self.cfg.lambdas == "auto"
-                    else {}
-                )
+                chosen = self._auto_lambdas(theta, validation, bar) if self.cfg.lambdas == "auto" else {}
                 for method_name in self.cfg.methods:
                     method = METHODS[method_name]
                     lams = (
@@ -448,6 +448,18 @@ class Bench:
         record.perplexity, record.machine = result.perplexity, self.machine
         self.cache.save_run(key, record)
         return result
+
+    def _auto_lambdas(self, theta: Primed, validation: list[KnowledgeRecord], bar) -> dict[str, float]:
+        """λ per F-Learning method for θ's seed: chosen on its validation split, or with ``lambda_choice:
+        first_seed`` the first seed's choice for every later seed (recorded under each seed)."""
+        first = self.cfg.seeds[0]
+        if self.cfg.lambda_choice == "each_seed" or theta.seed == first:
+            return self._choose_lambdas(self.split(theta, "val", validation), bar)
+        by_method = self.chosen_lambda.get(theta.dataset, {})
+        chosen = {method: by_seed[first] for method, by_seed in by_method.items()}
+        for method, lam in chosen.items():
+            by_method[method][theta.seed] = lam
+        return chosen
 
     def _choose_lambdas(self, val: Split, bar) -> dict[str, float]:
         """λ per F-Learning method from the validation split, disjoint from the evaluated records: maximise
